@@ -1,0 +1,62 @@
+"""Where the test databases are, and whether they can be reached.
+
+SQLite always runs. PostgreSQL and MariaDB run when reachable (URLs overridable with
+``TXGUARD_PG_URL`` / ``TXGUARD_MYSQL_URL``); on a laptop without them their tests are
+skipped with the reason, and under ``CI=true`` an unreachable server fails the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import sqlalchemy as sa
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+SYNC_URLS = {
+    "postgresql": os.environ.get(
+        "TXGUARD_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    ),
+    "mariadb": os.environ.get("TXGUARD_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
+}
+
+ASYNC_DRIVERS = {
+    "postgresql": ("postgresql+asyncpg", "postgresql+psycopg_async"),
+    "mariadb": ("mysql+aiomysql",),
+}
+
+
+def async_urls(backend: str) -> list[str]:
+    """Return the async URLs for ``backend``, derived from its sync URL."""
+    url = sa.make_url(SYNC_URLS[backend])
+    return [url.set(drivername=d).render_as_string(hide_password=False) for d in ASYNC_DRIVERS[backend]]
+
+
+@functools.cache
+def unreachable_reason(backend: str) -> str | None:
+    """Return why ``backend`` cannot be used, or None when it answers."""
+    url = SYNC_URLS[backend]
+    args = {"connect_timeout": 3}
+    engine = sa.create_engine(url, connect_args=args, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # any failure to connect means "not here"
+        return f"{backend} not reachable at {sa.make_url(url).render_as_string()}: {type(exc).__name__}"
+    finally:
+        engine.dispose()
+    return None
+
+
+def require(backend: str) -> None:
+    """Skip (or, under CI=true, fail) the current test when ``backend`` is unreachable."""
+    if backend == "sqlite":
+        return
+    reason = unreachable_reason(backend)
+    if reason is None:
+        return
+    if CI:
+        pytest.fail(f"CI=true requires every backend: {reason}", pytrace=False)
+    pytest.skip(reason)

@@ -1,0 +1,71 @@
+"""Callbacks that run after the current transaction commits or rolls back."""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from collections.abc import Callable
+
+from ._errors import ConfigurationError
+from ._registry import SessionRegistry, resolve
+from ._unit import ON_COMMIT, ON_ROLLBACK, Callback, run_callbacks
+
+__all__ = ["on_commit", "on_rollback", "intercept", "capturing"]
+
+capturing: contextvars.ContextVar[list[Callable[[], object]] | None] = contextvars.ContextVar(
+    "txguard_capture_on_commit", default=None
+)
+
+
+def _check(name: str, fn: object) -> None:
+    if not callable(fn):
+        raise ConfigurationError(f"{name}() needs a callable, not {fn!r}; pass the function itself.")
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutine(fn):
+        raise ConfigurationError(
+            f"{name}() takes a plain callable, not a coroutine function: nothing would await "
+            "it. To start async work after the commit, pass e.g. "
+            "`lambda: asyncio.get_running_loop().create_task(send_email())`."
+        )
+
+
+def on_commit(
+    fn: Callable[[], object], *, robust: bool = False, registry: SessionRegistry | None = None
+) -> None:
+    """Run ``fn`` after the outermost transaction of the current unit commits.
+
+    Outside any transaction ``fn`` runs at once. Inside a savepoint that rolls back, ``fn``
+    is dropped. With ``robust=True`` an exception from ``fn`` is logged (logger
+    ``txguard``) and the other callbacks still run; otherwise it propagates to the caller
+    after the commit, whose data stays committed.
+    """
+    _check("on_commit", fn)
+    if not isinstance(robust, bool):
+        raise ConfigurationError(f"robust={robust!r} is not valid; use True or False.")
+    frame = resolve(registry)._var.get()
+    if frame is None or not (frame.scope.transactional or frame.scope.sync.in_transaction()):
+        run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)
+        return
+    frame.scope.callbacks.append(Callback(fn, ON_COMMIT, robust))
+
+
+def on_rollback(fn: Callable[[], object], *, registry: SessionRegistry | None = None) -> None:
+    """Run ``fn`` after the current transaction rolls back (or its savepoint's work is undone).
+
+    A callback registered inside a savepoint that rolls back runs when the outermost
+    transaction ends, whatever its outcome: its work is gone either way. Outside any
+    transaction there is nothing to roll back and ``fn`` never runs.
+    """
+    _check("on_rollback", fn)
+    frame = resolve(registry)._var.get()
+    if frame is None:
+        return
+    frame.scope.callbacks.append(Callback(fn, ON_ROLLBACK, False))
+
+
+def intercept(callbacks: list[Callback]) -> list[Callback]:
+    """Hand on_commit callbacks to an active ``capture_on_commit()`` instead of running them."""
+    captured = capturing.get()
+    if captured is None:
+        return callbacks
+    captured.extend(cb.fn for cb in callbacks if cb.when == ON_COMMIT)
+    return [cb for cb in callbacks if cb.when != ON_COMMIT]

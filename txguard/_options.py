@@ -1,0 +1,236 @@
+"""The options every unit of work and ``@transactional`` share, validated once, up front."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, TypeVar
+
+from ._errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ._registry import SessionRegistry
+
+__all__ = ["Mode", "Propagation", "UnitOptions", "unit_options", "choice"]
+
+
+class Mode(str, enum.Enum):
+    """How a unit's session runs its transaction (SQLAlchemy 2.x's two styles)."""
+
+    BEGIN_ONCE = "begin_once"
+    COMMIT_AS_YOU_GO = "commit_as_you_go"
+
+    __module__ = "txguard"
+
+
+class Propagation(str, enum.Enum):
+    """What a unit does when another unit is already active (as in Spring)."""
+
+    REQUIRED = "required"
+    REQUIRES_NEW = "requires_new"
+    NESTED = "nested"
+    MANDATORY = "mandatory"
+    NEVER = "never"
+    SUPPORTS = "supports"
+    NOT_SUPPORTED = "not_supported"
+
+    __module__ = "txguard"
+
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+ISOLATION_LEVELS: Final = ("READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
+
+
+def choice(name: str, value: object, enum_type: type[_E]) -> _E:
+    """Accept an enum member or its lower-case value; refuse anything else by name."""
+    if isinstance(value, enum_type):
+        return value
+    if isinstance(value, str):
+        try:
+            return enum_type(value)
+        except ValueError:
+            pass
+    allowed = ", ".join(repr(m.value) for m in enum_type)
+    raise ConfigurationError(
+        f"{name}={value!r} is not valid; use one of {allowed} "
+        f"(or txguard.{enum_type.__name__}.<NAME>)."
+    )
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name}={value!r} is not valid; use True or False.")
+    return value
+
+
+def exception_types(name: str, value: object) -> tuple[type[BaseException], ...]:
+    """Accept one exception class or a tuple/list of them."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    for item in items:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise ConfigurationError(
+                f"{name}={value!r} is not valid; use an exception class or a tuple of "
+                f"exception classes, e.g. {name}=(ValueError, KeyError)."
+            )
+    return items
+
+
+def _isolation(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        normalised = " ".join(value.replace("_", " ").upper().split())
+        if normalised in ISOLATION_LEVELS:
+            return normalised
+        if normalised == "AUTOCOMMIT":
+            raise ConfigurationError(
+                "isolation_level='AUTOCOMMIT' has no transaction to discipline; use "
+                "engine.execution_options(isolation_level='AUTOCOMMIT') outside txguard."
+            )
+    allowed = ", ".join(repr(level) for level in ISOLATION_LEVELS)
+    raise ConfigurationError(f"isolation_level={value!r} is not valid; use None or one of {allowed}.")
+
+
+def _retries(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(
+            f"retries={value!r} is not valid; use a whole number >= 0 (0 turns retries off)."
+        )
+    return value
+
+
+def _retry_on(value: object) -> Callable[[BaseException], bool] | None:
+    if value is None:
+        return None
+    if isinstance(value, type) or isinstance(value, (tuple, list)):
+        types = exception_types("retry_on", value)
+        return lambda exc: isinstance(exc, types)
+    if callable(value):
+        return value  # type: ignore[return-value]
+    raise ConfigurationError(
+        f"retry_on={value!r} is not valid; use an exception class, a tuple of them, or a "
+        "predicate taking the exception and returning True to retry."
+    )
+
+
+def _backoff(value: object) -> Callable[[int], float] | float:
+    if callable(value):
+        return value  # type: ignore[return-value]
+    if (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value >= 0
+    ):
+        return float(value)
+    raise ConfigurationError(
+        f"backoff={value!r} is not valid; use the base delay in seconds (a number >= 0) or "
+        "a function taking the attempt number (1, 2, ...) and returning seconds to sleep."
+    )
+
+
+class UnitOptions:
+    """The validated options of one unit of work (immutable, shared by every call)."""
+
+    __slots__ = (
+        "mode",
+        "propagation",
+        "read_only",
+        "isolation_level",
+        "rollback_for",
+        "no_rollback_for",
+        "durable",
+        "registry",
+        "retries",
+        "retry_on",
+        "backoff",
+        "plain_rollback_rules",
+        "enter_needs_io",
+    )
+
+    mode: Mode
+    propagation: Propagation
+    read_only: bool
+    isolation_level: str | None
+    rollback_for: tuple[type[BaseException], ...]
+    no_rollback_for: tuple[type[BaseException], ...]
+    durable: bool
+    registry: SessionRegistry | None
+    retries: int
+    retry_on: Callable[[BaseException], bool] | None
+    backoff: Callable[[int], float] | float
+    plain_rollback_rules: bool
+    enter_needs_io: bool
+
+    def rolls_back(self, exc: BaseException) -> bool:
+        """Say whether ``exc`` leaving the unit rolls it back (the nearest rule wins)."""
+        if self.plain_rollback_rules or not isinstance(exc, Exception):
+            return True
+        rollback, keep = self.rollback_for, self.no_rollback_for
+        for cls in type(exc).__mro__:
+            if cls in keep:
+                return False
+            if cls in rollback:
+                return True
+        if isinstance(exc, keep):
+            return False
+        return isinstance(exc, rollback)
+
+
+def unit_options(
+    *,
+    mode: object = Mode.BEGIN_ONCE,
+    propagation: object = Propagation.REQUIRED,
+    read_only: object = False,
+    isolation_level: object = None,
+    rollback_for: object = (Exception,),
+    no_rollback_for: object = (),
+    durable: object = False,
+    registry: object = None,
+    retries: object = 0,
+    retry_on: object = None,
+    backoff: object = 0.05,
+) -> UnitOptions:
+    """Validate every option and return them frozen; raise ConfigurationError naming the fix."""
+    from ._registry import SessionRegistry
+
+    opts = UnitOptions.__new__(UnitOptions)
+    opts.mode = choice("mode", mode, Mode)
+    opts.propagation = choice("propagation", propagation, Propagation)
+    opts.read_only = _flag("read_only", read_only)
+    opts.isolation_level = _isolation(isolation_level)
+    opts.rollback_for = exception_types("rollback_for", rollback_for)
+    opts.no_rollback_for = exception_types("no_rollback_for", no_rollback_for)
+    opts.durable = _flag("durable", durable)
+    if registry is not None and not isinstance(registry, SessionRegistry):
+        raise ConfigurationError(
+            f"registry={registry!r} is not valid; pass a txguard.SessionRegistry, or None "
+            "for the default registry set by txguard.configure()."
+        )
+    opts.registry = registry
+    opts.retries = _retries(retries)
+    opts.retry_on = _retry_on(retry_on)
+    opts.backoff = _backoff(backoff)
+    if opts.mode is Mode.COMMIT_AS_YOU_GO and opts.propagation is Propagation.NESTED:
+        raise ConfigurationError(
+            "mode='commit_as_you_go' cannot be combined with propagation='nested': a "
+            "savepoint is released or rolled back by its unit; use mode='begin_once'."
+        )
+    opts.plain_rollback_rules = opts.rollback_for == (Exception,) and not opts.no_rollback_for
+    opts.enter_needs_io = bool(
+        opts.propagation is Propagation.NESTED or opts.read_only or opts.isolation_level
+    )
+    return opts
+
+
+def validate_guard_level(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    """Check a guard's level ("off", "warn", "error") and name the allowed values."""
+    if isinstance(value, str) and value in allowed:
+        return value
+    raise ConfigurationError(
+        f"{name}={value!r} is not valid; use one of " + ", ".join(repr(a) for a in allowed) + "."
+    )
+
+

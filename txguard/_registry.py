@@ -1,0 +1,196 @@
+"""Session registries: where units of work get their sessions, and which unit is current."""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Union
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import _sessions
+from ._errors import ConfigurationError, TransactionRequiredError
+from ._sqlite import install_sqlite_transactions
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+    from ._unit import Frame
+
+    Bind = Union[Engine, sessionmaker[Any], AsyncEngine, async_sessionmaker[Any]]
+
+__all__ = [
+    "SessionRegistry",
+    "configure",
+    "current_session",
+    "default_registry",
+    "in_transaction",
+    "resolve",
+]
+
+_ids = itertools.count(1)
+
+
+class SessionRegistry:
+    """Hand out sessions for units of work and remember, per context, which unit is current.
+
+    Each registry keeps its stack of active units in its own ``ContextVar``: a new thread
+    starts with none, and an asyncio task sees the units of the task that created it.
+    """
+
+    def __init__(self, bind: Bind, **session_options: Any) -> None:
+        self._var: contextvars.ContextVar[Frame | None] = contextvars.ContextVar(
+            f"txguard_unit_{next(_ids)}", default=None
+        )
+        self._bind = bind
+        self._session_options = session_options
+        self.is_async, self.engines, self._base = _sessions.describe_bind(bind, session_options)
+        for engine in self.engines:
+            install_sqlite_transactions(engine)
+        self._factories: dict[tuple[bool, bool, str | None], Callable[[], Any]] = {}
+        self._external_bind: Any = None
+
+    def __repr__(self) -> str:
+        kind = "async" if self.is_async else "sync"
+        return f"<txguard.SessionRegistry ({kind}) bind={self._bind!r}>"
+
+    @property
+    def engine(self) -> Engine | None:
+        """The sync Engine behind this registry, when it has exactly one."""
+        return self.engines[0] if len(self.engines) == 1 else None
+
+    def core_engine(self) -> Any:
+        """Return the one Engine (or AsyncEngine) behind this registry, for ``connect()``."""
+        bind = self._base.kw.get("bind")
+        if self.is_async and hasattr(bind, "sync_engine") and not hasattr(bind, "sync_connection"):
+            return bind
+        if not self.is_async and isinstance(bind, Engine):
+            return bind
+        raise ConfigurationError(
+            f"The registry {self!r} is not bound to exactly one engine; pass it: "
+            "txguard.connect(engine)."
+        )
+
+    def session_factory(
+        self, commit_as_you_go: bool, read_only: bool, isolation_level: str | None
+    ) -> Callable[[], Any]:
+        """Return the factory of sessions for units with these options (built once)."""
+        key = (commit_as_you_go, read_only, isolation_level)
+        try:
+            return self._factories[key]
+        except KeyError:
+            factory = _sessions.build_factory(
+                self._base, commit_as_you_go, read_only, isolation_level, self._external_bind
+            )
+            self._factories[key] = factory
+            return factory
+
+    def _bind_sessions_to(self, connection: Any) -> Callable[[], None]:
+        """Make this registry's sessions join ``connection``'s transaction; return the undo."""
+        previous_bind, previous_factories = self._external_bind, self._factories
+        self._external_bind, self._factories = connection, {}
+
+        def restore() -> None:
+            self._external_bind, self._factories = previous_bind, previous_factories
+
+        return restore
+
+    # The module-level API, as methods of this registry.
+
+    def unit_of_work(self, **options: Any) -> Any:
+        """Open a unit of work on this registry (see ``txguard.unit_of_work``)."""
+        from ._unit import unit_of_work
+
+        return unit_of_work(registry=self, **options)
+
+    def transactional(self, fn: Any = None, /, **options: Any) -> Any:
+        """Decorate a function to run in a unit of this registry (see ``txguard.transactional``)."""
+        from ._transactional import transactional
+
+        if fn is None:
+            return transactional(registry=self, **options)
+        return transactional(registry=self, **options)(fn)
+
+    def current_session(self) -> Session | AsyncSession:
+        """Return the session of the current unit of work of this registry."""
+        frame = self._var.get()
+        if frame is None:
+            raise TransactionRequiredError(
+                "No unit of work is active, so there is no current session. Open one with "
+                "`with txguard.unit_of_work() as session:` (or `async with` on an async "
+                "registry), or decorate the calling function with @txguard.transactional."
+            )
+        return frame.scope.session  # type: ignore[no-any-return]
+
+    def in_transaction(self) -> bool:
+        """Say whether the current unit's session has an active transaction."""
+        frame = self._var.get()
+        return frame is not None and frame.scope.sync.in_transaction()
+
+    def on_commit(self, fn: Callable[[], object], *, robust: bool = False) -> None:
+        """Run ``fn`` after the current transaction commits (see ``txguard.on_commit``)."""
+        from ._hooks import on_commit
+
+        on_commit(fn, robust=robust, registry=self)
+
+    def on_rollback(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` after the current transaction rolls back (see ``txguard.on_rollback``)."""
+        from ._hooks import on_rollback
+
+        on_rollback(fn, registry=self)
+
+    def connect(self, engine: Any = None, **options: Any) -> Any:
+        """Open a disciplined Core connection (see ``txguard.connect``)."""
+        from ._connect import connect
+
+        return connect(engine, registry=self, **options)
+
+
+_default: SessionRegistry | None = None
+
+
+def configure(bind: Bind, **session_options: Any) -> SessionRegistry:
+    """Create the default registry that the module-level functions use, and return it."""
+    global _default
+    _default = SessionRegistry(bind, **session_options)
+    return _default
+
+
+def default_registry() -> SessionRegistry:
+    """Return the default registry, or explain how to configure one."""
+    if _default is None:
+        raise ConfigurationError(
+            "txguard has no default registry yet: call txguard.configure(engine) once at "
+            "startup (an Engine, AsyncEngine, sessionmaker or async_sessionmaker), or pass "
+            "registry=txguard.SessionRegistry(engine) to this call."
+        )
+    return _default
+
+
+def resolve(registry: SessionRegistry | None) -> SessionRegistry:
+    """Return ``registry``, or the default one when it is None."""
+    if registry is not None:
+        return registry
+    if _default is None:
+        return default_registry()
+    return _default
+
+
+def _reset_default_for_tests() -> None:
+    global _default
+    _default = None
+
+
+def current_session(registry: SessionRegistry | None = None) -> Any:
+    """Return the session of the current unit of work (a Session, or an AsyncSession).
+
+    Raises TransactionRequiredError outside any unit, saying how to open one.
+    """
+    return resolve(registry).current_session()
+
+
+def in_transaction(registry: SessionRegistry | None = None) -> bool:
+    """Say whether the current unit of work's session has an active transaction."""
+    return resolve(registry).in_transaction()

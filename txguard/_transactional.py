@@ -1,0 +1,150 @@
+"""``@transactional``: run a function in a unit of work, sync or async, with retries."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar, overload
+
+from ._errors import ConfigurationError
+from ._options import Mode, Propagation, UnitOptions, unit_options
+from ._origin import Origin, capture
+from ._registry import SessionRegistry, resolve
+from ._retry import next_delay
+from ._unit import _mismatch, aopen_unit, asettle, open_unit, settle
+
+__all__ = ["transactional"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@overload
+def transactional(fn: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def transactional(
+    *,
+    mode: Mode | str = ...,
+    propagation: Propagation | str = ...,
+    read_only: bool = ...,
+    isolation_level: str | None = ...,
+    rollback_for: type[BaseException] | tuple[type[BaseException], ...] = ...,
+    no_rollback_for: type[BaseException] | tuple[type[BaseException], ...] = ...,
+    durable: bool = ...,
+    registry: SessionRegistry | None = ...,
+    retries: int = ...,
+    retry_on: Any = ...,
+    backoff: float | Callable[[int], float] = ...,
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def transactional(fn: Any = None, /, **options: Any) -> Any:
+    """Run the decorated function in a unit of work; ``@transactional`` or ``@transactional(...)``.
+
+    Takes the options of ``unit_of_work`` plus ``retries`` (extra attempts after a
+    retryable error, default 0), ``retry_on`` (exception types or a predicate adding to
+    ``txguard.is_retryable``) and ``backoff`` (base delay in seconds of the exponential
+    backoff with full jitter, or a function of the attempt number). Options are checked
+    here, once, so a mistake fails at import time rather than at the first call.
+    """
+    opts = unit_options(**options)
+    if fn is None:
+        return lambda f: _decorate(f, opts, capture(1))
+    return _decorate(fn, opts, capture(1))
+
+
+def _decorate(fn: Any, opts: UnitOptions, decorated_at: Origin) -> Any:
+    if isinstance(fn, (staticmethod, classmethod)):
+        return type(fn)(_decorate(fn.__func__, opts, decorated_at))
+    if not callable(fn):
+        raise ConfigurationError(
+            f"@transactional needs a function, not {fn!r}; put it directly above a def."
+        )
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigurationError(
+            f"@transactional cannot wrap the generator function {fn.__qualname__}: its body "
+            "runs after the call returns, outside the unit. Return a list, or open "
+            "`with txguard.unit_of_work():` inside the generator."
+        )
+    code = getattr(fn, "__code__", None)
+    where = Origin.of_code(code) if code is not None else decorated_at
+    if inspect.iscoroutinefunction(fn):
+        return functools.wraps(fn)(_async_wrapper(fn, opts, where))
+    return functools.wraps(fn)(_sync_wrapper(fn, opts, where))
+
+
+def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> Callable[..., Any]:
+    def run_in_unit(*args: Any, **kwargs: Any) -> Any:
+        registry = resolve(opts.registry)
+        if registry.is_async:
+            raise ConfigurationError(_mismatch(registry, "def"))
+        var = registry._var
+        attempt = 1
+        while True:
+            frame = open_unit(registry, opts, where)
+            if frame is None:
+                return fn(*args, **kwargs)
+            token = var.set(frame)
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                var.reset(token)
+                finish, error = settle(frame, exc)
+            else:
+                var.reset(token)
+                finish, error = settle(frame, None)
+                if error is None:
+                    if finish is not None:
+                        finish.deliver(in_flight=False)
+                    return result
+            delay = next_delay(frame, error, attempt) if opts.retries else None  # type: ignore[arg-type]
+            if delay is None:
+                if finish is not None:
+                    finish.deliver(in_flight=True)
+                raise error  # type: ignore[misc]
+            attempt += 1
+            time.sleep(delay)
+
+    return run_in_unit
+
+
+def _async_wrapper(
+    fn: Callable[..., Awaitable[Any]], opts: UnitOptions, where: Origin
+) -> Callable[..., Awaitable[Any]]:
+    async def run_in_unit(*args: Any, **kwargs: Any) -> Any:
+        registry = resolve(opts.registry)
+        if not registry.is_async:
+            raise ConfigurationError(_mismatch(registry, "async def"))
+        var = registry._var
+        attempt = 1
+        while True:
+            frame = await aopen_unit(registry, opts, where)
+            if frame is None:
+                return await fn(*args, **kwargs)
+            token = var.set(frame)
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                var.reset(token)
+                finish, error = await asettle(frame, exc)
+            else:
+                var.reset(token)
+                finish, error = await asettle(frame, None)
+                if error is None:
+                    if finish is not None:
+                        finish.deliver(in_flight=False)
+                    return result
+            delay = next_delay(frame, error, attempt) if opts.retries else None  # type: ignore[arg-type]
+            if delay is None:
+                if finish is not None:
+                    finish.deliver(in_flight=True)
+                raise error  # type: ignore[misc]
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    return run_in_unit

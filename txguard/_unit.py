@@ -1,0 +1,760 @@
+"""Units of work: the transaction logic, written once and driven from sync or async code.
+
+A unit either *owns* a scope (it began the transaction, or a savepoint) or *joins* the
+scope of the unit around it. ``open_unit`` decides that from the propagation and
+``settle`` ends it: commit, release, roll back, or mark the shared scope rollback-only.
+Both are plain functions over a sync ``Session``; the asyncio driver runs the same
+functions inside SQLAlchemy's greenlet bridge, exactly as ``AsyncSession`` drives
+``Session`` (async is a thin driver, the logic exists once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from sqlalchemy.orm import Session, SessionTransaction
+
+from ._errors import (
+    ConfigurationError,
+    DisciplineError,
+    TransactionNotAllowedError,
+    TransactionRequiredError,
+    UncommittedWorkWarning,
+    UnexpectedRollbackError,
+)
+from ._options import Mode, Propagation, UnitOptions, unit_options
+from ._origin import Origin, _is_library, capture, warn_at_user
+from ._registry import SessionRegistry, resolve
+from ._sessions import FIRST_CHANGE
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["Frame", "Scope", "UnitOfWork", "open_unit", "settle", "unit_of_work"]
+
+logger = logging.getLogger("txguard")
+
+ROOT: Final = 0
+JOIN: Final = 1
+SAVEPOINT: Final = 2
+
+ON_COMMIT: Final = 0
+ON_ROLLBACK: Final = 1
+ALWAYS: Final = 2  # an on_rollback callback whose savepoint was rolled back: its work is gone
+
+_GUARDED: Final = ("commit", "rollback", "begin", "close")
+_T = TypeVar("_T")
+
+
+class Callback:
+    """A function to run when the transaction it was registered in ends."""
+
+    __slots__ = ("fn", "when", "robust")
+
+    def __init__(self, fn: Callable[[], object], when: int, robust: bool) -> None:
+        self.fn = fn
+        self.when = when
+        self.robust = robust
+
+
+class Scope:
+    """A transaction (or a savepoint) owned by one unit and shared by the units that join it."""
+
+    __slots__ = (
+        "registry",
+        "session",
+        "sync",
+        "mode",
+        "transaction",
+        "parent",
+        "transactional",
+        "read_only",
+        "isolation_level",
+        "where",
+        "callbacks",
+        "rollback_only",
+        "rollback_cause",
+        "rollback_site",
+        "rollback_unit",
+        "committing",
+    )
+
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        session: Any,
+        sync: Session,
+        mode: Mode,
+        transaction: SessionTransaction | None,
+        parent: Scope | None,
+        transactional: bool,
+        read_only: bool,
+        isolation_level: str | None,
+        where: Origin,
+    ) -> None:
+        self.registry = registry
+        self.session = session
+        self.sync = sync
+        self.mode = mode
+        self.transaction = transaction
+        self.parent = parent
+        self.transactional = transactional
+        self.read_only = read_only
+        self.isolation_level = isolation_level
+        self.where = where
+        self.callbacks: list[Callback] = []
+        self.rollback_only = False
+        self.rollback_cause: BaseException | None = None
+        self.rollback_site: Origin | None = None
+        self.rollback_unit: Origin | None = None
+        self.committing = False
+
+    @property
+    def root(self) -> Scope:
+        scope = self
+        while scope.parent is not None:
+            scope = scope.parent
+        return scope
+
+    def mark_rollback_only(self, cause: BaseException, unit: Origin) -> None:
+        if not self.rollback_only:
+            self.rollback_only = True
+            self.rollback_cause = cause
+            self.rollback_site = failure_site(cause)
+            self.rollback_unit = unit
+
+    # Methods shadowing the session's own while a begin-once unit owns it.
+
+    def refuse_commit(self, *args: Any, **kwargs: Any) -> None:
+        raise DisciplineError(
+            f"session.commit() inside the begin-once unit opened at {self.where}: the unit "
+            "commits when its block ends (and rolls back if an exception leaves it). Remove "
+            "the call; to commit part of the work on its own, run it in a unit with "
+            "propagation='requires_new', or open this unit with mode='commit_as_you_go'."
+        )
+
+    def refuse_rollback(self, *args: Any, **kwargs: Any) -> None:
+        raise DisciplineError(
+            f"session.rollback() inside the begin-once unit opened at {self.where}: raise an "
+            "exception to roll the unit back, or use session.begin_nested() / "
+            "propagation='nested' to undo part of the work."
+        )
+
+    def refuse_begin(self, *args: Any, **kwargs: Any) -> None:
+        raise DisciplineError(
+            f"session.begin() inside the begin-once unit opened at {self.where}: the unit "
+            "already began the transaction. Use the session as it is, or "
+            "session.begin_nested() for a savepoint."
+        )
+
+    def refuse_close(self, *args: Any, **kwargs: Any) -> None:
+        raise DisciplineError(
+            f"session.close() inside the begin-once unit opened at {self.where}: closing now "
+            "would silently discard the transaction. The unit closes its session when the "
+            "block ends."
+        )
+
+    # Methods wrapping the session's own in a commit-as-you-go unit.
+
+    def commit_as_you_go(self, *args: Any, **kwargs: Any) -> None:
+        frame = self.registry._var.get()
+        if frame is not None and frame.scope is not self and frame.scope.root is self:
+            raise DisciplineError(
+                f"session.commit() inside the savepoint unit opened at {frame.where}: the "
+                "savepoint is released when its block ends; commit after it."
+            )
+        if frame is not None and frame.scope is self and frame.opts.mode is Mode.BEGIN_ONCE:
+            raise DisciplineError(
+                f"session.commit() inside the begin-once unit opened at {frame.where}, which "
+                f"joined the commit-as-you-go unit opened at {self.where}: only that unit "
+                "commits. Remove the call, or give this unit mode='commit_as_you_go'."
+            )
+        sync = self.sync
+        if self.rollback_only:
+            type(sync).rollback(sync)
+            error = unexpected_rollback(self)
+            self.rollback_only = False
+            run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
+            raise error
+        type(sync).commit(sync, *args, **kwargs)
+        run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=False)
+
+    def rollback_as_you_go(self, *args: Any, **kwargs: Any) -> None:
+        sync = self.sync
+        type(sync).rollback(sync, *args, **kwargs)
+        self.rollback_only = False
+        run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=False)
+
+    def take_callbacks(self, committed: bool) -> list[Callback]:
+        """Remove and return the callbacks this outcome runs, in registration order."""
+        callbacks, self.callbacks = self.callbacks, []
+        wanted = ON_COMMIT if committed else ON_ROLLBACK
+        return [cb for cb in callbacks if cb.when == wanted or cb.when == ALWAYS]
+
+
+class Frame:
+    """One active unit on a registry's stack: the scope it uses and how it got it."""
+
+    __slots__ = ("scope", "kind", "opts", "where")
+
+    def __init__(self, scope: Scope, kind: int, opts: UnitOptions, where: Origin) -> None:
+        self.scope = scope
+        self.kind = kind
+        self.opts = opts
+        self.where = where
+
+
+class Finish:
+    """What is left to do once a unit's transaction has ended and its session is closed."""
+
+    __slots__ = ("callbacks", "committed", "warning")
+
+    def __init__(
+        self, callbacks: list[Callback], committed: bool, warning: str | None = None
+    ) -> None:
+        self.callbacks = callbacks
+        self.committed = committed
+        self.warning = warning
+
+    def deliver(self, in_flight: bool) -> None:
+        """Emit the warning at the user's line, then run the callbacks."""
+        if self.warning is not None:
+            warn_at_user(self.warning, UncommittedWorkWarning)
+        if self.callbacks:
+            run_callbacks(self.callbacks, self.committed, in_flight)
+
+
+def run_callbacks(callbacks: list[Callback], committed: bool, in_flight: bool) -> None:
+    """Run callbacks in order; a failure propagates unless robust or another error is in flight."""
+    from ._hooks import intercept
+
+    if committed:
+        callbacks = intercept(callbacks)
+    for cb in callbacks:
+        try:
+            cb.fn()
+        except Exception:
+            if not (cb.robust or in_flight):
+                raise
+            logger.error(
+                "txguard: %s callback %r failed", "on_commit" if committed else "on_rollback",
+                cb.fn, exc_info=True,
+            )
+
+
+# Opening a unit.
+
+
+def open_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Frame | None:
+    """Begin, join or suspend according to ``opts.propagation``; return the unit's frame.
+
+    Returns None for ``propagation="never"`` outside any unit (the call runs without one).
+    The caller pushes the frame on ``registry._var`` and later passes it to ``settle``.
+    """
+    parent = registry._var.get()
+    active = parent if parent is not None and parent.scope.transactional else None
+    propagation = opts.propagation
+    if opts.durable and active is not None:
+        raise DisciplineError(
+            f"A durable unit (opened at {where}) must be the outermost, but the unit opened "
+            f"at {active.where} is active. Call it outside any unit, or drop durable=True."
+        )
+    if propagation is Propagation.REQUIRED:
+        if active is not None:
+            return _join(active, opts, where)
+        return _begin(registry, opts, where, opts.mode, transactional=True)
+    if propagation is Propagation.REQUIRES_NEW:
+        return _begin(registry, opts, where, opts.mode, transactional=True)
+    if propagation is Propagation.NESTED:
+        if active is not None:
+            return _savepoint(active, opts, where)
+        return _begin(registry, opts, where, opts.mode, transactional=True)
+    if propagation is Propagation.MANDATORY:
+        if active is None:
+            raise TransactionRequiredError(
+                f"The unit opened at {where} has propagation='mandatory' but no unit of work "
+                "is active. Call it inside `with txguard.unit_of_work():` or from an "
+                "@txguard.transactional function, or use propagation='required'."
+            )
+        return _join(active, opts, where)
+    if propagation is Propagation.NEVER:
+        if active is not None:
+            raise TransactionNotAllowedError(
+                f"The unit opened at {where} has propagation='never' but the unit opened at "
+                f"{active.where} is active. Call it outside any unit, or use "
+                "propagation='not_supported' to suspend the active one."
+            )
+        return None
+    if propagation is Propagation.SUPPORTS:
+        if parent is not None:
+            return _join(parent, opts, where)
+        return _begin(registry, opts, where, Mode.COMMIT_AS_YOU_GO, transactional=False)
+    return _begin(registry, opts, where, Mode.COMMIT_AS_YOU_GO, transactional=False)
+
+
+def _begin(
+    registry: SessionRegistry,
+    opts: UnitOptions,
+    where: Origin,
+    mode: Mode,
+    transactional: bool,
+) -> Frame:
+    cayg = mode is Mode.COMMIT_AS_YOU_GO
+    session = registry.session_factory(cayg, opts.read_only, opts.isolation_level)()
+    sync: Session = session.sync_session if registry.is_async else session
+    transaction = None if cayg else type(sync).begin(sync)
+    scope = Scope(
+        registry, session, sync, mode, transaction, None, transactional,
+        opts.read_only, opts.isolation_level, where,
+    )
+    d = sync.__dict__
+    if cayg:
+        d["commit"] = scope.commit_as_you_go
+        d["rollback"] = scope.rollback_as_you_go
+    else:
+        d["commit"] = scope.refuse_commit
+        d["rollback"] = scope.refuse_rollback
+        d["begin"] = scope.refuse_begin
+        d["close"] = scope.refuse_close
+    return Frame(scope, ROOT, opts, where)
+
+
+def _join(active: Frame, opts: UnitOptions, where: Origin) -> Frame:
+    scope = active.scope
+    wanted = opts.isolation_level
+    if wanted is not None and wanted != scope.isolation_level:
+        actual = scope.isolation_level or _effective_isolation(scope)
+        if actual != wanted:
+            raise DisciplineError(
+                f"The unit opened at {where} asks for isolation_level={wanted!r} but would "
+                f"join the transaction of the unit opened at {scope.where}, which runs at "
+                f"{actual!r}. Use propagation='requires_new' for its own transaction, or "
+                "set the level on the outer unit."
+            )
+    return Frame(scope, JOIN, opts, where)
+
+
+def _effective_isolation(scope: Scope) -> str:
+    level: str = scope.sync.connection().get_isolation_level()
+    return level.upper().replace("_", " ")
+
+
+def _savepoint(active: Frame, opts: UnitOptions, where: Origin) -> Frame:
+    parent = active.scope
+    if opts.isolation_level is not None:
+        _join(active, opts, where)
+    savepoint = parent.sync.begin_nested()
+    scope = Scope(
+        parent.registry, parent.session, parent.sync, Mode.BEGIN_ONCE, savepoint, parent,
+        True, parent.read_only, parent.isolation_level, where,
+    )
+    return Frame(scope, SAVEPOINT, opts, where)
+
+
+# Ending a unit.
+
+
+def settle(frame: Frame, exc: BaseException | None) -> tuple[Finish | None, BaseException | None]:
+    """End the unit of ``frame`` after its body finished (``exc`` is what escaped it, if any).
+
+    Never raises: returns what is left to deliver and the exception the unit must raise
+    (``exc`` itself, or a new error chained to it), or None when it returns normally.
+    """
+    kind = frame.kind
+    if kind == JOIN:
+        if exc is not None and frame.opts.rolls_back(exc):
+            frame.scope.mark_rollback_only(exc, frame.where)
+        return None, exc
+    if kind == SAVEPOINT:
+        return None, _settle_savepoint(frame, exc)
+    if frame.scope.mode is Mode.BEGIN_ONCE:
+        return _settle_begin_once(frame, exc)
+    return _settle_commit_as_you_go(frame, exc)
+
+
+def _rolls_back(frame: Frame, exc: BaseException) -> bool:
+    opts = frame.opts
+    if opts.rolls_back(exc):
+        return True
+    from ._retry import retry_wanted
+
+    return opts.retries > 0 and retry_wanted(opts, exc)
+
+
+def _settle_begin_once(
+    frame: Frame, exc: BaseException | None
+) -> tuple[Finish, BaseException | None]:
+    scope = frame.scope
+    sync = scope.sync
+    transaction = assert_owner(scope.transaction)
+    for name in _GUARDED:
+        sync.__dict__.pop(name, None)
+    error = exc
+    committed = False
+    try:
+        if exc is not None and _rolls_back(frame, exc):
+            _rollback(transaction, exc)
+        elif scope.rollback_only:
+            _rollback(transaction, exc)
+            if exc is None:
+                error = unexpected_rollback(scope)
+        elif not transaction.is_active:
+            _rollback(transaction, exc)
+            if exc is None:
+                error = _deactivated(scope)
+        else:
+            try:
+                sync.flush()
+                scope.committing = True
+                transaction.commit()
+                committed = True
+            except BaseException as commit_error:
+                _rollback(transaction, commit_error)
+                if exc is not None and commit_error.__context__ is None:
+                    commit_error.__context__ = exc
+                error = commit_error
+    finally:
+        try:
+            type(sync).close(sync)
+        except BaseException as close_error:
+            if error is None:
+                error = close_error
+            else:
+                logger.warning("txguard: closing the session failed", exc_info=True)
+    return Finish(scope.take_callbacks(committed), committed), error
+
+
+def assert_owner(transaction: SessionTransaction | None) -> SessionTransaction:
+    if transaction is None:  # pragma: no cover - a begin-once scope always has one
+        raise RuntimeError("txguard internal error: begin-once scope without a transaction")
+    return transaction
+
+
+def _settle_savepoint(frame: Frame, exc: BaseException | None) -> BaseException | None:
+    scope = frame.scope
+    savepoint = assert_owner(scope.transaction)
+    parent = scope.parent
+    error = exc
+    released = False
+    try:
+        if exc is not None and _rolls_back(frame, exc):
+            savepoint.rollback()
+        elif scope.rollback_only:
+            savepoint.rollback()
+            if exc is None:
+                error = unexpected_rollback(scope)
+        elif not savepoint.is_active:
+            savepoint.rollback()
+            if exc is None:
+                error = _deactivated(scope)
+        else:
+            try:
+                savepoint.commit()
+                released = True
+            except BaseException as release_error:
+                if savepoint.is_active:
+                    savepoint.rollback()
+                error = release_error
+    except BaseException as rollback_error:
+        error = rollback_error
+    if parent is not None:
+        if released:
+            parent.callbacks.extend(scope.callbacks)
+        else:
+            for cb in scope.callbacks:
+                if cb.when != ON_COMMIT:
+                    cb.when = ALWAYS
+                    parent.callbacks.append(cb)
+    return error
+
+
+def _settle_commit_as_you_go(
+    frame: Frame, exc: BaseException | None
+) -> tuple[Finish, BaseException | None]:
+    scope = frame.scope
+    sync = scope.sync
+    for name in _GUARDED:
+        sync.__dict__.pop(name, None)
+    warning = None
+    error = exc
+    try:
+        if exc is None:
+            warning = _uncommitted_work(scope)
+    finally:
+        try:
+            type(sync).close(sync)
+        except BaseException as close_error:
+            if error is None:
+                error = close_error
+    return Finish(scope.take_callbacks(committed=False), False, warning), error
+
+
+def _rollback(transaction: SessionTransaction, cause: BaseException | None) -> None:
+    try:
+        transaction.rollback()
+    except Exception:
+        if cause is None:
+            raise
+        logger.warning("txguard: rollback failed while handling %r", cause, exc_info=True)
+
+
+def _uncommitted_work(scope: Scope) -> str | None:
+    sync = scope.sync
+    first: Origin | None = sync.info.get(FIRST_CHANGE)
+    counts = [
+        f"{n} {what}"
+        for what, n in (
+            ("new", len(sync.new)),
+            ("modified", sum(1 for obj in sync.dirty if sync.is_modified(obj))),
+            ("deleted", len(sync.deleted)),
+        )
+        if n
+    ]
+    if not counts and first is None:
+        return None
+    what = f"{', '.join(counts)} object(s) never flushed" if counts else ""
+    if first is not None:
+        what = f"{what}; " if what else ""
+        what += f"changes since the last commit, the first made at {first}"
+    return (
+        f"The commit-as-you-go unit opened at {scope.where} ended with uncommitted work "
+        f"({what}); it was rolled back. Call session.commit() before the block ends, or "
+        "session.rollback() to discard it on purpose."
+    )
+
+
+def failure_site(exc: BaseException) -> Origin:
+    """Return the innermost user frame of ``exc``'s traceback."""
+    tb = exc.__traceback__
+    site = None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if not _is_library(code.co_filename):
+            site = (code, tb.tb_lineno)
+        tb = tb.tb_next
+    return Origin((site,)) if site is not None else Origin(())
+
+
+def describe_exception(exc: BaseException) -> str:
+    """Name an exception without quoting SQL parameters (DB errors may echo them)."""
+    from sqlalchemy.exc import DBAPIError, StatementError
+
+    if isinstance(exc, DBAPIError):
+        return f"{type(exc).__name__} ({type(exc.orig).__name__} from the database)"
+    if isinstance(exc, StatementError):
+        return type(exc).__name__
+    text = str(exc)
+    if len(text) > 120:
+        text = text[:119] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def unexpected_rollback(scope: Scope) -> UnexpectedRollbackError:
+    cause = scope.rollback_cause
+    error = UnexpectedRollbackError(
+        f"The unit opened at {scope.where} could not commit: the unit opened at "
+        f"{scope.rollback_unit} joined its transaction and failed at {scope.rollback_site} "
+        f"with {describe_exception(cause) if cause else 'an error'}, which was caught, so "
+        "the transaction was marked rollback-only and has been rolled back. Let the "
+        "exception propagate, or run the work that may fail in its own savepoint "
+        "(propagation='nested') or transaction (propagation='requires_new')."
+    )
+    error.__cause__ = cause
+    return error
+
+
+def _deactivated(scope: Scope) -> UnexpectedRollbackError:
+    return UnexpectedRollbackError(
+        f"The unit opened at {scope.where} could not commit: a statement or flush failed "
+        "inside it and the exception was caught, so SQLAlchemy rolled the transaction back. "
+        "Let the exception propagate, or wrap the statement that may fail in "
+        "session.begin_nested() (or a unit with propagation='nested')."
+    )
+
+
+# The context manager.
+
+
+class UnitOfWork:
+    """A unit of work as a context manager: ``with`` for sync, ``async with`` for async."""
+
+    __slots__ = ("_opts", "_where", "_frame", "_token", "_registry")
+
+    def __init__(self, opts: UnitOptions, where: Origin) -> None:
+        self._opts = opts
+        self._where = where
+        self._frame: Frame | None = None
+        self._token: Any = None
+        self._registry: SessionRegistry | None = None
+
+    def _prepare(self, want_async: bool) -> SessionRegistry:
+        registry = resolve(self._opts.registry)
+        if registry.is_async is not want_async:
+            raise ConfigurationError(_mismatch(registry, "with" if not want_async else "async with"))
+        if self._registry is not None:
+            raise DisciplineError(
+                f"The unit_of_work() created at {self._where} is already in use; create a new "
+                "one for each `with` block."
+            )
+        self._registry = registry
+        return registry
+
+    def _push(self, registry: SessionRegistry, frame: Frame | None) -> Any:
+        self._frame = frame
+        if frame is None:
+            self._token = None
+            return None
+        self._token = registry._var.set(frame)
+        return frame.scope.session
+
+    def _pop(self) -> tuple[SessionRegistry, Frame | None]:
+        registry, frame = self._registry, self._frame
+        assert_registry(registry)
+        if self._token is not None:
+            registry._var.reset(self._token)  # type: ignore[union-attr]
+        self._registry = self._frame = self._token = None
+        return registry, frame  # type: ignore[return-value]
+
+    def __enter__(self) -> Any:
+        registry = self._prepare(want_async=False)
+        try:
+            frame = open_unit(registry, self._opts, self._where)
+        except BaseException:
+            self._registry = None
+            raise
+        return self._push(registry, frame)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        _, frame = self._pop()
+        if frame is None:
+            return False
+        finish, error = settle(frame, exc)
+        if finish is not None:
+            finish.deliver(in_flight=error is not None)
+        if error is not None and error is not exc:
+            raise error
+        return False
+
+    async def __aenter__(self) -> Any:
+        registry = self._prepare(want_async=True)
+        try:
+            frame = await aopen_unit(registry, self._opts, self._where)
+        except BaseException:
+            self._registry = None
+            raise
+        return self._push(registry, frame)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        _, frame = self._pop()
+        if frame is None:
+            return False
+        finish, error = await asettle(frame, exc)
+        if finish is not None:
+            finish.deliver(in_flight=error is not None)
+        if error is not None and error is not exc:
+            raise error
+        return False
+
+
+def assert_registry(registry: SessionRegistry | None) -> SessionRegistry:
+    if registry is None:
+        raise DisciplineError("This unit_of_work() was exited without being entered.")
+    return registry
+
+
+def _mismatch(registry: SessionRegistry, statement: str) -> str:
+    if registry.is_async:
+        return (
+            f"The registry {registry!r} hands out AsyncSessions, so its units need "
+            "`async with txguard.unit_of_work() as session:` (and @transactional on "
+            "`async def` functions), not a plain `with` or a plain function."
+        )
+    return (
+        f"The registry {registry!r} hands out sync Sessions, so its units need a plain "
+        f"`with txguard.unit_of_work() as session:`, not `{statement}`; for AsyncSessions, "
+        "build the registry on an AsyncEngine or async_sessionmaker."
+    )
+
+
+def unit_of_work(
+    *,
+    mode: Mode | str = Mode.BEGIN_ONCE,
+    propagation: Propagation | str = Propagation.REQUIRED,
+    read_only: bool = False,
+    isolation_level: str | None = None,
+    rollback_for: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    no_rollback_for: type[BaseException] | tuple[type[BaseException], ...] = (),
+    durable: bool = False,
+    registry: SessionRegistry | None = None,
+) -> UnitOfWork:
+    """Open a unit of work: ``with unit_of_work() as session:`` (or ``async with``).
+
+    In begin-once mode (the default) the unit begins the transaction at entry, commits at
+    a normal exit, rolls back when a selected exception leaves the block, and closes the
+    session it opened. See ``Propagation`` for what happens when a unit is already active.
+    """
+    opts = unit_options(
+        mode=mode,
+        propagation=propagation,
+        read_only=read_only,
+        isolation_level=isolation_level,
+        rollback_for=rollback_for,
+        no_rollback_for=no_rollback_for,
+        durable=durable,
+        registry=registry,
+    )
+    return UnitOfWork(opts, capture(1))
+
+
+# The asyncio driver: the same functions, run through SQLAlchemy's greenlet bridge.
+
+
+async def aopen_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Frame | None:
+    """Open a unit for async code; only units that emit SQL at entry need the bridge."""
+    if not opts.enter_needs_io:
+        return open_unit(registry, opts, where)
+    from sqlalchemy.util import greenlet_spawn
+
+    return await greenlet_spawn(open_unit, registry, opts, where)  # type: ignore[no-any-return]
+
+
+async def asettle(
+    frame: Frame, exc: BaseException | None
+) -> tuple[Finish | None, BaseException | None]:
+    """End an async unit; the IO runs to completion even if the task is cancelled meanwhile."""
+    if frame.kind == JOIN:
+        return settle(frame, exc)
+    from sqlalchemy.util import greenlet_spawn
+
+    return await run_to_completion(greenlet_spawn(settle, frame, exc))
+
+
+async def run_to_completion(awaitable: Any) -> Any:
+    """Await ``awaitable`` in its own task, shielded; re-raise a cancellation after it ends."""
+    task = asyncio.ensure_future(awaitable)
+    cancelled: BaseException | None = None
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError as err:
+            if task.done():
+                raise
+            cancelled = err
+        else:
+            break
+    if cancelled is not None:
+        raise cancelled
+    return result
