@@ -133,12 +133,12 @@ class ConnectionUnit:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:
         held, self._held = self._held, None
         if held is None:
-            return False
+            return
         warning, error = _settle(held, exc)
-        return _deliver(warning, error, exc)
+        _deliver(warning, error, exc)
 
     async def __aenter__(self) -> Any:
         from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -157,22 +157,21 @@ class ConnectionUnit:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:
         from sqlalchemy.util import greenlet_spawn
 
         held, self._held = self._held, None
         if held is None:
-            return False
+            return
         warning, error = await run_to_completion(greenlet_spawn(_settle, held, exc))
-        return _deliver(warning, error, exc)
+        _deliver(warning, error, exc)
 
 
-def _deliver(warning: str | None, error: BaseException | None, exc: BaseException | None) -> bool:
+def _deliver(warning: str | None, error: BaseException | None, exc: BaseException | None) -> None:
     if warning is not None:
         warn_at_user(warning, UncommittedWorkWarning)
     if error is not None and error is not exc:
         raise error
-    return False
 
 
 def connect(

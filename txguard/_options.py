@@ -108,7 +108,7 @@ def _retry_on(value: object) -> Callable[[BaseException], bool] | None:
         types = exception_types("retry_on", value)
         return lambda exc: isinstance(exc, types)
     if callable(value):
-        return value  # type: ignore[return-value]
+        return value
     raise ConfigurationError(
         f"retry_on={value!r} is not valid; use an exception class, a tuple of them, or a "
         "predicate taking the exception and returning True to retry."
@@ -117,7 +117,7 @@ def _retry_on(value: object) -> Callable[[BaseException], bool] | None:
 
 def _backoff(value: object) -> Callable[[int], float] | float:
     if callable(value):
-        return value  # type: ignore[return-value]
+        return value
     if (
         not isinstance(value, bool)
         and isinstance(value, (int, float))

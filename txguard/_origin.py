@@ -62,7 +62,7 @@ def _outer_greenlet_frame() -> FrameType | None:
     if greenlet is None:
         return None
     parent = greenlet.getcurrent().parent
-    return None if parent is None else parent.gr_frame  # type: ignore[no-any-return]
+    return None if parent is None else parent.gr_frame
 
 
 def user_frame(depth: int = 1) -> FrameType | None:

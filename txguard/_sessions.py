@@ -178,9 +178,8 @@ def _refuse_flush(session: Session, flush_context: object, instances: object) ->
 
 def _refuse_write(state: ORMExecuteState) -> None:
     if _is_write(state):
-        sql = state.statement.text if isinstance(state.statement, TextClause) else str(
-            state.statement.compile(dialect=state.session.get_bind().dialect)
-        )
+        statement = state.statement
+        sql = statement.text if isinstance(statement, TextClause) else str(statement)
         raise ReadOnlyTransactionError(
             f"A read-only unit of work tried to execute a write: {shorten_sql(sql)!r}. "
             "Open the unit with read_only=False, or run the write in its own unit "

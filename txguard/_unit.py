@@ -143,7 +143,9 @@ class Scope:
             "propagation='nested' to undo part of the work."
         )
 
-    def refuse_begin(self, *args: Any, **kwargs: Any) -> None:
+    def refuse_begin(self, nested: bool = False) -> SessionTransaction:
+        if nested:  # Session.begin_nested() is begin(nested=True): savepoints are allowed.
+            return type(self.sync).begin(self.sync, nested=True)
         raise DisciplineError(
             f"session.begin() inside the begin-once unit opened at {self.where}: the unit "
             "already began the transaction. Use the session as it is, or "
@@ -166,7 +168,12 @@ class Scope:
                 f"session.commit() inside the savepoint unit opened at {frame.where}: the "
                 "savepoint is released when its block ends; commit after it."
             )
-        if frame is not None and frame.scope is self and frame.opts.mode is Mode.BEGIN_ONCE:
+        if (
+            frame is not None
+            and frame.kind == JOIN
+            and frame.scope is self
+            and frame.opts.mode is Mode.BEGIN_ONCE
+        ):
             raise DisciplineError(
                 f"session.commit() inside the begin-once unit opened at {frame.where}, which "
                 f"joined the commit-as-you-go unit opened at {self.where}: only that unit "
@@ -632,16 +639,15 @@ class UnitOfWork:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:
         _, frame = self._pop()
         if frame is None:
-            return False
+            return
         finish, error = settle(frame, exc)
         if finish is not None:
             finish.deliver(in_flight=error is not None)
         if error is not None and error is not exc:
             raise error
-        return False
 
     async def __aenter__(self) -> Any:
         registry = self._prepare(want_async=True)
@@ -657,16 +663,15 @@ class UnitOfWork:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:
         _, frame = self._pop()
         if frame is None:
-            return False
+            return
         finish, error = await asettle(frame, exc)
         if finish is not None:
             finish.deliver(in_flight=error is not None)
         if error is not None and error is not exc:
             raise error
-        return False
 
 
 def assert_registry(registry: SessionRegistry | None) -> SessionRegistry:
@@ -728,7 +733,7 @@ async def aopen_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin
         return open_unit(registry, opts, where)
     from sqlalchemy.util import greenlet_spawn
 
-    return await greenlet_spawn(open_unit, registry, opts, where)  # type: ignore[no-any-return]
+    return await greenlet_spawn(open_unit, registry, opts, where)
 
 
 async def asettle(
@@ -739,7 +744,10 @@ async def asettle(
         return settle(frame, exc)
     from sqlalchemy.util import greenlet_spawn
 
-    return await run_to_completion(greenlet_spawn(settle, frame, exc))
+    outcome: tuple[Finish | None, BaseException | None] = await run_to_completion(
+        greenlet_spawn(settle, frame, exc)
+    )
+    return outcome
 
 
 async def run_to_completion(awaitable: Any) -> Any:

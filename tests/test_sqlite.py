@@ -1,0 +1,88 @@
+"""SQLite on the stock pysqlite driver: BEGIN and SAVEPOINT must mean what they say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import txguard
+from txguard._sqlite import uses_sqlite_recipe
+from tests.helpers import names
+from tests.models import Base, Item
+
+
+@pytest.fixture
+def fresh_engine(tmp_path: Path) -> sa.Engine:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'fresh.db'}")
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def _release_then_roll_back(engine: sa.Engine) -> None:
+    with Session(engine) as session:
+        session.begin()
+        with session.begin_nested():
+            session.add(Item(name="released"))
+        session.rollback()
+
+
+def test_plain_pysqlite_commits_a_released_savepoint(fresh_engine: sa.Engine) -> None:
+    """Without the recipe, RELEASE SAVEPOINT commits on its own (the bug txguard fixes)."""
+    _release_then_roll_back(fresh_engine)
+    assert names(fresh_engine) == ["released"]
+
+
+def test_an_outer_rollback_undoes_a_released_savepoint(fresh_engine: sa.Engine) -> None:
+    """Once txguard is given the engine, an outer rollback undoes a released savepoint."""
+    txguard.SessionRegistry(fresh_engine)
+    _release_then_roll_back(fresh_engine)
+    assert names(fresh_engine) == []
+
+
+def test_nested_unit_is_undone_by_the_outer_rollback(fresh_engine: sa.Engine) -> None:
+    """A released propagation='nested' unit is undone when its owner rolls back."""
+    registry = txguard.SessionRegistry(fresh_engine)
+    with pytest.raises(RuntimeError):
+        with registry.unit_of_work():
+            with registry.unit_of_work(propagation="nested") as session:
+                session.add(Item(name="released"))
+            raise RuntimeError
+    assert names(fresh_engine) == []
+
+
+def test_connections_pooled_before_txguard_are_fixed(fresh_engine: sa.Engine) -> None:
+    """Connections already in the pool when txguard sees the engine get BEGIN too."""
+    with fresh_engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    assert fresh_engine.pool.checkedin() == 1
+    txguard.SessionRegistry(fresh_engine)
+    _release_then_roll_back(fresh_engine)
+    assert names(fresh_engine) == []
+
+
+def test_the_recipe_is_installed_once(fresh_engine: sa.Engine) -> None:
+    """Building several registries on one engine installs the recipe once."""
+    txguard.SessionRegistry(fresh_engine)
+    txguard.configure(fresh_engine)
+    assert uses_sqlite_recipe(fresh_engine)
+    with fresh_engine.begin() as conn:
+        conn.execute(sa.insert(Item).values(name="a"))
+    assert names(fresh_engine) == ["a"]
+
+
+def test_autocommit_connections_get_no_begin(fresh_engine: sa.Engine) -> None:
+    """An AUTOCOMMIT connection keeps autocommitting; the recipe emits no BEGIN for it."""
+    txguard.SessionRegistry(fresh_engine)
+    with fresh_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.insert(Item).values(name="auto"))
+        conn.rollback()
+    assert names(fresh_engine) == ["auto"]
+
+
+def test_other_dialects_are_left_alone(engine: sa.Engine, backend: str) -> None:
+    """Only SQLite engines get the recipe."""
+    txguard.SessionRegistry(engine)
+    assert uses_sqlite_recipe(engine) is (backend == "sqlite")
