@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -69,3 +70,47 @@ def sqlite_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sa.Engin
 def _reset_txguard_globals() -> Iterator[None]:
     yield
     txguard._registry._reset_default_for_tests()
+
+
+ASYNC_CASES = [
+    ("sqlite", "sqlite+aiosqlite"),
+    ("postgresql", "postgresql+asyncpg"),
+    ("postgresql", "postgresql+psycopg_async"),
+    ("mariadb", "mysql+aiomysql"),
+]
+
+
+class AsyncDatabase:
+    """An AsyncEngine on a test database, with the sync engine of the same database."""
+
+    def __init__(self, backend: str, engine: Any, sync: sa.Engine) -> None:
+        self.backend = backend
+        self.engine = engine
+        self.sync = sync
+
+
+@pytest.fixture(params=ASYNC_CASES, ids=[driver.split("+")[1] for _, driver in ASYNC_CASES])
+async def async_db(
+    request: pytest.FixtureRequest,
+    _engines: dict[str, sa.Engine],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[AsyncDatabase]:
+    """Yield an AsyncEngine per async driver with empty tables; fail on a leaked connection."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    backend, driver = request.param
+    require(backend)
+    if backend not in _engines:
+        _engines[backend] = _make_engine(backend, tmp_path_factory)
+    sync = _engines[backend]
+    with sync.begin() as conn:
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
+    url = sync.url.set(drivername=driver)
+    engine = create_async_engine(url, pool_size=5, max_overflow=60) if backend != "sqlite" else (
+        create_async_engine(url)
+    )
+    yield AsyncDatabase(backend, engine, sync)
+    checked_out = engine.sync_engine.pool.checkedout()
+    await engine.dispose()
+    assert checked_out == 0, "the test left a pooled connection checked out"  # noqa: S101
