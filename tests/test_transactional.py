@@ -166,3 +166,25 @@ def test_never_propagation_runs_without_a_unit(registry: txguard.SessionRegistry
         return txguard.in_transaction()
 
     assert outside() is False
+
+
+def test_unknown_options_are_named() -> None:
+    """A misspelt option raises ConfigurationError listing the real ones."""
+    with pytest.raises(txguard.ConfigurationError, match="'retry'.*retries, retry_on, backoff"):
+        txguard.transactional(retry=3)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"mode": "commit_as_you_go"},
+        {"propagation": "mandatory"},
+        {"propagation": "supports"},
+        {"propagation": "not_supported"},
+        {"propagation": "never"},
+    ],
+)
+def test_retries_where_they_could_never_apply_are_refused(options: dict[str, str]) -> None:
+    """retries= on a unit that never owns a begin-once transaction raises ConfigurationError."""
+    with pytest.raises(txguard.ConfigurationError, match="outermost"):
+        txguard.transactional(retries=2, **options)

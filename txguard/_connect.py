@@ -44,11 +44,14 @@ class _Held:
         )
 
     def note_statement(
-        self, conn: Connection, cursor: Any, statement: str, *args: Any
+        self, conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any,
+        executemany: bool,
     ) -> None:
         if self.first_write is None and is_write_sql(statement):
             self.first_write = capture(1)
-            self.first_sql = shorten_sql(statement)
+            # Quote the SQL as compiled: ``statement`` has literal_execute values rendered in.
+            compiled = getattr(context, "compiled", None)
+            self.first_sql = shorten_sql(compiled.string if compiled is not None else statement)
 
     def forget(self, conn: Connection) -> None:
         self.first_write = self.first_sql = None
@@ -188,6 +191,11 @@ def connect(
     """
     checked_mode = choice("mode", mode, Mode)
     level = _isolation(isolation_level)
+    if registry is not None and not isinstance(registry, SessionRegistry):
+        raise ConfigurationError(
+            f"registry={registry!r} is not valid; pass a txguard.SessionRegistry, or None "
+            "for the default registry set by txguard.configure()."
+        )
     if engine is None:
         engine = resolve(registry).core_engine()
     else:

@@ -1,15 +1,281 @@
-"""Misuse guards (SPEC section 6). Being written: see issue 3."""
+"""Misuse guards (SPEC section 6): ``txguard.install()`` and ``txguard.uninstall()``.
+
+``install()`` attaches class-level listeners (SessionEvents on ``Session``, PoolEvents on
+``Pool``) and wraps ``Session.begin`` and ``Connection.begin``, the only two places with
+no event to listen to; every Session, AsyncSession, Connection and AsyncConnection is then
+watched, whoever made it. Only what the chosen guards need is attached. ``uninstall()``
+removes all of it and puts the original functions back into the class dictionaries, so
+plain SQLAlchemy behaviour returns. The checks themselves live in ``_guard_sessions`` and
+``_guard_connections``; what they share, in ``_guard_records``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from time import monotonic
+from typing import Any, cast
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import Pool
+
+from . import _guard_connections as connections
+from . import _guard_records as shared
+from . import _guard_sessions as sessions
+from ._errors import (
+    ConfigurationError,
+    LeakedConnectionWarning,
+    LeakedSessionWarning,
+    LongTransactionWarning,
+)
+from ._guard_records import LEVELS, OFF, WARN, WARNED_LONG, Settings, describe_thread, seconds
+from ._options import validate_guard_level
 
 __all__ = ["install", "uninstall"]
 
+_lock = threading.RLock()
 
-def install(**levels: Any) -> None:
-    raise NotImplementedError("txguard.install() lands with the guards issue")
+# (target, event name, listener) currently attached, and patched (class, name) -> original.
+_listening: set[tuple[type, str, Callable[..., Any]]] = set()
+_patched: dict[tuple[type, str], Any] = {}
+_sweeper: _Sweeper | None = None
+_added_filters: list[tuple[Any, ...]] = []
+
+
+def install(
+    *,
+    mixed_begin: str = "warn",
+    leaks: str = "warn",
+    cross_thread: str = "warn",
+    cross_task: str = "warn",
+    long_transaction: float | None = None,
+) -> None:
+    """Watch every Session, AsyncSession and Connection for transaction misuse.
+
+    Each guard is ``"off"``, ``"warn"`` or ``"error"``; ``long_transaction`` is a threshold
+    in seconds (None turns it off). Calling it again changes the levels in place; the
+    guards stay until ``txguard.uninstall()``.
+    """
+    new = Settings(
+        validate_guard_level("mixed_begin", mixed_begin, LEVELS),
+        validate_guard_level("leaks", leaks, LEVELS),
+        validate_guard_level("cross_thread", cross_thread, LEVELS),
+        validate_guard_level("cross_task", cross_task, LEVELS),
+        _threshold(long_transaction),
+    )
+    with _lock:
+        old = shared.settings
+        if old is not None and old.leaks != OFF and new.leaks == OFF:
+            shared.generation += 1
+        if new.long_transaction is None:
+            shared.open_transactions.clear()
+        shared.settings = new
+        _attach(_wanted_listeners(new), _wanted_patches(new))
+        _show_leak_warnings(new.leaks == WARN)
+        _run_sweeper(new.long_transaction)
 
 
 def uninstall() -> None:
-    raise NotImplementedError("txguard.uninstall() lands with the guards issue")
+    """Remove every guard: no listener or patch stays behind (idempotent)."""
+    with _lock:
+        shared.settings = None
+        _attach(set(), {})
+        _show_leak_warnings(False)
+        _run_sweeper(None)
+        shared.generation += 1
+        shared.open_transactions.clear()
+        sessions.records.clear()
+        connections._tx_records.clear()
+
+
+def _threshold(value: object) -> float | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value > 0
+    ):
+        return float(value)
+    raise ConfigurationError(
+        f"long_transaction={value!r} is not valid; use a number of seconds > 0, or None "
+        "to turn the guard off."
+    )
+
+
+# What each guard needs.
+
+
+def _wanted_listeners(cfg: Settings) -> set[tuple[type, str, Callable[..., Any]]]:
+    on = {
+        name
+        for name in ("mixed_begin", "leaks", "cross_thread", "cross_task")
+        if getattr(cfg, name) != OFF
+    }
+    if cfg.long_transaction is not None:
+        on.add("long_transaction")
+    wanted: set[tuple[type, str, Callable[..., Any]]] = set()
+    if not on:
+        return wanted
+    wanted.add((Session, "after_transaction_create", sessions.on_transaction_create))
+    wanted.add((Session, "after_transaction_end", sessions.on_transaction_end))
+    users = on & {"cross_thread", "cross_task"}
+    if users or "mixed_begin" in on:
+        wanted.add((Session, "do_orm_execute", sessions.on_orm_execute))
+    if users:
+        wanted.add((Session, "before_flush", sessions.on_before_flush))
+        wanted.add((Session, "before_commit", sessions.on_before_commit))
+    if "leaks" in on:
+        wanted.add((Pool, "checkout", connections.on_checkout))
+        wanted.add((Pool, "checkin", connections.on_checkin))
+        wanted.add((Pool, "detach", connections.on_detach))
+    return wanted
+
+
+def _wanted_patches(cfg: Settings) -> dict[tuple[type, str], Any]:
+    wanted: dict[tuple[type, str], Any] = {}
+    if cfg.mixed_begin != OFF:
+        wanted[(Session, "begin")] = sessions.begin
+    if cfg.mixed_begin != OFF or cfg.leaks != OFF or cfg.long_transaction is not None:
+        wanted[(Connection, "begin")] = connections.begin
+    return wanted
+
+
+def _attach(
+    listeners: set[tuple[type, str, Callable[..., Any]]], patches: dict[tuple[type, str], Any]
+) -> None:
+    for key in list(_listening - listeners):
+        target, name, fn = key
+        if event.contains(target, name, fn):
+            event.remove(target, name, fn)
+        _listening.discard(key)
+    for key in listeners - _listening:
+        target, name, fn = key
+        event.listen(target, name, fn)
+        _listening.add(key)
+    for patch in [p for p in _patched if p not in patches]:
+        _unpatch(patch)
+    for patch, wrapper in patches.items():
+        if patch not in _patched:
+            _patch(patch, wrapper)
+
+
+def _patch(key: tuple[type, str], wrapper: Callable[..., Any]) -> None:
+    cls, name = key
+    original = cls.__dict__[name]
+    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+    if cls is Session:
+        sessions.original_begin = original
+    else:
+        connections.original_begin = original
+    _patched[key] = original
+    setattr(cls, name, wrapper)
+
+
+def _unpatch(key: tuple[type, str]) -> None:
+    cls, name = key
+    original = _patched.pop(key)
+    # Put the original back only if our wrapper is still there: someone who wrapped it
+    # after us keeps their wrapper, and ours then passes straight through.
+    if cls.__dict__.get(name) in (sessions.begin, connections.begin):
+        setattr(cls, name, original)
+
+
+# Leak warnings are ResourceWarnings, which Python ignores by default; with leaks="warn"
+# they must show, yet a filter the user set for them (or for all warnings) must still win.
+# So our "default" filter goes just before the stdlib's `ignore::ResourceWarning`, after
+# every filter the user added, and only when that stdlib filter is in force.
+
+
+def _show_leak_warnings(show: bool) -> None:
+    filters = cast("list[Any]", warnings.filters)
+    mutated = False
+    for entry in _added_filters:
+        if entry in filters:
+            filters.remove(entry)
+            mutated = True
+    _added_filters.clear()
+    if show:
+        stdlib_ignore = ("ignore", None, ResourceWarning, None, 0)
+        if stdlib_ignore in filters:
+            at = filters.index(stdlib_ignore)
+            for category in (LeakedConnectionWarning, LeakedSessionWarning):
+                entry = ("default", None, category, None, 0)
+                filters.insert(at, entry)
+                _added_filters.append(entry)
+            mutated = True
+    if mutated:
+        _filters_mutated()
+
+
+def _filters_mutated() -> None:
+    # Resets the "already shown" registries, as warnings.filterwarnings() does.
+    mutated = getattr(warnings, "_filters_mutated", None)
+    if mutated is not None:
+        mutated()
+
+
+# long_transaction: a background sweep, as HikariCP's leakDetectionThreshold.
+
+
+class _Sweeper(threading.Thread):
+    """Warn once about each transaction open longer than the threshold, while it is open."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__(name="txguard-long-transactions", daemon=True)
+        self.threshold = threshold
+        self.interval = min(max(threshold / 4, 0.005), 1.0)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                _sweep(self.threshold)
+            except Exception:
+                # The user's warning filters may turn our warning into an exception; there is
+                # no caller to hand it to, so it goes where uncaught thread errors go.
+                threading.excepthook(threading.ExceptHookArgs([*sys.exc_info(), self]))
+
+
+def _sweep(threshold: float) -> None:
+    now = monotonic()
+    for key, record in shared.open_transactions.copy().items():
+        if not record.is_open():
+            if shared.open_transactions.pop(key, None) is not None:
+                shared.log_end(record)
+            continue
+        age = now - record.began
+        if age < threshold or record.warned & WARNED_LONG:
+            continue
+        record.warned |= WARNED_LONG
+        shared.report_late(
+            WARN,
+            LongTransactionWarning,
+            f"A {record.owner}'s transaction has been open for {seconds(age)} "
+            f"(long_transaction={threshold:g} s) and is still open: it was "
+            f"{record.describe()} in thread {describe_thread(record.thread)}. An open "
+            "transaction holds its pooled connection and its locks, and keeps old row "
+            "versions alive. Commit or roll back sooner, and keep slow work (network calls, "
+            "user input, sleeps) outside the transaction.",
+            record.origin,
+        )
+
+
+def _run_sweeper(threshold: float | None) -> None:
+    global _sweeper
+    current = _sweeper
+    if current is not None and (threshold is None or current.threshold != threshold):
+        current.stopped.set()
+        if current is not threading.current_thread():
+            current.join(timeout=5)
+        _sweeper = current = None
+    if threshold is not None and current is None:
+        _sweeper = _Sweeper(threshold)
+        _sweeper.start()
+

@@ -10,10 +10,14 @@ from ._errors import ConfigurationError
 from ._registry import SessionRegistry, resolve
 from ._unit import ON_COMMIT, ON_ROLLBACK, Callback, run_callbacks
 
-__all__ = ["on_commit", "on_rollback", "intercept", "capturing"]
+__all__ = ["on_commit", "on_rollback", "intercept", "capturing", "capturing_callbacks"]
 
 capturing: contextvars.ContextVar[list[Callable[[], object]] | None] = contextvars.ContextVar(
     "txguard_capture_on_commit", default=None
+)
+# The same captured callbacks with their options (``robust``), for capture_on_commit(execute=True).
+capturing_callbacks: contextvars.ContextVar[list[Callback] | None] = contextvars.ContextVar(
+    "txguard_capture_on_commit_callbacks", default=None
 )
 
 
@@ -68,4 +72,7 @@ def intercept(callbacks: list[Callback]) -> list[Callback]:
     if captured is None:
         return callbacks
     captured.extend(cb.fn for cb in callbacks if cb.when == ON_COMMIT)
+    details = capturing_callbacks.get()
+    if details is not None:
+        details.extend(cb for cb in callbacks if cb.when == ON_COMMIT)
     return [cb for cb in callbacks if cb.when != ON_COMMIT]

@@ -1,13 +1,498 @@
-"""Leak detector (SPEC section 7). Being written: see issue 4."""
+"""Leak detector: which Sessions and pooled connections were opened and never closed.
+
+One process-wide tracker listens to SQLAlchemy's class-level events while at least one
+detector runs: ``after_transaction_create`` on ``Session`` (every sync session, including
+the one inside each ``AsyncSession``) and ``checkout``/``checkin``/``detach`` on ``Pool``
+(every pooled connection, whoever asks for it). It holds sessions and connections through
+weak references only, numbers every opening, and records where it happened. Whether
+something is still open is decided when a detector is asked, so a detector reports the
+openings of its own window and nothing that was closed meanwhile.
+
+A pooled connection whose owner was garbage-collected without being closed is returned
+to the pool by SQLAlchemy's finalizer; the tracker sees that check-in arrive for a
+connection object that no longer exists and keeps it as a *collected* leak, so a report
+does not depend on when the garbage collector happened to run.
+"""
 
 from __future__ import annotations
 
-__all__ = ["Leak", "LeakDetector"]
+import importlib
+import itertools
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from types import CodeType, FrameType
+from typing import TYPE_CHECKING, Any, Final, Literal, Tuple
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.pool import Pool
+
+from ._errors import LeakError
+from ._origin import Origin, _is_library_frame, _short_path
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["Leak", "LeakDetector", "format_leaks", "tracker"]
+
+SESSION: Final = "session"
+CONNECTION: Final = "connection"
+STACK_LIMIT: Final = 6
+_PRUNE_AT: Final = 1024
 
 
 class Leak:
-    pass
+    """A Session or pooled connection opened while a detector ran and not closed since.
+
+    ``kind`` is ``"session"`` or ``"connection"``; ``origin`` is where it was opened (the
+    user's file:line first, then a few callers: ``origin.format_stack()``); ``age_s`` is
+    how long ago, in seconds, when the report was made. ``collected`` is true for a
+    connection that was never closed but was garbage-collected (SQLAlchemy's finalizer
+    returned it to the pool). ``resource`` is the Session or pool connection while it is
+    alive; the record holds it weakly.
+    """
+
+    __slots__ = (
+        "kind",
+        "origin",
+        "age_s",
+        "description",
+        "collected",
+        "holds_connection",
+        "_ref",
+        "_seq",
+    )
+
+    def __init__(
+        self,
+        kind: Literal["session", "connection"],
+        origin: Origin,
+        age_s: float,
+        description: str,
+        *,
+        collected: bool = False,
+        holds_connection: bool = False,
+        resource: object | None = None,
+        seq: int = 0,
+    ) -> None:
+        self.kind = kind
+        self.origin = origin
+        self.age_s = age_s
+        self.description = description
+        self.collected = collected
+        self.holds_connection = holds_connection
+        self._ref = None if resource is None else weakref.ref(resource)
+        self._seq = seq
+
+    @property
+    def resource(self) -> object | None:
+        """The leaked Session or pool connection, or None once it is gone."""
+        return None if self._ref is None else self._ref()
+
+    @property
+    def location(self) -> str:
+        """Where it was opened, as ``file:line``."""
+        return f"{_short_path(self.origin.filename)}:{self.origin.lineno}"
+
+    def summary(self) -> str:
+        """Say in one line what is open, where it was opened and how long ago."""
+        age = f"{self.age_s:.2f} s ago"
+        if self.collected:
+            return (
+                f"{self.description} checked out at {self.origin} ({age}) was never "
+                "closed: it was garbage-collected while still checked out"
+            )
+        if self.kind == SESSION:
+            state = (
+                "still in a transaction that holds a connection"
+                if self.holds_connection
+                else "still in a transaction (it holds no connection yet)"
+            )
+            return f"{self.description} opened at {self.origin} ({age}), {state}"
+        return (
+            f"{self.description} checked out at {self.origin} ({age}), never returned "
+            "to the pool"
+        )
+
+    def __str__(self) -> str:
+        if len(self.origin.frames) <= 1:
+            return self.summary()
+        return f"{self.summary()}\n{self.origin.format_stack()}"
+
+    def __repr__(self) -> str:
+        state = "collected" if self.collected else "open"
+        return f"<txguard.Leak {self.kind} {state} at {self.location}>"
+
+
+# What the tracker keeps of one opening: a weak reference to the Session (or the pool's
+# connection object), where (raw ``(code, instruction offset)`` pairs, turned into an
+# Origin with line numbers only when reported), when, and its number. Session entries
+# have no weak-reference callback: dead ones are pruned in batches, cheaper than a call
+# each.
+_Where = Tuple[Tuple[CodeType, int], ...]
+_SessionSeen = Tuple["weakref.ref[Session]", _Where, float, int]
+_ConnectionSeen = Tuple["weakref.ref[Any]", _Where, float, int]
+
+
+def _unused(ref: object) -> None:
+    """Give a weak reference a callback: Python clears those before finalizers run."""
+
+
+class _Tracker:
+    """The process-wide listeners, shared by every running detector."""
+
+    def __init__(self) -> None:
+        self.numbers = itertools.count(1)
+        self.sessions: dict[int, _SessionSeen] = {}
+        self.connections: dict[int, _ConnectionSeen] = {}
+        self.collected: list[_ConnectionSeen] = []
+        self.running: list[LeakDetector] = []
+        self.limit = 1
+        self.prune_at = _PRUNE_AT
+        self.lock = threading.Lock()
+
+    def mark(self) -> int:
+        """Return a number that orders this moment among the recorded openings."""
+        return next(self.numbers)
+
+    def acquire(self, detector: LeakDetector) -> int:
+        """Start listening for ``detector``; return the start of its window."""
+        with self.lock:
+            if not self.running:
+                event.listen(Session, "after_transaction_create", _on_transaction)
+                event.listen(Pool, "checkout", _on_checkout)
+                event.listen(Pool, "checkin", _on_returned)
+                event.listen(Pool, "detach", _on_returned)
+            self.running.append(detector)
+            self._set_limit()
+            return self.mark()
+
+    def release(self, detector: LeakDetector) -> tuple[int, list[_ConnectionSeen]]:
+        """Stop listening for ``detector``; return its window's end and its collected leaks."""
+        with self.lock:
+            stop = self.mark()
+            mine = self.collected_between(detector._start, stop)
+            self.running.remove(detector)
+            if not self.running:
+                event.remove(Session, "after_transaction_create", _on_transaction)
+                event.remove(Pool, "checkout", _on_checkout)
+                event.remove(Pool, "checkin", _on_returned)
+                event.remove(Pool, "detach", _on_returned)
+            self._set_limit()
+            oldest = min((d._start for d in self.running), default=stop)
+            self.collected = [c for c in self.collected if c[3] >= oldest]
+            self.prune()
+            return stop, mine
+
+    def _set_limit(self) -> None:
+        self.limit = STACK_LIMIT if any(d.capture_stack for d in self.running) else 1
+
+    def prune(self) -> None:
+        """Forget the sessions and pool connections that no longer exist."""
+        for seen_by_id in (self.sessions, self.connections):
+            for key, seen in seen_by_id.copy().items():
+                if seen[0]() is None and seen_by_id.get(key) is seen:
+                    seen_by_id.pop(key, None)
+        self.prune_at = max(_PRUNE_AT, 2 * len(self.sessions))
+
+    def collected_between(self, start: int, stop: int) -> list[_ConnectionSeen]:
+        return [c for c in self.collected.copy() if start <= c[3] < stop]
+
+    def leaks(
+        self, start: int, stop: int, collected: list[_ConnectionSeen], depth: int
+    ) -> list[Leak]:
+        """Return what was opened in ``[start, stop)`` and is still open, and ``collected``.
+
+        Each origin keeps at most ``depth`` frames (another detector may record more).
+        """
+        now = time.monotonic()
+        found: list[Leak] = []
+        held: set[int] = set()
+        # dict.copy() runs without calling back into Python, so no finalizer can change
+        # the mapping under it.
+        for ref, origin, opened, seq in self.sessions.copy().values():
+            session = ref()
+            if session is None or not session.in_transaction():
+                continue
+            fairies = _connections_of(session)
+            held.update(id(f) for f in fairies)
+            if start <= seq < stop:
+                found.append(
+                    Leak(
+                        SESSION, _origin(origin, depth), now - opened, _describe_session(session),
+                        holds_connection=bool(fairies), resource=session, seq=seq,
+                    )
+                )
+        for fairy_ref, origin, opened, seq in self.connections.copy().values():
+            fairy = fairy_ref()
+            if not start <= seq < stop or fairy is None or id(fairy) in held:
+                continue
+            record = getattr(fairy, "_connection_record", None)
+            current = None if record is None else record.fairy_ref
+            if current is None or current() is not fairy:
+                continue  # checked in, detached, or superseded on a StaticPool
+            found.append(
+                Leak(
+                    CONNECTION, _origin(origin, depth), now - opened, _describe_connection(fairy),
+                    resource=fairy, seq=seq,
+                )
+            )
+        for _, origin, opened, seq in collected:
+            found.append(
+                Leak(
+                    CONNECTION, _origin(origin, depth), now - opened, "a pooled connection",
+                    collected=True, seq=seq,
+                )
+            )
+        found.sort(key=lambda leak: leak._seq)
+        return found
+
+
+tracker: Final = _Tracker()
+
+# Whether a file holds user code (True) or library code (False). Code that SQLAlchemy
+# compiles into ``<string>`` (2.0) is judged frame by frame, never cached by name.
+_user_files: dict[str, bool] = {}
+_SCAN_ABOVE: Final = 32
+
+
+def _runner_files() -> tuple[str, ...]:
+    """Files that start programs and test runs (``python -m pytest``): not the user's code."""
+    files = [os.path.join(os.path.dirname(os.__file__), "runpy.py")]
+    for name in ("pytest", "pytest_asyncio"):
+        module = sys.modules.get(name)
+        if module is not None and module.__file__:
+            files.append(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
+    return tuple(files)
+
+
+def _is_user_frame(frame: FrameType) -> bool:
+    filename = frame.f_code.co_filename
+    user = not (_is_library_frame(frame) or filename.startswith(_runner_files()))
+    if filename[:1] != "<" or filename.startswith("<sqlalchemy generated"):
+        _user_files[filename] = user
+    return user
+
+
+def _where(limit: int) -> _Where:
+    """Capture the user's frames above an event handler: ``capture()``, cheaper here.
+
+    An event fires a dozen SQLAlchemy frames below the user's code; one cache lookup per
+    frame, with no function call, is most of what this saves. Frames are kept as code and
+    instruction offset: the line number is looked up only if a leak is reported (it costs
+    a scan of the code's line table). Above the user's first frame it looks at a bounded
+    number of frames (a test runner's are many, all library).
+    """
+    users = _user_files
+    frame: FrameType | None = sys._getframe(2)
+    hopped = False
+    while True:
+        while frame is not None:
+            user = users.get(frame.f_code.co_filename)
+            if user or (user is None and _is_user_frame(frame)):
+                break
+            frame = frame.f_back
+        if frame is not None or hopped:
+            break
+        # Inside SQLAlchemy's asyncio bridge the user's coroutine is in the parent greenlet.
+        frame, hopped = _spawning_frame(), True
+    if frame is None:
+        return ()
+    frames = [(frame.f_code, frame.f_lasti)]
+    frame = frame.f_back
+    budget = _SCAN_ABOVE
+    while frame is not None and len(frames) < limit and budget:
+        user = users.get(frame.f_code.co_filename)
+        if user or (user is None and _is_user_frame(frame)):
+            frames.append((frame.f_code, frame.f_lasti))
+        frame = frame.f_back
+        budget -= 1
+    return tuple(frames)
+
+
+def _spawning_frame() -> FrameType | None:
+    """Return the frame that switched to the running greenlet, if greenlet is in use."""
+    try:
+        # An import, not sys.modules: a test runner may have unloaded the module
+        # (pytester does) while SQLAlchemy still runs greenlets from it.
+        greenlet: Any = importlib.import_module("greenlet")
+    except ImportError:  # pragma: no cover - SQLAlchemy's asyncio needs greenlet
+        return None
+    parent = greenlet.getcurrent().parent
+    frame: FrameType | None = None if parent is None else parent.gr_frame
+    return frame
+
+
+def _origin(where: _Where, depth: int) -> Origin:
+    """Turn what ``_where()`` recorded into an Origin, with line numbers."""
+    return Origin(tuple((code, _line(code, offset)) for code, offset in where[:depth]))
+
+
+def _line(code: CodeType, offset: int) -> int:
+    for start, end, line in code.co_lines():
+        if start <= offset < end:
+            return code.co_firstlineno if line is None else line
+    return code.co_firstlineno
+
+
+def _on_transaction(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        t = tracker
+        sessions = t.sessions
+        sessions[id(session)] = (
+            weakref.ref(session), _where(t.limit), time.monotonic(), next(t.numbers)
+        )
+        if len(sessions) > t.prune_at:
+            t.prune()
+
+
+def _on_checkout(dbapi_connection: Any, record: Any, fairy: Any) -> None:
+    t = tracker
+    t.connections[id(record)] = (
+        weakref.ref(fairy, _unused), _where(t.limit), time.monotonic(), next(t.numbers)
+    )
+
+
+def _on_returned(dbapi_connection: Any, record: Any) -> None:
+    seen = tracker.connections.pop(id(record), None)
+    if seen is not None and seen[0]() is None:
+        tracker.collected.append(seen)
+
+
+def _connections_of(session: Session) -> list[Any]:
+    """Return the pool connections that the session's transaction holds."""
+    transaction = session.get_transaction()
+    if transaction is None:
+        return []
+    held = getattr(transaction, "_connections", None) or {}
+    fairies: list[Any] = []
+    for value in list(held.values()):
+        fairy = getattr(value[0], "_dbapi_connection", None)
+        if fairy is not None and fairy not in fairies:
+            fairies.append(fairy)
+    return fairies
+
+
+def _describe_session(session: Session) -> str:
+    module = sys.modules.get("sqlalchemy.ext.asyncio.session")
+    if module is not None:
+        proxy = module.AsyncSession._retrieve_proxy_for_target(session, regenerate=False)
+        if proxy is not None:
+            return f"an {type(proxy).__name__}"
+    name = type(session).__name__
+    return f"an {name}" if name[:1] in "AEIOU" else f"a {name}"
+
+
+def _describe_connection(fairy: Any) -> str:
+    dialect = getattr(getattr(getattr(fairy, "_pool", None), "_dialect", None), "name", None)
+    return f"a pooled {dialect} connection" if dialect else "a pooled connection"
 
 
 class LeakDetector:
-    pass
+    """Track every Session, AsyncSession and pooled connection opened while it runs.
+
+    Use it as a context manager or with ``start()``/``stop()``; then ``open_resources()``
+    lists what is still open and ``check()`` raises ``LeakError`` if anything is. A Session
+    counts as open while it holds a transaction (and so, usually, a connection); one that
+    was closed, or never used, is not a leak. Tracking holds every object weakly.
+    ``capture_stack=False`` records only the opening line, not a few callers.
+    """
+
+    def __init__(self, capture_stack: bool = True) -> None:
+        self.capture_stack = capture_stack
+        self._start = 0
+        self._stop: int | None = None
+        self._collected: list[_ConnectionSeen] = []
+        self._running = False
+
+    def __repr__(self) -> str:
+        return f"<txguard.LeakDetector {'running' if self._running else 'stopped'}>"
+
+    @property
+    def running(self) -> bool:
+        """Whether the detector is tracking now."""
+        return self._running
+
+    def start(self) -> LeakDetector:
+        """Begin tracking (again, forgetting an earlier window); do nothing if running."""
+        if not self._running:
+            self._stop = None
+            self._collected = []
+            self._start = tracker.acquire(self)
+            self._running = True
+        return self
+
+    def stop(self) -> None:
+        """Stop tracking; what was opened meanwhile is still reported while it stays open."""
+        if self._running:
+            self._running = False
+            self._stop, self._collected = tracker.release(self)
+
+    def __enter__(self) -> LeakDetector:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def leaks(self) -> list[Leak]:
+        """Return what is still open or was garbage-collected unclosed, in the order opened."""
+        return self._leaks_since(None)
+
+    def _mark(self) -> int:
+        """Return a position in the detector's window, for ``_leaks_since()``."""
+        return tracker.mark()
+
+    def _leaks_since(self, since: int | None) -> list[Leak]:
+        """Return the leaks of the window, or of its part after ``since`` (from ``_mark()``)."""
+        if self._running:
+            stop = tracker.mark()
+            collected = tracker.collected_between(self._start, stop)
+        elif self._stop is not None:
+            stop, collected = self._stop, self._collected
+        else:
+            return []
+        start = self._start if since is None else max(self._start, since)
+        depth = STACK_LIMIT if self.capture_stack else 1
+        return tracker.leaks(start, stop, [c for c in collected if c[3] >= start], depth)
+
+    def open_resources(self) -> list[Leak]:
+        """Return the sessions and pooled connections opened while running and still open."""
+        return [leak for leak in self.leaks() if not leak.collected]
+
+    def check(self) -> None:
+        """Raise ``LeakError`` (its ``.leaks`` lists them) if anything was left open."""
+        __tracebackhide__ = True
+        found = self.leaks()
+        if found:
+            raise LeakError(format_leaks(found, "while the leak detector ran"), list(found))
+
+
+def format_leaks(leaks: list[Leak], during: str) -> str:
+    """Describe leaks for a report: what, where, and how to fix it."""
+    count = len(leaks)
+    what = "session or connection was" if count == 1 else "sessions or connections were"
+    lines = [f"{count} {what} opened {during} and never closed:"]
+    for leak in leaks:
+        lines.extend(_indent(str(leak)))
+    lines.append(
+        "Close each one where it is opened: `with Session(engine) as session:` (or "
+        "txguard.unit_of_work()), `with engine.connect() as conn:`, or close() in a "
+        "`finally:` block."
+    )
+    return "\n".join(lines)
+
+
+def _indent(text: str) -> Iterator[str]:
+    first, *rest = text.splitlines()
+    yield f"  - {first}"
+    for line in rest:
+        yield f"    {line.strip()}"

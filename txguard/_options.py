@@ -40,6 +40,14 @@ class Propagation(str, enum.Enum):
 
 _E = TypeVar("_E", bound=enum.Enum)
 
+_NEVER_OWNS_A_TRANSACTION: Final = frozenset(
+    {Propagation.MANDATORY, Propagation.NEVER, Propagation.SUPPORTS, Propagation.NOT_SUPPORTED}
+)
+OPTION_NAMES: Final = (
+    "mode", "propagation", "read_only", "isolation_level", "rollback_for", "no_rollback_for",
+    "durable", "registry", "retries", "retry_on", "backoff",
+)
+
 ISOLATION_LEVELS: Final = ("READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 
 
@@ -86,7 +94,8 @@ def _isolation(value: object) -> str | None:
             return normalised
         if normalised == "AUTOCOMMIT":
             raise ConfigurationError(
-                "isolation_level='AUTOCOMMIT' has no transaction to discipline; use "
+                "isolation_level='AUTOCOMMIT' has no transaction to discipline; use None or "
+                f"one of {', '.join(repr(level) for level in ISOLATION_LEVELS)}, or "
                 "engine.execution_options(isolation_level='AUTOCOMMIT') outside txguard."
             )
     allowed = ", ".join(repr(level) for level in ISOLATION_LEVELS)
@@ -217,6 +226,15 @@ def unit_options(
         raise ConfigurationError(
             "mode='commit_as_you_go' cannot be combined with propagation='nested': a "
             "savepoint is released or rolled back by its unit; use mode='begin_once'."
+        )
+    if opts.retries and (
+        opts.mode is Mode.COMMIT_AS_YOU_GO or opts.propagation in _NEVER_OWNS_A_TRANSACTION
+    ):
+        raise ConfigurationError(
+            f"retries={opts.retries} would never apply: a unit with mode={opts.mode.value!r} and "
+            f"propagation={opts.propagation.value!r} never owns a begin-once transaction it "
+            "could run again. Put retries= on the outermost @transactional function (begin "
+            "once, propagation 'required', 'requires_new' or 'nested')."
         )
     opts.plain_rollback_rules = opts.rollback_for == (Exception,) and not opts.no_rollback_for
     opts.enter_needs_io = bool(

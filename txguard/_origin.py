@@ -12,11 +12,11 @@ import os
 import sys
 import warnings
 from types import CodeType, FrameType
-from typing import Final
+from typing import Any, Final
 
 import sqlalchemy
 
-__all__ = ["Origin", "capture", "user_frame", "warn_at_user", "shorten_sql"]
+__all__ = ["Origin", "capture", "user_frame", "warn_at_user", "warn_at", "shorten_sql"]
 
 
 def _package_dir(module_file: str | None) -> str:
@@ -39,6 +39,7 @@ _RUNNER_MARKERS: Final[tuple[str, ...]] = (
     os.sep + "greenlet" + os.sep,
 )
 _library_cache: dict[str, bool] = {}
+_user_files: set[str] = set()  # files seen to be user code: capture() checks these first
 
 
 def _is_library(filename: str) -> bool:
@@ -52,34 +53,48 @@ def _is_library(filename: str) -> bool:
         return verdict
 
 
-def _outer_greenlet_frame() -> FrameType | None:
-    """Return the frame that spawned the current greenlet, if we run inside one.
+def _is_library_frame(frame: FrameType) -> bool:
+    """Say whether ``frame`` runs library code, including code SQLAlchemy generates.
 
-    SQLAlchemy's asyncio bridge runs sync code in a child greenlet whose frame chain ends
-    at the spawn point; the user's coroutine is in the parent greenlet's frames.
+    SQLAlchemy compiles some wrappers at import time; their file is ``<string>`` (2.0) or
+    ``<sqlalchemy generated ...>`` (2.1), but their module globals still name SQLAlchemy.
     """
+    filename = frame.f_code.co_filename
+    if _is_library(filename):
+        return True
+    if filename[:1] != "<":
+        return False
+    module = frame.f_globals.get("__name__")
+    return isinstance(module, str) and module.startswith(("sqlalchemy.", "txguard."))
+
+
+def _current_greenlet() -> Any:
+    """Return the running greenlet when greenlet is in use, else None."""
     greenlet = sys.modules.get("greenlet")
-    if greenlet is None:
-        return None
-    parent = greenlet.getcurrent().parent
-    return None if parent is None else parent.gr_frame
+    return None if greenlet is None else greenlet.getcurrent()
 
 
 def user_frame(depth: int = 1) -> FrameType | None:
-    """Return the innermost frame outside txguard and SQLAlchemy, above ``depth`` callers."""
-    frame: FrameType | None = sys._getframe(depth + 1)
-    hops = 0
+    """Return the innermost frame outside txguard and SQLAlchemy, above ``depth`` callers.
+
+    SQLAlchemy's asyncio bridge runs sync code in a child greenlet whose frame chain ends
+    at the spawn point; the user's coroutine is then in the parent greenlet's frames.
+    """
+    try:
+        frame: FrameType | None = sys._getframe(depth + 1)
+    except ValueError:  # called from a shallower stack than depth (e.g. module level)
+        frame = None
+    glet = None
     while True:
         while frame is not None:
-            if not _is_library(frame.f_code.co_filename):
+            if not _is_library_frame(frame):
                 return frame
             frame = frame.f_back
-        hops += 1
-        if hops > 4:
+        glet = _current_greenlet() if glet is None else glet
+        glet = None if glet is None else glet.parent
+        if glet is None:
             return None
-        frame = _outer_greenlet_frame() if hops == 1 else None
-        if frame is None:
-            return None
+        frame = glet.gr_frame
 
 
 class Origin:
@@ -124,19 +139,34 @@ class Origin:
 
 
 _UNKNOWN: Final = Origin(())
+_new_origin = object.__new__
 
 
 def capture(depth: int = 1, limit: int = 1) -> Origin:
     """Record up to ``limit`` user frames, starting ``depth`` callers above this call."""
+    if limit == 1:
+        # The hot path (every unit_of_work()): usually the caller is already user code.
+        try:
+            frame: FrameType | None = sys._getframe(depth + 1)
+        except ValueError:
+            frame = None
+        if frame is None or frame.f_code.co_filename not in _user_files:
+            frame = user_frame(depth + 1)
+            if frame is None:
+                return _UNKNOWN
+            filename = frame.f_code.co_filename
+            if filename[:1] != "<":
+                _user_files.add(filename)
+        origin = _new_origin(Origin)
+        origin.frames = ((frame.f_code, frame.f_lineno),)
+        return origin
     frame = user_frame(depth + 1)
     if frame is None:
         return _UNKNOWN
-    if limit == 1:
-        return Origin(((frame.f_code, frame.f_lineno),))
     frames: list[tuple[CodeType, int]] = []
     current: FrameType | None = frame
     while current is not None and len(frames) < limit:
-        if not _is_library(current.f_code.co_filename):
+        if not _is_library_frame(current):
             frames.append((current.f_code, current.f_lineno))
         current = current.f_back
     return Origin(tuple(frames))
@@ -166,6 +196,18 @@ def warn_at_user(message: str, category: type[Warning]) -> None:
         registry=module_globals.setdefault("__warningregistry__", {}),
         module_globals=module_globals,
     )
+
+
+def warn_at(
+    origin: Origin, message: str, category: type[Warning], registry: dict[Any, Any]
+) -> None:
+    """Emit ``message`` as if raised at ``origin``: for findings made away from the user's
+    code (the garbage collector, a background thread), where the origin is the useful line.
+    """
+    if not origin.frames:
+        warnings.warn(message, category, stacklevel=2)
+        return
+    warnings.warn_explicit(message, category, origin.filename, origin.lineno, registry=registry)
 
 
 def shorten_sql(statement: str, limit: int = 80) -> str:

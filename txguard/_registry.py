@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, Union, overload
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,7 +17,8 @@ from ._sqlite import install_sqlite_transactions
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-    from ._unit import Frame
+    from ._connect import ConnectionUnit
+    from ._unit import Frame, UnitOfWork
 
     Bind = Union[Engine, sessionmaker[Any], AsyncEngine, async_sessionmaker[Any]]
 
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 _ids = itertools.count(1)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class SessionRegistry:
@@ -99,19 +102,21 @@ class SessionRegistry:
 
     # The module-level API, as methods of this registry.
 
-    def unit_of_work(self, **options: Any) -> Any:
+    def unit_of_work(self, **options: Any) -> UnitOfWork:
         """Open a unit of work on this registry (see ``txguard.unit_of_work``)."""
-        from ._unit import unit_of_work
+        return _unit.unit_of_work(registry=self, **options)
 
-        return unit_of_work(registry=self, **options)
+    @overload
+    def transactional(self, fn: Callable[P, R], /) -> Callable[P, R]: ...
+
+    @overload
+    def transactional(self, /, **options: Any) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
     def transactional(self, fn: Any = None, /, **options: Any) -> Any:
         """Decorate a function to run in a unit of this registry (see ``txguard.transactional``)."""
-        from ._transactional import transactional
-
         if fn is None:
-            return transactional(registry=self, **options)
-        return transactional(registry=self, **options)(fn)
+            return _transactional.transactional(registry=self, **options)
+        return _transactional.transactional(registry=self, **options)(fn)
 
     def current_session(self) -> Session | AsyncSession:
         """Return the session of the current unit of work of this registry."""
@@ -131,21 +136,15 @@ class SessionRegistry:
 
     def on_commit(self, fn: Callable[[], object], *, robust: bool = False) -> None:
         """Run ``fn`` after the current transaction commits (see ``txguard.on_commit``)."""
-        from ._hooks import on_commit
-
-        on_commit(fn, robust=robust, registry=self)
+        _hooks.on_commit(fn, robust=robust, registry=self)
 
     def on_rollback(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` after the current transaction rolls back (see ``txguard.on_rollback``)."""
-        from ._hooks import on_rollback
+        _hooks.on_rollback(fn, registry=self)
 
-        on_rollback(fn, registry=self)
-
-    def connect(self, engine: Any = None, **options: Any) -> Any:
+    def connect(self, engine: Any = None, **options: Any) -> ConnectionUnit:
         """Open a disciplined Core connection (see ``txguard.connect``)."""
-        from ._connect import connect
-
-        return connect(engine, registry=self, **options)
+        return _connect.connect(engine, registry=self, **options)
 
 
 _default: SessionRegistry | None = None
@@ -194,3 +193,7 @@ def current_session(registry: SessionRegistry | None = None) -> Any:
 def in_transaction(registry: SessionRegistry | None = None) -> bool:
     """Say whether the current unit of work's session has an active transaction."""
     return resolve(registry).in_transaction()
+
+
+# The modules behind the registry's methods import this one; bind them once it is defined.
+from . import _connect, _hooks, _transactional, _unit  # noqa: E402

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import TYPE_CHECKING, Final
 
 from sqlalchemy.exc import DBAPIError
 
+from ._errors import ConfigurationError
+
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._options import UnitOptions
     from ._unit import Frame
 
-__all__ = ["is_retryable", "retry_wanted", "next_delay"]
+__all__ = ["is_retryable", "retry_wanted", "next_delay", "backoff_delay", "BACKOFF_CAP"]
 
-_PG_RETRYABLE: Final = frozenset({"40001", "40P01"})  # serialization failure, deadlock
-_MYSQL_RETRYABLE: Final = frozenset({1213, 1205})  # deadlock, lock wait timeout
-_BACKOFF_CAP: Final = 2.0
+# SQLSTATE, as psycopg 3 (``.sqlstate``), psycopg2 (``.pgcode``) and SQLAlchemy's asyncpg
+# adapter (both) report it: serialization failure, deadlock detected.
+_PG_RETRYABLE: Final = frozenset({"40001", "40P01"})
+# MySQL/MariaDB error numbers: deadlock (the server rolled the transaction back), lock wait
+# timeout (the server rolled back the statement only; the unit rolls back the rest).
+_MYSQL_RETRYABLE: Final = frozenset({1213, 1205})
+BACKOFF_CAP: Final = 2.0  # seconds; a larger base backoff is its own cap
+_MAX_DOUBLINGS: Final = 60  # keeps 2 ** n a float long after the cap is reached
 
 
 def _sqlstate(orig: object) -> str | None:
@@ -27,9 +37,14 @@ def _sqlstate(orig: object) -> str | None:
 
 
 def _mysql_errno(orig: object) -> int | None:
+    # PyMySQL, aiomysql, mysqlclient: args[0]; mysql-connector and MariaDB Connector: .errno.
+    # PyMySQL >= 1.2 also sets .sqlstate ("HY000" for a lock wait timeout), so the error
+    # number is looked at whatever the SQLSTATE says.
     args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
-        return args[0]
+    candidates = (args[0] if args else None, getattr(orig, "errno", None))
+    for value in candidates:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
     return None
 
 
@@ -38,65 +53,105 @@ def is_retryable(exc: BaseException) -> bool:
 
     True for a serialization failure (SQLSTATE 40001) or deadlock (40P01) on PostgreSQL
     (psycopg 3, psycopg2, asyncpg), a deadlock (1213) or lock wait timeout (1205) on
-    MySQL/MariaDB, and a connection invalidated under the transaction. Never for an
-    arbitrary ``OperationalError``.
+    MySQL/MariaDB (PyMySQL, aiomysql, mysqlclient), and an error on which SQLAlchemy
+    invalidated the connection (the server dropped it, or it was killed). Never for an
+    arbitrary ``OperationalError``: a constraint violation or a timeout stays an error.
     """
     if not isinstance(exc, DBAPIError):
         return False
     if exc.connection_invalidated:
         return True
     orig = exc.orig
-    code = _sqlstate(orig)
-    if code is not None:
-        return code in _PG_RETRYABLE
-    return _mysql_errno(orig) in _MYSQL_RETRYABLE
+    return _sqlstate(orig) in _PG_RETRYABLE or _mysql_errno(orig) in _MYSQL_RETRYABLE
 
 
 def retry_wanted(opts: UnitOptions, exc: BaseException) -> bool:
     """Say whether ``exc`` is one this unit's options retry on."""
     if is_retryable(exc):
         return True
-    return opts.retry_on is not None and bool(opts.retry_on(exc))
+    predicate = opts.retry_on
+    if predicate is None:
+        return False
+    try:
+        return bool(predicate(exc))
+    except BaseException as predicate_error:
+        if predicate_error.__context__ is None:
+            predicate_error.__context__ = exc  # keep the database error in the traceback
+        raise
 
 
-def _note(exc: BaseException, text: str) -> None:
-    add_note = getattr(exc, "add_note", None)
-    if add_note is not None:
-        add_note(text)
-    else:  # Python 3.10: keep the note where 3.11's traceback would show it
-        exc.__notes__ = [*getattr(exc, "__notes__", []), text]  # type: ignore[attr-defined]
+def backoff_delay(backoff: float | Callable[[int], float], attempt: int) -> float:
+    """Return the pause after failed attempt ``attempt`` (1, 2, ...), in seconds.
+
+    A number is the base of an exponential backoff with full jitter: a uniform draw from
+    ``[0, min(cap, base * 2 ** (attempt - 1))]``, the cap being ``max(2 s, base)``. A
+    function of the attempt number is used as it is, and must return seconds >= 0.
+    """
+    if callable(backoff):
+        value = backoff(attempt)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ConfigurationError(
+                f"backoff({attempt}) returned {value!r}; the backoff function must return "
+                "a finite number of seconds >= 0."
+            )
+        return float(value)
+    ceiling = min(max(BACKOFF_CAP, backoff), backoff * 2.0 ** min(attempt - 1, _MAX_DOUBLINGS))
+    return random.uniform(0.0, ceiling)
 
 
 def next_delay(frame: Frame, exc: BaseException, attempt: int) -> float | None:
     """Return how long to sleep before attempt ``attempt + 1``, or None to give up.
 
     Only a unit that began its own begin-once transaction retries (a joined unit leaves
-    that to its owner); an error raised while COMMIT was in flight is retried only when
-    the database said it rolled back, since otherwise the outcome is unknown.
+    that to its owner, a savepoint cannot undo what the server rolled back, and a
+    commit-as-you-go unit may already have committed part of its work). An error raised
+    while COMMIT was in flight is retried only when the database said it rolled back;
+    otherwise the outcome is unknown and running the work again could apply it twice.
+    Every error given up on after a retry carries a note saying how many attempts ran.
     """
     from ._options import Mode
-    from ._unit import ROOT
+    from ._unit import JOIN, ROOT
 
     opts = frame.opts
-    if frame.kind != ROOT or frame.scope.mode is not Mode.BEGIN_ONCE or not retry_wanted(opts, exc):
+    if not retry_wanted(opts, exc):
         if attempt > 1:
-            _note(exc, f"txguard: gave up after {attempt} attempts (this error is not retried).")
+            _note(
+                exc,
+                f"txguard: attempt {attempt} of {frame.where} failed with an error that is "
+                f"not retried, after {attempt - 1} retried attempt(s); gave up after "
+                f"{attempt} attempts.",
+            )
+        return None
+    if frame.kind != ROOT or frame.scope.mode is not Mode.BEGIN_ONCE:
+        if frame.kind == JOIN:
+            _note(
+                exc,
+                f"txguard: not retried by {frame.where}: it joined the transaction of the "
+                f"unit opened at {frame.scope.where}; only the unit that begins a "
+                "transaction retries it (retries= there, or propagation='requires_new' here).",
+            )
         return None
     if frame.scope.committing and not _declared_rollback(exc):
         _note(
             exc,
-            "txguard: this error came while COMMIT was being sent, so whether the "
-            "transaction committed is unknown; it was not retried. Check the data before "
-            "running the operation again.",
+            f"txguard: attempt {attempt} of {frame.where} failed while COMMIT was being "
+            "sent, so whether the transaction committed is unknown; it was not retried, "
+            f"after {attempt} attempt(s). Check the data before running the work again.",
         )
         return None
     if attempt > opts.retries:
-        _note(exc, f"txguard: gave up after {attempt} attempts (retries={opts.retries}).")
+        _note(
+            exc,
+            f"txguard: {frame.where} gave up after {attempt} attempts "
+            f"(retries={opts.retries}); this is the error of the last one.",
+        )
         return None
-    backoff = opts.backoff
-    if callable(backoff):
-        return max(0.0, float(backoff(attempt)))
-    return random.uniform(0.0, min(max(_BACKOFF_CAP, backoff), backoff * 2 ** (attempt - 1)))
+    return backoff_delay(opts.backoff, attempt)
 
 
 def _declared_rollback(exc: BaseException) -> bool:
@@ -104,3 +159,11 @@ def _declared_rollback(exc: BaseException) -> bool:
     if not isinstance(exc, DBAPIError) or exc.connection_invalidated:
         return False
     return is_retryable(exc)
+
+
+def _note(exc: BaseException, text: str) -> None:
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(text)
+    else:  # pragma: no cover - Python 3.10: keep the note where 3.11's traceback shows it
+        exc.__notes__ = [*getattr(exc, "__notes__", []), text]  # type: ignore[attr-defined]

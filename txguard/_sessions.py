@@ -179,7 +179,11 @@ def _refuse_flush(session: Session, flush_context: object, instances: object) ->
 def _refuse_write(state: ORMExecuteState) -> None:
     if _is_write(state):
         statement = state.statement
-        sql = statement.text if isinstance(statement, TextClause) else str(statement)
+        try:
+            sql = statement.text if isinstance(statement, TextClause) else str(statement)
+        except Exception:  # an ORM bulk INSERT/UPDATE compiles only inside its execution
+            verb = "INSERT INTO" if state.is_insert else "UPDATE" if state.is_update else "DELETE FROM"
+            sql = f"{verb} {getattr(getattr(statement, 'table', None), 'name', '?')} ..."
         raise ReadOnlyTransactionError(
             f"A read-only unit of work tried to execute a write: {shorten_sql(sql)!r}. "
             "Open the unit with read_only=False, or run the write in its own unit "

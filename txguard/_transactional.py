@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar, overload
 
 from ._errors import ConfigurationError
-from ._options import Mode, Propagation, UnitOptions, unit_options
+from ._options import OPTION_NAMES, Mode, Propagation, UnitOptions, unit_options
 from ._origin import Origin, capture
 from ._registry import SessionRegistry, resolve
 from ._retry import next_delay
@@ -52,6 +52,12 @@ def transactional(fn: Any = None, /, **options: Any) -> Any:
     backoff with full jitter, or a function of the attempt number). Options are checked
     here, once, so a mistake fails at import time rather than at the first call.
     """
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise ConfigurationError(
+            f"@transactional got unknown option(s) {', '.join(map(repr, unknown))}; the options "
+            f"are {', '.join(OPTION_NAMES)}."
+        )
     opts = unit_options(**options)
     if fn is None:
         return lambda f: _decorate(f, opts, capture(1))

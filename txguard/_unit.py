@@ -197,7 +197,10 @@ class Scope:
 
     def take_callbacks(self, committed: bool) -> list[Callback]:
         """Remove and return the callbacks this outcome runs, in registration order."""
-        callbacks, self.callbacks = self.callbacks, []
+        callbacks = self.callbacks
+        if not callbacks:
+            return callbacks
+        self.callbacks = []
         wanted = ON_COMMIT if committed else ON_ROLLBACK
         return [cb for cb in callbacks if cb.when == wanted or cb.when == ALWAYS]
 
@@ -372,7 +375,7 @@ def settle(frame: Frame, exc: BaseException | None) -> tuple[Finish | None, Base
     """
     kind = frame.kind
     if kind == JOIN:
-        if exc is not None and frame.opts.rolls_back(exc):
+        if exc is not None and _rolls_back(frame, exc):
             frame.scope.mark_rollback_only(exc, frame.where)
         return None, exc
     if kind == SAVEPOINT:
@@ -386,14 +389,16 @@ def _rolls_back(frame: Frame, exc: BaseException) -> bool:
     opts = frame.opts
     if opts.rolls_back(exc):
         return True
-    from ._retry import retry_wanted
+    from ._retry import is_retryable, retry_wanted
 
-    return opts.retries > 0 and retry_wanted(opts, exc)
+    # The server already rolled the transaction (or the statement) back, or dropped the
+    # connection: a commit now would report work as committed that is gone.
+    return is_retryable(exc) or (opts.retries > 0 and retry_wanted(opts, exc))
 
 
 def _settle_begin_once(
     frame: Frame, exc: BaseException | None
-) -> tuple[Finish, BaseException | None]:
+) -> tuple[Finish | None, BaseException | None]:
     scope = frame.scope
     sync = scope.sync
     transaction = assert_owner(scope.transaction)
@@ -431,7 +436,8 @@ def _settle_begin_once(
                 error = close_error
             else:
                 logger.warning("txguard: closing the session failed", exc_info=True)
-    return Finish(scope.take_callbacks(committed), committed), error
+    callbacks = scope.take_callbacks(committed)
+    return (Finish(callbacks, committed) if callbacks else None), error
 
 
 def assert_owner(transaction: SessionTransaction | None) -> SessionTransaction:
@@ -466,7 +472,12 @@ def _settle_savepoint(frame: Frame, exc: BaseException | None) -> BaseException 
                     savepoint.rollback()
                 error = release_error
     except BaseException as rollback_error:
-        error = rollback_error
+        # MySQL/MariaDB end the whole transaction on a deadlock, savepoints included: keep
+        # the error that caused it (the owner may retry on it) and let nothing commit.
+        if exc is None:
+            error = rollback_error
+        if parent is not None:
+            parent.root.mark_rollback_only(exc or rollback_error, frame.where)
     if parent is not None:
         if released:
             parent.callbacks.extend(scope.callbacks)
@@ -502,10 +513,13 @@ def _settle_commit_as_you_go(
 def _rollback(transaction: SessionTransaction, cause: BaseException | None) -> None:
     try:
         transaction.rollback()
-    except Exception:
+    except Exception as rollback_error:
         if cause is None:
             raise
-        logger.warning("txguard: rollback failed while handling %r", cause, exc_info=True)
+        logger.warning(
+            "txguard: rolling back after %s failed too: %s",
+            describe_exception(cause), describe_exception(rollback_error),
+        )
 
 
 def _uncommitted_work(scope: Scope) -> str | None:
@@ -588,51 +602,44 @@ def _deactivated(scope: Scope) -> UnexpectedRollbackError:
 class UnitOfWork:
     """A unit of work as a context manager: ``with`` for sync, ``async with`` for async."""
 
-    __slots__ = ("_opts", "_where", "_frame", "_token", "_registry")
+    __slots__ = ("_opts", "_where", "_entered")
 
     def __init__(self, opts: UnitOptions, where: Origin) -> None:
         self._opts = opts
         self._where = where
-        self._frame: Frame | None = None
-        self._token: Any = None
-        self._registry: SessionRegistry | None = None
+        self._entered: tuple[SessionRegistry, Frame | None, Any] | None = None
 
-    def _prepare(self, want_async: bool) -> SessionRegistry:
+    def _registry_for(self, want_async: bool) -> SessionRegistry:
         registry = resolve(self._opts.registry)
         if registry.is_async is not want_async:
-            raise ConfigurationError(_mismatch(registry, "with" if not want_async else "async with"))
-        if self._registry is not None:
+            raise ConfigurationError(_mismatch(registry, "async with" if want_async else "with"))
+        if self._entered is not None:
             raise DisciplineError(
                 f"The unit_of_work() created at {self._where} is already in use; create a new "
                 "one for each `with` block."
             )
-        self._registry = registry
         return registry
 
     def _push(self, registry: SessionRegistry, frame: Frame | None) -> Any:
-        self._frame = frame
         if frame is None:
-            self._token = None
+            self._entered = (registry, None, None)
             return None
-        self._token = registry._var.set(frame)
+        self._entered = (registry, frame, registry._var.set(frame))
         return frame.scope.session
 
-    def _pop(self) -> tuple[SessionRegistry, Frame | None]:
-        registry, frame = self._registry, self._frame
-        assert_registry(registry)
-        if self._token is not None:
-            registry._var.reset(self._token)  # type: ignore[union-attr]
-        self._registry = self._frame = self._token = None
-        return registry, frame  # type: ignore[return-value]
+    def _pop(self) -> Frame | None:
+        entered = self._entered
+        if entered is None:
+            raise DisciplineError("This unit_of_work() was exited without being entered.")
+        self._entered = None
+        registry, frame, token = entered
+        if token is not None:
+            registry._var.reset(token)
+        return frame
 
     def __enter__(self) -> Any:
-        registry = self._prepare(want_async=False)
-        try:
-            frame = open_unit(registry, self._opts, self._where)
-        except BaseException:
-            self._registry = None
-            raise
-        return self._push(registry, frame)
+        registry = self._registry_for(want_async=False)
+        return self._push(registry, open_unit(registry, self._opts, self._where))
 
     def __exit__(
         self,
@@ -640,7 +647,7 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _, frame = self._pop()
+        frame = self._pop()
         if frame is None:
             return
         finish, error = settle(frame, exc)
@@ -650,13 +657,8 @@ class UnitOfWork:
             raise error
 
     async def __aenter__(self) -> Any:
-        registry = self._prepare(want_async=True)
-        try:
-            frame = await aopen_unit(registry, self._opts, self._where)
-        except BaseException:
-            self._registry = None
-            raise
-        return self._push(registry, frame)
+        registry = self._registry_for(want_async=True)
+        return self._push(registry, await aopen_unit(registry, self._opts, self._where))
 
     async def __aexit__(
         self,
@@ -664,7 +666,7 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _, frame = self._pop()
+        frame = self._pop()
         if frame is None:
             return
         finish, error = await asettle(frame, exc)
@@ -672,12 +674,6 @@ class UnitOfWork:
             finish.deliver(in_flight=error is not None)
         if error is not None and error is not exc:
             raise error
-
-
-def assert_registry(registry: SessionRegistry | None) -> SessionRegistry:
-    if registry is None:
-        raise DisciplineError("This unit_of_work() was exited without being entered.")
-    return registry
 
 
 def _mismatch(registry: SessionRegistry, statement: str) -> str:
@@ -694,14 +690,19 @@ def _mismatch(registry: SessionRegistry, statement: str) -> str:
     )
 
 
+_ROLLBACK_ANY: Final[tuple[type[BaseException], ...]] = (Exception,)
+_NOTHING: Final[tuple[type[BaseException], ...]] = ()
+_default_options: dict[SessionRegistry | None, UnitOptions] = {}
+
+
 def unit_of_work(
     *,
     mode: Mode | str = Mode.BEGIN_ONCE,
     propagation: Propagation | str = Propagation.REQUIRED,
     read_only: bool = False,
     isolation_level: str | None = None,
-    rollback_for: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
-    no_rollback_for: type[BaseException] | tuple[type[BaseException], ...] = (),
+    rollback_for: type[BaseException] | tuple[type[BaseException], ...] = _ROLLBACK_ANY,
+    no_rollback_for: type[BaseException] | tuple[type[BaseException], ...] = _NOTHING,
     durable: bool = False,
     registry: SessionRegistry | None = None,
 ) -> UnitOfWork:
@@ -711,17 +712,48 @@ def unit_of_work(
     a normal exit, rolls back when a selected exception leaves the block, and closes the
     session it opened. See ``Propagation`` for what happens when a unit is already active.
     """
-    opts = unit_options(
-        mode=mode,
-        propagation=propagation,
-        read_only=read_only,
-        isolation_level=isolation_level,
-        rollback_for=rollback_for,
-        no_rollback_for=no_rollback_for,
-        durable=durable,
-        registry=registry,
+    if (
+        mode is Mode.BEGIN_ONCE
+        and propagation is Propagation.REQUIRED
+        and read_only is False
+        and isolation_level is None
+        and rollback_for is _ROLLBACK_ANY
+        and no_rollback_for is _NOTHING
+        and durable is False
+    ):
+        try:
+            return UnitOfWork(_default_options[registry], capture(1))
+        except KeyError:
+            opts = _default_options[registry] = unit_options(registry=registry)
+            return UnitOfWork(opts, capture(1))
+    # The flags' types are part of the key: 0 == False and 1 == True, but only bools are valid.
+    key = (
+        mode, propagation, read_only, type(read_only), isolation_level, rollback_for,
+        no_rollback_for, durable, type(durable), registry,
     )
+    try:
+        opts = _options_cache[key]
+    except (KeyError, TypeError):
+        opts = unit_options(
+            mode=mode,
+            propagation=propagation,
+            read_only=read_only,
+            isolation_level=isolation_level,
+            rollback_for=rollback_for,
+            no_rollback_for=no_rollback_for,
+            durable=durable,
+            registry=registry,
+        )
+        if len(_options_cache) < _OPTIONS_CACHE_SIZE:
+            try:
+                _options_cache[key] = opts
+            except TypeError:  # an unhashable option value, e.g. a list of exceptions
+                pass
     return UnitOfWork(opts, capture(1))
+
+
+_OPTIONS_CACHE_SIZE: Final = 256
+_options_cache: dict[tuple[object, ...], UnitOptions] = {}
 
 
 # The asyncio driver: the same functions, run through SQLAlchemy's greenlet bridge.

@@ -1,0 +1,194 @@
+"""Every option of the public API refuses wrong types and values with a ConfigurationError
+that names the option and the values it allows; every allowed value is accepted."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+import txguard
+
+
+def _pending(call: Callable[[], object]) -> bool:
+    try:
+        call()
+    except NotImplementedError:
+        return True
+    return False
+
+
+GUARDS_PENDING = _pending(txguard.uninstall)
+needs_guards = pytest.mark.skipif(
+    GUARDS_PENDING, reason="txguard.install() is still a placeholder (SPEC section 6, issue 3)"
+)
+
+ENGINE = sa.create_engine("sqlite://")
+MODES = ("'begin_once'", "'commit_as_you_go'")
+PROPAGATIONS = tuple(repr(p.value) for p in txguard.Propagation)
+LEVELS = ("'READ UNCOMMITTED'", "'READ COMMITTED'", "'REPEATABLE READ'", "'SERIALIZABLE'")
+FLAG = ("True", "False")
+EXCEPTIONS = ("exception class",)
+REGISTRY = ("txguard.SessionRegistry", "None")
+RETRIES = ("whole number >= 0",)
+RETRY_ON = ("exception class", "predicate")
+BACKOFF = ("number >= 0", "function taking the attempt number")
+GUARD_LEVELS = ("'off'", "'warn'", "'error'")
+SECONDS = ("seconds", "None")
+
+# option -> (values it must refuse, words the message must contain)
+UNIT_OPTIONS: dict[str, tuple[list[Any], tuple[str, ...]]] = {
+    "mode": (["begin-once", "BEGIN_ONCE", "", None, 1, txguard.Propagation.REQUIRED], MODES),
+    "propagation": (
+        ["REQUIRED", "require", "", None, 0, True, txguard.Mode.BEGIN_ONCE],
+        PROPAGATIONS,
+    ),
+    "read_only": ([1, 0, "yes", None, "False"], FLAG),
+    "isolation_level": (["SNAPSHOT", "AUTOCOMMIT", "", 5, b"SERIALIZABLE", True], LEVELS),
+    "rollback_for": (
+        [ValueError("x"), "ValueError", int, (ValueError, 3), None, [KeyError, "x"]],
+        EXCEPTIONS,
+    ),
+    "no_rollback_for": ([KeyError("x"), "KeyError", object, (3,), None], EXCEPTIONS),
+    "durable": ([1, "true", None], FLAG),
+    "registry": (["default", ENGINE, sessionmaker(ENGINE), 0], REGISTRY),
+}
+RETRY_OPTIONS: dict[str, tuple[list[Any], tuple[str, ...]]] = {
+    "retries": ([-1, 1.5, "3", True, None, math.inf, 2.0], RETRIES),
+    "retry_on": ([5, "OperationalError", (ValueError, "x"), int, [3], True], RETRY_ON[:1]),
+    "backoff": ([-0.1, math.nan, math.inf, -math.inf, True, "0.1", None, [0.1]], BACKOFF),
+}
+CONNECT_OPTIONS: dict[str, tuple[list[Any], tuple[str, ...]]] = {
+    "mode": (["nested", "BEGIN_ONCE", None, 1], MODES),
+    "isolation_level": (["SNAPSHOT", "AUTOCOMMIT", 5], LEVELS),
+    "registry": (["default", ENGINE, 1], REGISTRY),
+}
+INSTALL_OPTIONS: dict[str, tuple[list[Any], tuple[str, ...]]] = {
+    **{
+        name: (["warning", "ERROR", "", True, None, 1], GUARD_LEVELS)
+        for name in ("mixed_begin", "leaks", "cross_thread", "cross_task")
+    },
+    "long_transaction": ([-1, "10", True, math.nan, math.inf, [1]], SECONDS),
+}
+
+
+def _cases(table: dict[str, tuple[list[Any], tuple[str, ...]]]) -> list[Any]:
+    return [
+        pytest.param(option, value, words, id=f"{option}={value!r}")
+        for option, (values, words) in table.items()
+        for value in values
+    ]
+
+
+def _check(call: Callable[[], object], option: str, words: tuple[str, ...]) -> None:
+    with pytest.raises(txguard.ConfigurationError) as info:
+        call()
+    message = str(info.value)
+    assert f"{option}=" in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize(("option", "value", "words"), _cases(UNIT_OPTIONS))
+def test_unit_of_work_refuses_bad_option(option: str, value: Any, words: tuple[str, ...]) -> None:
+    """unit_of_work() refuses a wrong option at the call, naming the allowed values."""
+    txguard.unit_of_work()  # a valid call first: nothing it caches may let a wrong one through
+    _check(lambda: txguard.unit_of_work(**{option: value}), option, words)
+
+
+@pytest.mark.parametrize(("option", "value", "words"), _cases({**UNIT_OPTIONS, **RETRY_OPTIONS}))
+def test_transactional_refuses_bad_option(option: str, value: Any, words: tuple[str, ...]) -> None:
+    """@transactional(...) refuses a wrong option when it decorates, naming the allowed values."""
+    _check(lambda: txguard.transactional(**{option: value}), option, words)
+
+
+@pytest.mark.parametrize(("option", "value", "words"), _cases({**UNIT_OPTIONS, **RETRY_OPTIONS}))
+def test_registry_transactional_refuses_bad_option(
+    option: str, value: Any, words: tuple[str, ...]
+) -> None:
+    """SessionRegistry.transactional(...) checks its options like the module-level one."""
+    if option == "registry":
+        pytest.skip("the method passes its own registry")
+    registry = txguard.SessionRegistry(ENGINE)
+    _check(lambda: registry.transactional(**{option: value}), option, words)
+
+
+@pytest.mark.parametrize(("option", "value", "words"), _cases(CONNECT_OPTIONS))
+def test_connect_refuses_bad_option(option: str, value: Any, words: tuple[str, ...]) -> None:
+    """connect() refuses a wrong option before it opens a connection, naming the allowed values."""
+    _check(lambda: txguard.connect(ENGINE, **{option: value}), option, words)
+
+
+@pytest.mark.parametrize(
+    "engine", ["sqlite://", Session(), sessionmaker(ENGINE), 5], ids=lambda e: type(e).__name__
+)
+def test_connect_refuses_what_is_not_an_engine(engine: Any) -> None:
+    """connect() needs an Engine or an AsyncEngine and says so."""
+    with pytest.raises(txguard.ConfigurationError, match="Engine or AsyncEngine"):
+        txguard.connect(engine)
+
+
+@needs_guards
+@pytest.mark.parametrize(("option", "value", "words"), _cases(INSTALL_OPTIONS))
+def test_install_refuses_bad_option(option: str, value: Any, words: tuple[str, ...]) -> None:
+    """install() refuses a wrong level or threshold, naming the allowed values, and installs nothing."""
+    try:
+        _check(lambda: txguard.install(**{option: value}), option, words)
+    finally:
+        txguard.uninstall()
+
+
+@pytest.mark.parametrize("bind", ["sqlite://", None, Session(), 3], ids=lambda b: type(b).__name__)
+def test_registry_refuses_what_is_not_a_bind(bind: Any) -> None:
+    """SessionRegistry() takes an Engine, sessionmaker, AsyncEngine or async_sessionmaker only."""
+    with pytest.raises(txguard.ConfigurationError, match="Engine, a sessionmaker"):
+        txguard.SessionRegistry(bind)
+
+
+@pytest.mark.parametrize("fn", [3, "create_user", object()], ids=["int", "str", "object"])
+def test_transactional_refuses_what_is_not_a_function(fn: Any) -> None:
+    """@transactional on something that is not callable says where it belongs."""
+    with pytest.raises(txguard.ConfigurationError, match="needs a function"):
+        txguard.transactional(fn)
+    with pytest.raises(txguard.ConfigurationError, match="needs a function"):
+        txguard.transactional(retries=1)(fn)
+
+
+GOOD_VALUES: dict[str, list[Any]] = {
+    "mode": [*txguard.Mode, *(m.value for m in txguard.Mode)],
+    "propagation": [*txguard.Propagation, *(p.value for p in txguard.Propagation)],
+    "read_only": [True, False],
+    "isolation_level": [None, "SERIALIZABLE", "read committed", "repeatable_read"],
+    "rollback_for": [ValueError, (ValueError, KeyError), [LookupError], ()],
+    "no_rollback_for": [KeyError, (KeyError,), []],
+    "durable": [True, False],
+    "registry": [None, txguard.SessionRegistry(ENGINE)],
+    "retries": [0, 1, 100],
+    "retry_on": [None, KeyError, (KeyError, ValueError), [KeyError], lambda exc: False],
+    "backoff": [0, 0.05, 3, lambda attempt: 0.1],
+}
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        pytest.param(option, value, id=f"{option}={value!r}")
+        for option, values in GOOD_VALUES.items()
+        for value in values
+    ],
+)
+def test_transactional_accepts_every_allowed_value(option: str, value: Any) -> None:
+    """Enum members, their lower-case values and the documented forms are all accepted."""
+    txguard.transactional(**{option: value})
+    if option not in ("retries", "retry_on", "backoff"):
+        txguard.unit_of_work(**{option: value})
+
+
+def test_commit_as_you_go_cannot_be_nested() -> None:
+    """mode='commit_as_you_go' with propagation='nested' is refused: a savepoint has one owner."""
+    with pytest.raises(txguard.ConfigurationError, match="mode='begin_once'"):
+        txguard.unit_of_work(mode="commit_as_you_go", propagation="nested")

@@ -1,0 +1,285 @@
+"""Guards on every Core Connection (and so on every AsyncConnection).
+
+ConnectionEvents are not used: one listener on them makes SQLAlchemy dispatch events at
+every statement of every connection, about 16 µs per unit of work (over 20 % of a
+``SELECT 1`` unit on SQLite). PoolEvents cost next to nothing, so ``checkout``/``checkin``/
+``detach`` follow each pooled connection's life, and the record lives in the pool
+record's ``info`` dictionary, which ``Connection.info`` also reaches. ``Connection.begin``
+has no "before" event, so the mixed-begin check wraps it (see ``_guards``); the wrapper
+also notes where each transaction began.
+
+A Session's own connection is not recorded: the Session's record speaks for it, so a
+leaked Session is reported once, as a Session.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+from threading import get_ident
+from time import monotonic
+from types import FrameType
+from typing import Any, Final
+
+from sqlalchemy.engine import Connection, Engine, RootTransaction
+from sqlalchemy.orm.session import SessionTransaction
+
+from . import _guard_records as shared
+from ._errors import LeakedConnectionWarning, MixedBeginError, MixedBeginWarning
+from ._guard_records import ERROR, OFF, Record, log_end, open_transactions, report_late
+from ._origin import Origin, _is_library_frame, capture, warn_at_user
+
+__all__ = ["KEY", "begin", "on_checkin", "on_checkout", "on_detach"]
+
+KEY: Final = "txguard.guard"
+
+# Where the frames that tell who began a transaction come from.
+_SESSION_FILE: Final = SessionTransaction.__init__.__code__.co_filename
+_ENGINE_FILE: Final = Connection.in_transaction.__code__.co_filename
+
+
+class ConnectionRecord(Record):
+    """What the guards know of one checked-out connection and its current transaction."""
+
+    __slots__ = ("opened", "returned", "tx", "gen")
+
+    owner = "Connection"
+
+    opened: Origin | None
+    returned: bool
+    tx: weakref.ref[RootTransaction] | None
+    gen: int
+
+    def is_open(self) -> bool:
+        ref = self.tx
+        transaction = None if ref is None else ref()
+        return transaction is not None and transaction.is_active
+
+
+def _new_record(fairy: Any, opened: Origin | None) -> ConnectionRecord:
+    record = ConnectionRecord(fairy, _connection_gone)
+    record.opened = opened
+    record.returned = False
+    record.tx = None
+    record.gen = shared.generation
+    record.clear_transaction()
+    return record
+
+
+def _connection_gone(record: ConnectionRecord) -> None:
+    """Report a connection garbage-collected while still checked out of its pool."""
+    if record.returned:
+        return
+    record.returned = True
+    if open_transactions.pop(id(record), None) is not None:
+        log_end(record)
+    cfg = shared.settings
+    opened = record.opened
+    if opened is None or cfg is None or cfg.leaks == OFF or record.gen != shared.generation:
+        return  # not followed from its checkout: whether it was returned is unknown
+    last = f" Its last transaction was {record.describe()}." if record.origin is not None else ""
+    report_late(
+        cfg.leaks,
+        LeakedConnectionWarning,
+        f"A Connection opened at {opened} was garbage-collected while still checked out "
+        "of the pool; SQLAlchemy reset it (rolling back any open transaction) and took it "
+        f"back.{last} Close every "
+        "Connection: `with engine.connect() as conn:` (or `with engine.begin() as conn:`), "
+        "or conn.close() in a `finally:` block.",
+        opened,
+    )
+
+
+# Pool listeners (registered on the Pool class by install() when leaks are guarded).
+
+
+def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
+    """Record where a connection was checked out, unless a Session is checking it out."""
+    # Engine.connect() sits at the same depth above us at every checkout (the stack between
+    # is SQLAlchemy's own), and sys._getframe(depth) makes a frame object for that frame
+    # only; so look there first, check it, and search again if SQLAlchemy took another path.
+    global _connect_depth
+    connect: FrameType | None = None
+    if _connect_depth:
+        try:
+            connect = sys._getframe(_connect_depth)
+        except ValueError:
+            pass
+        if connect is not None and connect.f_code is not _CONNECT_CODE:
+            connect = None
+    if connect is None:
+        frame: FrameType | None = sys._getframe(1)
+        depth = 1
+        while frame is not None and depth < 40:
+            if frame.f_code is _CONNECT_CODE:
+                connect, _connect_depth = frame, depth
+                break
+            frame = frame.f_back
+            depth += 1
+    caller = sys._getframe(1) if connect is None else connect.f_back
+    if caller is not None:
+        code = caller.f_code
+        if code.co_name == "_connection_for_bind" and code.co_filename == _SESSION_FILE:
+            return  # a Session's connection: the Session's record speaks for it
+        while caller is not None and _is_library_frame(caller):
+            caller = caller.f_back
+    opened = capture(1) if caller is None else Origin(((caller.f_code, caller.f_lineno),))
+    connection_record.info[KEY] = _new_record(connection_proxy, opened)
+
+
+# How many frames above on_checkout Engine.connect() ran last time (0: not known yet).
+_connect_depth = 0
+_CONNECT_CODE: Final = Engine.connect.__code__
+
+
+def on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
+    record = connection_record.info.pop(KEY, None)
+    if record is None:
+        return
+    if record() is None:
+        _connection_gone(record)  # the pool cleans up after the garbage collector
+    else:
+        record.returned = True
+
+
+def on_detach(dbapi_connection: Any, connection_record: Any) -> None:
+    record = connection_record.info.pop(KEY, None)
+    if record is not None:
+        record.returned = True
+
+
+# Connection.begin, wrapped: SQLAlchemy has no event before a begin.
+
+original_begin: Callable[[Connection], RootTransaction] = Connection.begin  # set by install()
+
+
+def begin(self: Connection) -> RootTransaction:
+    """Begin as SQLAlchemy does; first say where the transaction already active began."""
+    cfg = shared.settings
+    if cfg is None:
+        return original_begin(self)
+    current = self.get_transaction()
+    if current is not None:
+        if cfg.mixed_begin != OFF:
+            _mixed_begin(self, current, cfg.mixed_begin)
+        return original_begin(self)
+    transaction = original_begin(self)
+    caller = sys._getframe().f_back  # None when begin() runs first in a greenlet
+    if caller is not None:
+        code = caller.f_code
+        if code.co_name == "_connection_for_bind" and code.co_filename == _SESSION_FILE:
+            return transaction  # a Session's connection: the Session's record speaks for it
+    _note_begin(self, transaction, caller, cfg.long_transaction is not None)
+    return transaction
+
+
+def _note_begin(
+    conn: Connection, transaction: RootTransaction, caller: FrameType | None, long: bool
+) -> None:
+    fairy = conn.connection
+    info = fairy.info
+    record = info.get(KEY)
+    if record is None or record() is not fairy:
+        record = _new_record(fairy, None)  # checked out before install(), or leaks are off
+        info[KEY] = record
+    # Connection._autobegin() calls begin() when a statement runs with no transaction.
+    autobegun = (
+        caller is not None
+        and caller.f_code.co_name == "_autobegin"
+        and caller.f_code.co_filename == _ENGINE_FILE
+    )
+    record.where = capture(1)
+    record.autobegun = autobegun
+    record.sql = _autobegin_statement(caller.f_back) if caller is not None and autobegun else None
+    record.thread = get_ident()
+    record.warned = 0
+    previous = record.tx
+    if previous is not None:
+        _tx_records.pop(id(previous), None)
+    if long:
+        ref = weakref.ref(transaction, _transaction_gone)
+        _tx_records[id(ref)] = record
+        record.tx = ref
+        record.began = monotonic()
+        open_transactions[id(record)] = record
+    else:
+        record.tx = weakref.ref(transaction)
+
+
+def _autobegin_statement(frame: FrameType | None) -> str | None:
+    """Return the SQL that ``Connection._execute_context`` is about to run, if it is there.
+
+    Read from the frame that autobegins (no event tells it without a per-statement
+    dispatch); if a SQLAlchemy release moves it, messages just lose the SQL.
+    """
+    if frame is None or frame.f_code.co_name != "_execute_context":
+        return None
+    statement = frame.f_locals.get("statement")
+    if isinstance(statement, str):
+        return statement
+    text = getattr(statement, "string", None)  # a Compiled: the SQL with placeholders
+    return text if isinstance(text, str) else None
+
+
+# For long_transaction: the record of each watched transaction, by id of its weakref.
+_tx_records: dict[int, ConnectionRecord] = {}
+
+
+def _transaction_gone(ref: weakref.ref[RootTransaction]) -> None:
+    record = _tx_records.pop(id(ref), None)
+    if (
+        record is not None
+        and record.tx is ref
+        and open_transactions.pop(id(record), None) is not None
+    ):
+        log_end(record)
+
+
+def _mixed_begin(conn: Connection, current: RootTransaction, level: str) -> None:
+    record = conn.info.get(KEY)
+    if record is not None and record.tx is not None and record.tx() is current:
+        described = record.describe()
+        autobegun = record.autobegun
+    else:
+        described = _session_owning(conn) or Record.unknown
+        autobegun = False
+    if autobegun:
+        what = (
+            f"{described} (a Connection begins a transaction by itself when it first "
+            "executes: commit as you go)"
+        )
+        fix = (
+            "Commit or roll back first (conn.commit() / conn.rollback()), or begin before "
+            "the first statement: put the whole block in `with conn.begin():`."
+        )
+    else:
+        what = described
+        fix = (
+            "Commit or roll back that one first (or put the whole block in one `with "
+            "conn.begin():`); for a SAVEPOINT inside it, use conn.begin_nested()."
+        )
+    message = (
+        f"conn.begin() was called at {capture(1)} while this Connection already had a "
+        f"transaction, {what}. {fix}"
+    )
+    if level == ERROR:
+        raise MixedBeginError(message)
+    warn_at_user(message, MixedBeginWarning)
+
+
+def _session_owning(conn: Connection) -> str | None:
+    """Describe the Session whose transaction holds ``conn`` (e.g. session.connection())."""
+    from ._guard_sessions import records
+
+    for record in list(records.values()):
+        session = record()
+        if session is None or not record.active:
+            continue
+        root = session.get_transaction()
+        if root is not None and conn in getattr(root, "_connections", {}):
+            return (
+                f"the transaction of the Session that owns it (session.connection()), "
+                f"{record.describe()}; end it through the Session"
+            )
+    return None

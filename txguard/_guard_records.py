@@ -1,0 +1,215 @@
+"""What the guards share: the active settings, the record of each watched transaction, and
+how a finding reaches the user.
+
+A record is a weak reference to the Session (or pooled connection) it describes, carrying
+what the guards learnt when its transaction began. Being the weak reference itself, it
+costs one small object per Session, never keeps the Session alive, and its callback is
+where a leak is noticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import weakref
+from time import monotonic
+from types import CodeType
+from typing import Any, ClassVar, Final
+
+from ._origin import Origin, shorten_sql, warn_at, warn_at_user
+
+__all__ = [
+    "ERROR",
+    "LEVELS",
+    "OFF",
+    "WARN",
+    "Record",
+    "Settings",
+    "describe_thread",
+    "open_transactions",
+    "report",
+    "report_late",
+    "settings",
+    "sql_text",
+]
+
+logger = logging.getLogger("txguard")
+
+OFF: Final = "off"
+WARN: Final = "warn"
+ERROR: Final = "error"
+LEVELS: Final = (OFF, WARN, ERROR)
+
+WARNED_THREAD: Final = 1
+WARNED_TASK: Final = 2
+WARNED_LONG: Final = 4
+
+
+class Settings:
+    """The level of each guard while txguard.install() is in force."""
+
+    __slots__ = ("mixed_begin", "leaks", "cross_thread", "cross_task", "long_transaction")
+
+    def __init__(
+        self,
+        mixed_begin: str,
+        leaks: str,
+        cross_thread: str,
+        cross_task: str,
+        long_transaction: float | None,
+    ) -> None:
+        self.mixed_begin = mixed_begin
+        self.leaks = leaks
+        self.cross_thread = cross_thread
+        self.cross_task = cross_task
+        self.long_transaction = long_transaction
+
+    def __repr__(self) -> str:
+        return (
+            f"txguard.install(mixed_begin={self.mixed_begin!r}, leaks={self.leaks!r}, "
+            f"cross_thread={self.cross_thread!r}, cross_task={self.cross_task!r}, "
+            f"long_transaction={self.long_transaction!r})"
+        )
+
+
+# None while the guards are not installed; listeners read it on every call.
+settings: Settings | None = None
+
+# Transactions the long_transaction sweep watches, by id of their record.
+open_transactions: dict[int, Record] = {}
+
+# Bumped when leak tracking stops: records made before then can no longer tell a returned
+# connection from a leaked one, so they stay silent.
+generation = 0
+
+
+class Record(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to a Session or pooled connection, with where its transaction began."""
+
+    __slots__ = ("where", "autobegun", "sql", "thread", "began", "warned")
+
+    owner: ClassVar[str] = "object"
+    unknown: ClassVar[str] = (
+        "begun where txguard could not see it (before txguard.install(), or by code that "
+        "bypassed it)"
+    )
+
+    # Where the transaction began: an Origin, or a bare (code, lineno) pair when the caller
+    # of begin() was at hand (an Origin is built only if a message needs it).
+    where: Origin | tuple[CodeType, int] | None
+    autobegun: bool
+    sql: object
+    thread: int
+    began: float
+    warned: int
+
+    @property
+    def origin(self) -> Origin | None:
+        where = self.where
+        if where is None or isinstance(where, Origin):
+            return where
+        return Origin((where,))
+
+    def clear_transaction(self) -> None:
+        self.where = None
+        self.autobegun = False
+        self.sql = None
+        self.thread = 0
+        self.began = 0.0
+        self.warned = 0
+
+    def is_open(self) -> bool:
+        """Say whether the transaction recorded here is still open."""
+        raise NotImplementedError
+
+    def end_transaction(self) -> None:
+        """Forget the transaction once the sweep has seen it end."""
+
+    def describe(self) -> str:
+        """Say how and where the recorded transaction began (never with parameter values)."""
+        origin = self.origin
+        if origin is None:
+            return self.unknown
+        if self.autobegun:
+            sql = sql_text(self.sql)
+            how = f"autobegun at {origin}"
+            return f"{how} by {sql!r}" if sql else how
+        return f"begun explicitly at {origin}"
+
+
+def sql_text(statement: object) -> str | None:
+    """Return the SQL of ``statement``, shortened; placeholders stay, values never appear."""
+    if statement is None:
+        return None
+    if isinstance(statement, str):
+        text = statement
+    else:
+        raw = getattr(statement, "text", None)  # a TextClause keeps the text as written
+        if isinstance(raw, str):
+            text = raw
+        else:
+            try:
+                text = str(statement)  # compiles with bound-parameter placeholders
+            except Exception:
+                return type(statement).__name__
+    return shorten_sql(text)
+
+
+def describe_thread(ident: int) -> str:
+    """Name a thread by its ident for a message (it may have ended since)."""
+    for thread in threading.enumerate():
+        if thread.ident == ident:
+            return repr(thread.name)
+    return f"#{ident} (now ended)"
+
+
+def report(level: str, category: type[Warning], message: str) -> None:
+    """Raise ``category`` (level "error") or warn at the user's line (level "warn")."""
+    if level == ERROR:
+        raise category(message)
+    warn_at_user(message, category)
+
+
+# Warnings delivered away from the user's code share one registry, so the "default"
+# action shows each distinct message once, as it does for warnings raised in user code.
+_late_registry: dict[Any, Any] = {}
+
+
+def report_late(level: str, category: type[Warning], message: str, origin: Origin | None) -> None:
+    """Deliver a finding made by the garbage collector or the sweep thread, at ``origin``.
+
+    Nothing can catch an exception there: at level "error" it is raised, and Python hands it
+    to ``sys.unraisablehook`` (from a weakref callback) or the caller reports it.
+    """
+    if sys.is_finalizing():
+        return
+    if level == ERROR:
+        raise category(message)
+    warn_at(origin if origin is not None else Origin(()), message, category, _late_registry)
+
+
+def current_task() -> asyncio.Task[Any] | None:
+    """Return the running asyncio task, or None outside one (cheaply, in sync code too)."""
+    loop = asyncio._get_running_loop()
+    return None if loop is None else asyncio.current_task(loop)
+
+
+def log_end(record: Record) -> None:
+    """Log (INFO) a transaction that ended after running longer than the threshold."""
+    cfg = settings
+    threshold = None if cfg is None else cfg.long_transaction
+    if threshold is None:
+        return
+    age = monotonic() - record.began
+    if age >= threshold and logger.isEnabledFor(logging.INFO):
+        logger.info(
+            "txguard: the %s transaction %s ended after %s (long_transaction=%s s)",
+            record.owner, record.describe(), seconds(age), threshold,
+        )
+
+
+def seconds(value: float) -> str:
+    """Format a duration for a message."""
+    return f"{value:.3g} s" if value < 100 else f"{value:.0f} s"

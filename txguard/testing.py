@@ -1,0 +1,257 @@
+"""Test helpers: roll back everything a test commits, and capture after-commit callbacks.
+
+``rollback_after(bind)`` runs a block inside one outer transaction on one connection and
+makes the registry's units of work join it through savepoints, so code that commits,
+rolls back and nests savepoints behaves as in production while the database ends the
+block as it began it. ``capture_on_commit()`` is Django's ``captureOnCommitCallbacks``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import Connection
+
+from ._errors import ConfigurationError, DisciplineError
+from ._hooks import capturing, capturing_callbacks
+from ._registry import SessionRegistry, default_registry
+from ._sqlite import install_sqlite_transactions
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from sqlalchemy.engine import RootTransaction
+
+    from ._unit import Callback
+
+__all__ = ["RollbackAfter", "capture_on_commit", "rollback_after"]
+
+logger = logging.getLogger("txguard")
+
+
+class RollbackAfter:
+    """One outer transaction around a block, rolled back at its end.
+
+    ``with`` for an Engine or a sync registry yields the Connection; ``async with`` for
+    an AsyncEngine or an async registry yields the AsyncConnection.
+    """
+
+    __slots__ = ("_engine", "_registry", "_connection", "_transaction", "_undo")
+
+    def __init__(self, engine: Any, registry: SessionRegistry | None) -> None:
+        self._engine = engine
+        self._registry = registry
+        self._connection: Any = None
+        self._transaction: Any = None
+        self._undo: Callable[[], None] | None = None
+
+    def _claim(self, want_async: bool) -> None:
+        if self._connection is not None:
+            raise DisciplineError(
+                "This rollback_after() is already in use; create a new one for each block."
+            )
+        if want_async is not _is_async(self._engine):
+            raise ConfigurationError(
+                f"rollback_after({self._engine!r}) needs `async with` for an AsyncEngine or "
+                "an async registry, and a plain `with` for an Engine or a sync registry."
+            )
+
+    def _bind(self, connection: Any) -> None:
+        conn: Connection = getattr(connection, "sync_connection", None) or connection
+        # The code under test must not end the outer transaction: only the block does.
+        conn.__dict__["commit"] = _refuse_commit
+        if self._registry is not None:
+            self._undo = self._registry._bind_sessions_to(connection)
+
+    def _unbind(self) -> None:
+        undo, self._undo = self._undo, None
+        connection, self._connection = self._connection, None
+        conn = getattr(connection, "sync_connection", None) or connection
+        if conn is not None:
+            conn.__dict__.pop("commit", None)
+        if undo is not None:
+            undo()
+
+    def __enter__(self) -> Connection:
+        self._claim(want_async=False)
+        engine: Engine = self._engine
+        install_sqlite_transactions(engine)
+        connection = engine.connect()
+        try:
+            transaction = connection.begin()
+            self._connection, self._transaction = connection, transaction
+            self._bind(connection)
+        except BaseException:
+            self._unbind()
+            connection.close()
+            raise
+        return connection
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        connection: Connection = self._connection
+        transaction: RootTransaction = self._transaction
+        self._transaction = None
+        try:
+            self._unbind()
+            if transaction.is_active:
+                transaction.rollback()
+        finally:
+            connection.close()
+
+    async def __aenter__(self) -> Any:
+        self._claim(want_async=True)
+        install_sqlite_transactions(self._engine.sync_engine)
+        connection = self._engine.connect()
+        await connection.start()
+        try:
+            self._transaction = await connection.begin()
+            self._connection = connection
+            self._bind(connection)
+        except BaseException:
+            self._unbind()
+            await connection.close()
+            raise
+        return connection
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        from ._unit import run_to_completion
+
+        connection, transaction = self._connection, self._transaction
+        self._transaction = None
+        self._unbind()
+        await run_to_completion(_arollback_and_close(connection, transaction))
+
+
+async def _arollback_and_close(connection: Any, transaction: Any) -> None:
+    try:
+        if transaction.is_active:
+            await transaction.rollback()
+    finally:
+        await connection.close()
+
+
+def _refuse_commit(*args: Any, **kwargs: Any) -> None:
+    raise DisciplineError(
+        "commit() on the connection of txguard.testing.rollback_after(): the block owns its "
+        "outer transaction and rolls it back at the end. Commit through a unit of work or a "
+        "Session joined with join_transaction_mode='create_savepoint' (each commit then "
+        "releases a savepoint), or use conn.begin_nested()."
+    )
+
+
+def _is_async(engine: Any) -> bool:
+    return hasattr(engine, "sync_engine")
+
+
+def rollback_after(
+    bind: Engine | SessionRegistry | Any = None, *, registry: SessionRegistry | None = None
+) -> RollbackAfter:
+    """Run a block in one outer transaction that is rolled back at its end.
+
+    ``bind`` is an Engine, an AsyncEngine or a SessionRegistry; omitted, the default
+    registry. The registry's units of work (the one given, the one ``bind`` is, or the
+    default registry when it uses that engine) open their sessions on the block's
+    connection with ``join_transaction_mode="create_savepoint"``: each commit releases a
+    savepoint, each rollback returns to one, and nothing reaches the database. Sessions
+    the code under test creates itself must be given the yielded connection, as
+    ``Session(bind=conn, join_transaction_mode="create_savepoint")``.
+    """
+    if bind is None:
+        bind = registry if registry is not None else default_registry()
+    if isinstance(bind, SessionRegistry):
+        if registry is not None and registry is not bind:
+            raise ConfigurationError(
+                "rollback_after() got two registries; pass one, as bind or as registry=."
+            )
+        return RollbackAfter(bind.core_engine(), bind)
+    if isinstance(bind, Engine) or (_is_async(bind) and not hasattr(bind, "sync_connection")):
+        return RollbackAfter(bind, registry if registry is not None else _default_for(bind))
+    raise ConfigurationError(
+        f"rollback_after() needs an Engine, an AsyncEngine or a txguard.SessionRegistry, "
+        f"not {bind!r}."
+    )
+
+
+def _default_for(engine: Any) -> SessionRegistry | None:
+    """Return the default registry if it uses ``engine`` (and is as sync/async as it)."""
+    from . import _registry
+
+    default = _registry._default
+    if default is None or default.is_async is not _is_async(engine):
+        return None
+    return default if getattr(engine, "sync_engine", engine) in default.engines else None
+
+
+class _Capture:
+    """The context manager behind ``capture_on_commit()``."""
+
+    __slots__ = ("_execute", "_callbacks", "_details", "_tokens")
+
+    def __init__(self, execute: bool) -> None:
+        self._execute = execute
+        self._callbacks: list[Callable[[], object]] = []
+        self._details: list[Callback] = []
+        self._tokens: tuple[contextvars.Token[Any], contextvars.Token[Any]] | None = None
+
+    def __enter__(self) -> list[Callable[[], object]]:
+        if self._tokens is not None:
+            raise DisciplineError("This capture_on_commit() is already in use; create a new one.")
+        self._tokens = (capturing.set(self._callbacks), capturing_callbacks.set(self._details))
+        return self._callbacks
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tokens, self._tokens = self._tokens, None
+        try:
+            if self._execute and exc is None:
+                # A callback may register more: on_commit outside a transaction is captured
+                # too while we still listen, and then run in turn (as Django does).
+                index = 0
+                while index < len(self._details):
+                    callback = self._details[index]
+                    index += 1
+                    _run(callback)
+        finally:
+            if tokens is not None:
+                capturing_callbacks.reset(tokens[1])
+                capturing.reset(tokens[0])
+
+
+def _run(callback: Callback) -> None:
+    try:
+        callback.fn()
+    except Exception:
+        if not callback.robust:
+            raise
+        logger.error("txguard: on_commit callback %r failed", callback.fn, exc_info=True)
+
+
+def capture_on_commit(execute: bool = False) -> _Capture:
+    """Collect the callbacks that ``on_commit`` would run after a commit, instead of running them.
+
+    ``with capture_on_commit() as callbacks:`` yields the list they are appended to (as
+    Django's ``captureOnCommitCallbacks``); with ``execute=True`` they also run, in order,
+    when the block ends without an exception, and so do callbacks they register in turn.
+    Callbacks registered in a transaction that rolls back are not captured.
+    """
+    if not isinstance(execute, bool):
+        raise ConfigurationError(f"execute={execute!r} is not valid; use True or False.")
+    return _Capture(execute)
