@@ -19,6 +19,9 @@ demo: $(STAMP)
 misuse: $(STAMP)
 	$(PY) examples/misuse.py
 
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
 test: $(STAMP)
 	$(PY) -m mypy
 	$(PY) -m coverage erase

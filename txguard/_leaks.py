@@ -258,6 +258,8 @@ tracker: Final = _Tracker()
 # compiles into ``<string>`` (2.0) is judged frame by frame, never cached by name.
 _user_files: dict[str, bool] = {}
 _SCAN_ABOVE: Final = 32
+_session_hints: list[int] = []
+_checkout_hints: list[int] = []
 
 
 def _runner_files() -> tuple[str, ...]:
@@ -278,7 +280,7 @@ def _is_user_frame(frame: FrameType) -> bool:
     return user
 
 
-def _where(limit: int) -> _Where:
+def _where(limit: int, hints: list[int]) -> _Where:
     """Capture the user's frames above an event handler: ``capture()``, cheaper here.
 
     An event fires a dozen SQLAlchemy frames below the user's code; one cache lookup per
@@ -288,20 +290,40 @@ def _where(limit: int) -> _Where:
     number of frames (a test runner's are many, all library).
     """
     users = _user_files
-    frame: FrameType | None = sys._getframe(2)
-    hopped = False
-    while True:
-        while frame is not None:
-            user = users.get(frame.f_code.co_filename)
-            if user or (user is None and _is_user_frame(frame)):
-                break
-            frame = frame.f_back
-        if frame is not None or hopped:
+    frame: FrameType | None = None
+    for depth in hints:
+        try:
+            below = sys._getframe(depth - 1)
+        except ValueError:
+            continue
+        above = below.f_back
+        if (
+            above is not None
+            and users.get(above.f_code.co_filename)
+            and users.get(below.f_code.co_filename) is False
+        ):
+            frame = above
             break
-        # Inside SQLAlchemy's asyncio bridge the user's coroutine is in the parent greenlet.
-        frame, hopped = _spawning_frame(), True
     if frame is None:
-        return ()
+        frame = sys._getframe(2)
+        depth = 2
+        hopped = False
+        while True:
+            while frame is not None:
+                user = users.get(frame.f_code.co_filename)
+                if user or (user is None and _is_user_frame(frame)):
+                    break
+                frame = frame.f_back
+                depth += 1
+            if frame is not None or hopped:
+                break
+            # Inside SQLAlchemy's asyncio bridge the user's coroutine is in the parent greenlet.
+            frame, hopped, depth = _spawning_frame(), True, 0
+        if frame is None:
+            return ()
+        if depth:
+            hints.insert(0, depth)
+            del hints[3:]
     frames = [(frame.f_code, frame.f_lasti)]
     frame = frame.f_back
     budget = _SCAN_ABOVE
@@ -344,7 +366,7 @@ def _on_transaction(session: Session, transaction: SessionTransaction) -> None:
         t = tracker
         sessions = t.sessions
         sessions[id(session)] = (
-            weakref.ref(session), _where(t.limit), time.monotonic(), next(t.numbers)
+            weakref.ref(session), _where(t.limit, _session_hints), time.monotonic(), next(t.numbers)
         )
         if len(sessions) > t.prune_at:
             t.prune()
@@ -353,7 +375,7 @@ def _on_transaction(session: Session, transaction: SessionTransaction) -> None:
 def _on_checkout(dbapi_connection: Any, record: Any, fairy: Any) -> None:
     t = tracker
     t.connections[id(record)] = (
-        weakref.ref(fairy, _unused), _where(t.limit), time.monotonic(), next(t.numbers)
+        weakref.ref(fairy, _unused), _where(t.limit, _checkout_hints), time.monotonic(), next(t.numbers)
     )
 
 
