@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -93,10 +94,8 @@ def report(cases: list[Case]) -> list[tuple[str, str, float, float | None]]:
     return ratios
 
 
-def sqlite_cases() -> list[Case]:
-    engine = sa.create_engine("sqlite://")
-    Base.metadata.create_all(engine)
-    registry = txguard.SessionRegistry(engine)
+def unit_cases(engine: sa.Engine, label: str, registry: txguard.SessionRegistry) -> list[Case]:
+    """The sync rows on one engine: bare units, nested joins, savepoints, Core connections."""
 
     def raw_select() -> None:
         with Session(engine) as s, s.begin():
@@ -122,32 +121,229 @@ def sqlite_cases() -> list[Case]:
         with registry.unit_of_work() as s:
             s.add(Row(name="x"))
 
+    def raw_two_functions() -> None:
+        def inner(s: Session) -> None:
+            s.execute(SELECT_1)
+
+        with Session(engine) as s, s.begin():
+            s.execute(SELECT_1)
+            inner(s)
+
+    @registry.transactional
+    def joined_inner() -> None:
+        registry.current_session().execute(SELECT_1)
+
+    @registry.transactional
+    def tx_joined() -> None:
+        registry.current_session().execute(SELECT_1)
+        joined_inner()
+
+    def raw_savepoint() -> None:
+        with Session(engine) as s, s.begin():
+            with s.begin_nested():
+                s.execute(SELECT_1)
+
+    @registry.transactional(propagation="nested")
+    def savepoint_inner() -> None:
+        registry.current_session().execute(SELECT_1)
+
+    @registry.transactional
+    def tx_savepoint() -> None:
+        savepoint_inner()
+
+    def raw_core() -> None:
+        with engine.begin() as conn:
+            conn.execute(SELECT_1)
+
+    def tx_core() -> None:
+        with txguard.connect(engine) as conn:
+            conn.execute(SELECT_1)
+
     return [
         Case(
-            "SQLite memory, SELECT 1",
+            f"{label}, SELECT 1",
             1.05,
             {"hand-written": raw_select, "@transactional": tx_select, "unit_of_work()": uow_select},
         ),
         Case(
-            "SQLite memory, ORM insert",
+            f"{label}, ORM insert",
             1.02,
             {"hand-written": raw_insert, "@transactional": tx_insert, "unit_of_work()": uow_insert},
         ),
+        Case(
+            f"{label}, nested REQUIRED join (2 SELECT 1)",
+            1.05,
+            {"hand-written, one session": raw_two_functions, "@transactional x2": tx_joined},
+        ),
+        Case(
+            f"{label}, savepoint",
+            1.05,
+            {"begin_nested()": raw_savepoint, 'propagation="nested"': tx_savepoint},
+        ),
+        Case(
+            f"{label}, Core connection",
+            1.05,
+            {"engine.begin()": raw_core, "txguard.connect()": tx_core},
+        ),
     ]
+
+
+def sqlite_engine() -> tuple[sa.Engine, txguard.SessionRegistry]:
+    engine = sa.create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    return engine, txguard.SessionRegistry(engine)
+
+
+def postgresql_engine() -> tuple[sa.Engine, txguard.SessionRegistry] | None:
+    url = os.environ.get("TXGUARD_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    engine = sa.create_engine(url, pool_size=64, max_overflow=0, connect_args={"connect_timeout": 3})
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE IF EXISTS bench_rows"))
+        Base.metadata.create_all(engine)
+    except sa.exc.OperationalError as exc:
+        print(f"PostgreSQL not reachable ({type(exc.orig).__name__}); its rows are skipped")
+        return None
+    return engine, txguard.SessionRegistry(engine)
+
+
+def async_case(url: str, label: str) -> Case:
+    """Hand-written async units against @transactional on an AsyncEngine, in one event loop."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    loop = asyncio.new_event_loop()
+    engine = create_async_engine(url)
+    registry = txguard.SessionRegistry(engine)
+
+    async def raw() -> None:
+        async with AsyncSession(engine) as s, s.begin():
+            await s.execute(SELECT_1)
+
+    @registry.transactional
+    async def tx() -> None:
+        await registry.current_session().execute(SELECT_1)
+
+    return Case(
+        f"{label}, async SELECT 1",
+        1.05,
+        {"hand-written async": lambda: loop.run_until_complete(raw()),
+         "async @transactional": lambda: loop.run_until_complete(tx())},
+    )
+
+
+def scale_depth(registry: txguard.SessionRegistry, depths: tuple[int, ...], batch: int) -> None:
+    """Time per unit when units join an active one, at several nesting depths."""
+
+    @registry.transactional
+    def level(depth: int) -> None:
+        registry.current_session().execute(SELECT_1)
+        if depth > 1:
+            level(depth - 1)
+
+    print("\nnesting depth (REQUIRED joins, SELECT 1 in each): time per unit")
+    for depth in depths:
+        samples = [time_batch(lambda: level(depth), max(5, batch // depth)) / depth for _ in range(5)]
+        print(f"  depth {depth:>3}: {statistics.median(samples) * 1e6:8.1f} µs per unit")
+
+
+def scale_threads(engine: sa.Engine, registry: txguard.SessionRegistry, counts: tuple[int, ...], per_thread: int) -> None:
+    """Time per unit with several threads running units at once (no global lock in txguard)."""
+    import threading
+
+    @registry.transactional
+    def tx() -> None:
+        registry.current_session().execute(SELECT_1)
+
+    def raw() -> None:
+        with Session(engine) as s, s.begin():
+            s.execute(SELECT_1)
+
+    def run(fn: Callable[[], None], threads: int) -> float:
+        barrier = threading.Barrier(threads + 1)
+
+        def worker() -> None:
+            barrier.wait()
+            for _ in range(per_thread):
+                fn()
+
+        pool = [threading.Thread(target=worker) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for t in pool:
+            t.join()
+        return (time.perf_counter() - start) / (threads * per_thread)
+
+    print("\nconcurrent threads on PostgreSQL (SELECT 1 units): wall time per unit")
+    for threads in counts:
+        raw_t = statistics.median(run(raw, threads) for _ in range(3))
+        tx_t = statistics.median(run(tx, threads) for _ in range(3))
+        print(f"  {threads:>2} threads: hand-written {raw_t * 1e6:7.1f} µs, "
+              f"@transactional {tx_t * 1e6:7.1f} µs, ratio {tx_t / raw_t:5.3f}")
+
+
+def chart(cases: list[Case], path: Path) -> None:
+    """Draw the ratios as a bar chart (needs the optional `bench` extra: matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'); no chart drawn")
+        return
+    labels, ratios, budgets = [], [], []
+    for case in cases:
+        names = list(case.variants)
+        base = statistics.median(case.results[names[0]])
+        for name in names[1:]:
+            labels.append(f"{case.title}\n{name}")
+            ratios.append(statistics.median(case.results[name]) / base)
+            budgets.append(case.budget or 0)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.2))
+    y = range(len(labels))
+    colors = ["tab:green" if r <= b or not b else "tab:red" for r, b in zip(ratios, budgets)]
+    ax.barh(list(y), [r - 1 for r in ratios], left=1, color=colors)
+    ax.scatter(budgets, list(y), marker="|", s=200, color="black", label="budget")
+    ax.axvline(1.0, color="grey", linewidth=0.8)
+    ax.set_yticks(list(y), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("time per transaction, ratio to hand-written SQLAlchemy (1.0 = no overhead)")
+    ax.set_title("txguard overhead (median of interleaved rounds)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"chart written to {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
+    parser.add_argument("--no-postgresql", action="store_true")
+    parser.add_argument("--no-scale", action="store_true")
+    parser.add_argument("--chart", type=Path, default=Path(__file__).with_name("overhead.png"))
     args = parser.parse_args(argv)
-    rounds, batch = (5, 300) if args.quick else (args.rounds, args.batch)
-    cases = sqlite_cases()
+    rounds, batch = (5, 200) if args.quick else (args.rounds, args.batch)
+
+    engine, registry = sqlite_engine()
+    cases = unit_cases(engine, "SQLite memory", registry)
+    cases += extra_cases(engine, registry)
+    cases.append(async_case("sqlite+aiosqlite://", "SQLite memory"))
+    pg = None if args.no_postgresql else postgresql_engine()
+    if pg is not None:
+        cases += unit_cases(pg[0], "PostgreSQL loopback", pg[1])[:2]
+        url = pg[0].url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+        cases.append(async_case(url, "PostgreSQL loopback"))
+
     for case in cases:
         run_case(case, rounds, batch)
     print(f"\ntxguard overhead: {rounds} interleaved rounds x {batch} transactions, "
-          f"Python {sys.version.split()[0]}, SQLAlchemy {sa.__version__}\n")
+          f"Python {sys.version.split()[0]}, SQLAlchemy {sa.__version__}, {os.cpu_count()} cores\n")
     ratios = report(cases)
     over = [r for r in ratios if r[3] is not None and r[2] > r[3]]
     print()
@@ -155,7 +351,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"over budget: {title} / {name}: {ratio:.3f} > {budget}")
     if not over:
         print("every row within budget")
+    chart(cases, args.chart)
+
+    if not args.no_scale:
+        scale_depth(registry, (1, 4, 16, 64), batch)
+        if pg is not None:
+            scale_threads(pg[0], pg[1], (1, 8, 64), max(20, batch // 10))
+    if pg is not None:
+        with pg[0].begin() as conn:
+            conn.execute(sa.text("DROP TABLE IF EXISTS bench_rows"))
+        pg[0].dispose()
     return 0
+
+
+def extra_cases(engine: sa.Engine, registry: txguard.SessionRegistry) -> list[Case]:
+    """Rows that switch on process-wide machinery (guards, leak detector): measured last."""
+    return []
 
 
 if __name__ == "__main__":
