@@ -48,6 +48,7 @@ class Case:
     budget: float | None
     variants: dict[str, Callable[[], None]]
     results: dict[str, list[float]] = field(default_factory=dict)
+    finish: Callable[[], None] | None = None  # undo process-wide machinery after the row
 
 
 def time_batch(fn: Callable[[], None], batch: int) -> float:
@@ -70,6 +71,8 @@ def run_case(case: Case, rounds: int, batch: int) -> None:
     for _ in range(rounds):
         for name, fn in case.variants.items():
             case.results[name].append(time_batch(fn, batch))
+    if case.finish is not None:
+        case.finish()
 
 
 def report(cases: list[Case]) -> list[tuple[str, str, float, float | None]]:
@@ -365,8 +368,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def extra_cases(engine: sa.Engine, registry: txguard.SessionRegistry) -> list[Case]:
-    """Rows that switch on process-wide machinery (guards, leak detector): measured last."""
-    return []
+    """Rows that switch on process-wide machinery (guards, leak detector).
+
+    Each variant switches the machinery on (or off) at its first call of a batch, so the
+    cost is amortised over the batch and every other row runs without it.
+    """
+    return [leak_detector_case(engine)]
+
+
+def leak_detector_case(engine: sa.Engine) -> Case:
+    detector = txguard.LeakDetector(capture_stack=True)
+
+    def raw_select() -> None:
+        if detector.running:
+            detector.stop()
+        with Session(engine) as s, s.begin():
+            s.execute(SELECT_1)
+
+    def detected_select() -> None:
+        if not detector.running:
+            detector.start()
+        with Session(engine) as s, s.begin():
+            s.execute(SELECT_1)
+
+    return Case(
+        "SQLite memory, SELECT 1, leak detector",
+        1.25,
+        {"hand-written": raw_select, "LeakDetector, stacks": detected_select},
+        finish=detector.stop,
+    )
 
 
 if __name__ == "__main__":

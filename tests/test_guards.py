@@ -30,7 +30,6 @@ LISTENERS = [
     (Session, "after_transaction_end", _guard_sessions.on_transaction_end),
     (Session, "do_orm_execute", _guard_sessions.on_orm_execute),
     (Session, "before_flush", _guard_sessions.on_before_flush),
-    (Session, "before_commit", _guard_sessions.on_before_commit),
     (Pool, "checkout", _guard_connections.on_checkout),
     (Pool, "checkin", _guard_connections.on_checkin),
     (Pool, "detach", _guard_connections.on_detach),

@@ -377,6 +377,30 @@ def test_capture_stack_records_a_few_callers(sqlite_engine: sa.Engine) -> None:
         session.close()
 
 
+def open_at_depth(engine: sa.Engine, depth: int) -> Session:
+    if depth:
+        return open_at_depth(engine, depth - 1)
+    session = Session(engine)
+    session.execute(SELECT_1)
+    return session
+
+
+def test_origin_is_found_again_on_each_call_path(sqlite_engine: sa.Engine) -> None:
+    """Openings reached through different call depths each get their own innermost line and callers."""
+    execute_line = open_at_depth.__code__.co_firstlineno + 4
+    recurse_line = open_at_depth.__code__.co_firstlineno + 2
+    with txguard.LeakDetector() as detector:
+        sessions = [open_at_depth(sqlite_engine, depth) for depth in (0, 3, 0, 1, 3)]
+    try:
+        stacks = [[lineno for _, lineno in leak.origin.frames] for leak in detector.open_resources()]
+        assert [stack[:1 + depth] for stack, depth in zip(stacks, (0, 3, 0, 1, 3))] == [
+            [execute_line] + [recurse_line] * depth for depth in (0, 3, 0, 1, 3)
+        ]
+    finally:
+        for session in sessions:
+            session.close()
+
+
 def test_capture_stack_false_records_only_the_line(sqlite_engine: sa.Engine) -> None:
     """With capture_stack=False the origin is the single innermost user line."""
     with txguard.LeakDetector(capture_stack=False) as detector:

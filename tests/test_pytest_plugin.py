@@ -270,6 +270,60 @@ def test_module_scoped_fixture_session_is_not_blamed(inner: pytest.Pytester) -> 
     inner.runpytest("--txguard-leaks=fail").assert_outcomes(passed=2)
 
 
+def test_sessions_a_module_fixture_returns_in_a_dict_are_its_own(inner: pytest.Pytester) -> None:
+    """Sessions and connections inside a tuple or dict that a wider-scoped fixture returns are the fixture's."""
+    inner.makepyfile(
+        """
+        import pytest
+        import sqlalchemy as sa
+        from sqlalchemy.orm import Session
+
+        @pytest.fixture(scope="module")
+        def db(engine):
+            resources = {"session": Session(engine), "pair": (Session(engine), 1)}
+            yield resources
+            resources["session"].close()
+            resources["pair"][0].close()
+
+        def test_uses_them(db):
+            db["session"].execute(sa.text("SELECT 1"))
+            db["pair"][0].execute(sa.text("SELECT 1"))
+
+        def test_still_has_them(db):
+            assert db["session"].in_transaction()
+        """
+    )
+    inner.runpytest("--txguard-leaks=fail").assert_outcomes(passed=2)
+
+
+def test_module_scoped_async_session_fixture_is_not_blamed(inner: pytest.Pytester) -> None:
+    """An AsyncSession from a module-scoped async fixture may stay in a transaction across tests."""
+    inner.makepyfile(
+        """
+        import pytest
+        import pytest_asyncio
+        import sqlalchemy as sa
+        from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+        @pytest_asyncio.fixture(scope="module", loop_scope="module")
+        async def session(engine):
+            session = AsyncSession(create_async_engine(engine.url.set(drivername="sqlite+aiosqlite")))
+            yield session
+            await session.close()
+            await session.bind.dispose()
+
+        @pytest.mark.asyncio(loop_scope="module")
+        async def test_first(session):
+            await session.execute(sa.text("SELECT 1"))
+
+        @pytest.mark.asyncio(loop_scope="module")
+        async def test_second(session):
+            await session.execute(sa.text("SELECT 2"))
+        """
+    )
+    inner.runpytest("--txguard-leaks=fail").assert_outcomes(passed=2)
+
+
 def test_session_scoped_fixture_connection_is_not_blamed(inner: pytest.Pytester) -> None:
     """A session-scoped fixture's open Connection is not a leak of the test that first used it."""
     inner.makepyfile(
@@ -329,7 +383,7 @@ def test_warn_mode_respects_a_filter_that_turns_it_into_an_error(inner: pytest.P
     """A user's filterwarnings entry for txguard's warnings still decides what a leak warning does."""
     inner.makepyfile(test_leaky=LEAKY)
     with_ini(inner, txguard_leaks="warn", filterwarnings="error::txguard.LeakedSessionWarning")
-    result = inner.runpytest_subprocess()
+    result = inner.runpytest()
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*LeakedSessionWarning: test_leaky.py::test_leaks_a_session left*"])
 

@@ -5,7 +5,8 @@ the real ``Session``/``AsyncSession``, guards that catch mixed begin-once and
 commit-as-you-go use, and a leak detector with a pytest plugin.
 """
 
-from ._connect import connect
+from typing import TYPE_CHECKING, Any
+
 from ._errors import (
     ConfigurationError,
     CrossTaskWarning,
@@ -25,14 +26,53 @@ from ._errors import (
     UncommittedWorkWarning,
     UnexpectedRollbackError,
 )
-from ._guards import install, uninstall
-from ._hooks import on_commit, on_rollback
-from ._leaks import Leak, LeakDetector
 from ._options import Mode, Propagation
-from ._registry import SessionRegistry, configure, current_session, in_transaction
-from ._retry import is_retryable
-from ._transactional import transactional
-from ._unit import UnitOfWork, unit_of_work
+
+if TYPE_CHECKING:
+    from ._connect import connect
+    from ._guards import install, uninstall
+    from ._hooks import on_commit, on_rollback
+    from ._leaks import Leak, LeakDetector
+    from ._registry import SessionRegistry, configure, current_session, in_transaction
+    from ._retry import is_retryable
+    from ._transactional import transactional
+    from ._unit import UnitOfWork, unit_of_work
+
+# The rest loads on first use: `-W error::txguard.UncommittedWorkWarning` imports this
+# package at interpreter start, and the pytest plugin imports it in every test run.
+_LAZY = {
+    "connect": "_connect",
+    "install": "_guards",
+    "uninstall": "_guards",
+    "on_commit": "_hooks",
+    "on_rollback": "_hooks",
+    "Leak": "_leaks",
+    "LeakDetector": "_leaks",
+    "SessionRegistry": "_registry",
+    "configure": "_registry",
+    "current_session": "_registry",
+    "in_transaction": "_registry",
+    "is_retryable": "_retry",
+    "transactional": "_transactional",
+    "UnitOfWork": "_unit",
+    "unit_of_work": "_unit",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'txguard' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module_name}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0.dev0"
 

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable
 from threading import get_ident
 from time import monotonic
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, Final
 
 from sqlalchemy.engine import Connection, Engine, RootTransaction
@@ -37,12 +37,24 @@ KEY: Final = "txguard.guard"
 # Where the frames that tell who began a transaction come from.
 _SESSION_FILE: Final = SessionTransaction.__init__.__code__.co_filename
 _ENGINE_FILE: Final = Connection.in_transaction.__code__.co_filename
+# The code that acquires a Session's connection (inside SQLAlchemy's state-check wrapper).
+_SESSION_CONNECT_CODE: Final = getattr(
+    SessionTransaction._connection_for_bind, "__wrapped__", SessionTransaction._connection_for_bind
+).__code__
 
 
-class ConnectionRecord(Record):
-    """What the guards know of one checked-out connection and its current transaction."""
+def _is_session_connect(code: CodeType) -> bool:
+    return code is _SESSION_CONNECT_CODE or (
+        code.co_name == "_connection_for_bind" and code.co_filename == _SESSION_FILE
+    )
 
-    __slots__ = ("opened", "returned", "tx", "gen")
+
+class ConnectionRecord(Record, weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to a checked-out pooled connection, with its current transaction."""
+
+    __slots__ = (
+        "where", "autobegun", "sql", "thread", "began", "warned", "opened", "returned", "tx", "gen"
+    )
 
     owner = "Connection"
 
@@ -63,7 +75,10 @@ def _new_record(fairy: Any, opened: Origin | None) -> ConnectionRecord:
     record.returned = False
     record.tx = None
     record.gen = shared.generation
-    record.clear_transaction()
+    record.where = record.sql = None
+    record.autobegun = False
+    record.thread = record.warned = 0
+    record.began = 0.0
     return record
 
 
@@ -97,31 +112,30 @@ def _connection_gone(record: ConnectionRecord) -> None:
 def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
     """Record where a connection was checked out, unless a Session is checking it out."""
     # Engine.connect() sits at the same depth above us at every checkout (the stack between
-    # is SQLAlchemy's own), and sys._getframe(depth) makes a frame object for that frame
+    # is SQLAlchemy's own), and sys._getframe(depth) makes a frame object for that one frame
     # only; so look there first, check it, and search again if SQLAlchemy took another path.
     global _connect_depth
-    connect: FrameType | None = None
-    if _connect_depth:
+    depth = _connect_depth
+    if depth:
         try:
-            connect = sys._getframe(_connect_depth)
+            caller: FrameType | None = sys._getframe(depth + 1)  # whoever called connect()
         except ValueError:
-            pass
-        if connect is not None and connect.f_code is not _CONNECT_CODE:
-            connect = None
-    if connect is None:
-        frame: FrameType | None = sys._getframe(1)
-        depth = 1
-        while frame is not None and depth < 40:
-            if frame.f_code is _CONNECT_CODE:
-                connect, _connect_depth = frame, depth
-                break
-            frame = frame.f_back
-            depth += 1
+            caller = None
+        if caller is not None and caller.f_code is _SESSION_CONNECT_CODE:
+            return  # a Session's connection: the Session's record speaks for it
+    connect: FrameType | None = None
+    frame: FrameType | None = sys._getframe(1)
+    depth = 1
+    while frame is not None and depth < 40:
+        if frame.f_code is _CONNECT_CODE:
+            connect, _connect_depth = frame, depth
+            break
+        frame = frame.f_back
+        depth += 1
     caller = sys._getframe(1) if connect is None else connect.f_back
     if caller is not None:
-        code = caller.f_code
-        if code.co_name == "_connection_for_bind" and code.co_filename == _SESSION_FILE:
-            return  # a Session's connection: the Session's record speaks for it
+        if _is_session_connect(caller.f_code):
+            return
         while caller is not None and _is_library_frame(caller):
             caller = caller.f_back
     opened = capture(1) if caller is None else Origin(((caller.f_code, caller.f_lineno),))
@@ -168,7 +182,7 @@ def begin(self: Connection) -> RootTransaction:
     caller = sys._getframe().f_back  # None when begin() runs first in a greenlet
     if caller is not None:
         code = caller.f_code
-        if code.co_name == "_connection_for_bind" and code.co_filename == _SESSION_FILE:
+        if code is _SESSION_CONNECT_CODE or _is_session_connect(code):
             return transaction  # a Session's connection: the Session's record speaks for it
     _note_begin(self, transaction, caller, cfg.long_transaction is not None)
     return transaction
@@ -202,7 +216,7 @@ def _note_begin(
         _tx_records[id(ref)] = record
         record.tx = ref
         record.began = monotonic()
-        open_transactions[id(record)] = record
+        open_transactions[id(record)] = lambda: record
     else:
         record.tx = weakref.ref(transaction)
 
@@ -270,16 +284,12 @@ def _mixed_begin(conn: Connection, current: RootTransaction, level: str) -> None
 
 def _session_owning(conn: Connection) -> str | None:
     """Describe the Session whose transaction holds ``conn`` (e.g. session.connection())."""
-    from ._guard_sessions import records
+    from ._guard_sessions import session_holding
 
-    for record in list(records.values()):
-        session = record()
-        if session is None or not record.active:
-            continue
-        root = session.get_transaction()
-        if root is not None and conn in getattr(root, "_connections", {}):
-            return (
-                f"the transaction of the Session that owns it (session.connection()), "
-                f"{record.describe()}; end it through the Session"
-            )
-    return None
+    record = session_holding(conn)
+    if record is None:
+        return None
+    return (
+        "the transaction of the Session that owns it (session.connection()), "
+        f"{record.describe()}; end it through the Session"
+    )

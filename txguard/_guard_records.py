@@ -16,7 +16,8 @@ import threading
 import weakref
 from time import monotonic
 from types import CodeType
-from typing import Any, ClassVar, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from ._origin import Origin, shorten_sql, warn_at, warn_at_user
 
@@ -77,18 +78,21 @@ class Settings:
 # None while the guards are not installed; listeners read it on every call.
 settings: Settings | None = None
 
-# Transactions the long_transaction sweep watches, by id of their record.
-open_transactions: dict[int, Record] = {}
+# Transactions the long_transaction sweep watches: id of their record -> a callable that
+# returns it (a weak reference for a Session's record, which must stay collectable for the
+# leak guard to see it go), or None once it is gone.
+open_transactions: dict[int, Callable[[], Record | None]] = {}
 
 # Bumped when leak tracking stops: records made before then can no longer tell a returned
 # connection from a leaked one, so they stay silent.
 generation = 0
 
 
-class Record(weakref.ref):  # type: ignore[type-arg]
-    """A weak reference to a Session or pooled connection, with where its transaction began."""
+class Record:
+    """Where a watched transaction began, and how; subclasses add what they watch."""
 
-    __slots__ = ("where", "autobegun", "sql", "thread", "began", "warned")
+    if not TYPE_CHECKING:  # subclasses declare the slots (one of them is a weakref.ref)
+        __slots__ = ()
 
     owner: ClassVar[str] = "object"
     unknown: ClassVar[str] = (
@@ -112,20 +116,9 @@ class Record(weakref.ref):  # type: ignore[type-arg]
             return where
         return Origin((where,))
 
-    def clear_transaction(self) -> None:
-        self.where = None
-        self.autobegun = False
-        self.sql = None
-        self.thread = 0
-        self.began = 0.0
-        self.warned = 0
-
     def is_open(self) -> bool:
         """Say whether the transaction recorded here is still open."""
         raise NotImplementedError
-
-    def end_transaction(self) -> None:
-        """Forget the transaction once the sweep has seen it end."""
 
     def describe(self) -> str:
         """Say how and where the recorded transaction began (never with parameter values)."""
@@ -133,7 +126,7 @@ class Record(weakref.ref):  # type: ignore[type-arg]
         if origin is None:
             return self.unknown
         if self.autobegun:
-            sql = sql_text(self.sql)
+            sql = sql_text(getattr(self, "sql", None))
             how = f"autobegun at {origin}"
             return f"{how} by {sql!r}" if sql else how
         return f"begun explicitly at {origin}"

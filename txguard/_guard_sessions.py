@@ -1,16 +1,20 @@
 """Guards on every Session, and so on the Session inside every AsyncSession.
 
-SessionEvents do the watching (they cost next to nothing when nobody listens to the
-execution of single statements): ``after_transaction_create``/``after_transaction_end``
-note where each root transaction began and when it ended, ``do_orm_execute`` keeps the
-statement that is about to autobegin one, and ``do_orm_execute``/``before_flush``/
-``before_commit`` check which thread and task use the Session. ``Session.begin`` has no
-"before" event, so the mixed-begin check wraps it (see ``_guards``).
+SessionEvents do the watching (they cost next to nothing when nobody listens to single
+statements): ``after_transaction_create``/``after_transaction_end`` note where each root
+transaction began and when it ended, ``do_orm_execute`` keeps the statement that is about
+to autobegin one, and ``do_orm_execute``/``before_flush``/``after_transaction_end`` check
+which thread and task use the Session. ``Session.begin`` has no "before" event, so the
+mixed-begin check wraps it (see ``_guards``).
+
+What the guards know of a transaction lives on the ``SessionTransaction`` itself, so it
+goes away with it; a transaction garbage-collected before it ended is a leaked Session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import weakref
 from collections.abc import Callable
@@ -43,21 +47,23 @@ from ._guard_records import (
     report,
     report_late,
 )
-from ._origin import Origin, _is_library, capture, warn_at_user
+from ._origin import Origin, _is_library, _library_cache, capture, warn_at_user
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import ORMExecuteState
 
 __all__ = [
+    "KEY",
+    "SessionRecord",
     "begin",
-    "on_before_commit",
     "on_before_flush",
     "on_orm_execute",
     "on_transaction_create",
     "on_transaction_end",
-    "records",
+    "record_of",
 ]
 
+KEY: Final = "_txguard_record"  # the attribute of a root SessionTransaction holding its record
 _AUTOBEGIN: Final = SessionTransactionOrigin.AUTOBEGIN
 _BEGIN: Final = SessionTransactionOrigin.BEGIN
 
@@ -67,45 +73,31 @@ _HANDOFF_HELPERS: Final = frozenset({"_run_to_completion", "run_to_completion", 
 
 
 class SessionRecord(Record):
-    """What the guards know of one Session and its current root transaction."""
+    """What the guards know of one root transaction of a Session.
 
-    __slots__ = ("key", "active", "pending_sql", "pending_at", "begun_at", "task")
+    ``sql`` and ``warned`` are set only when needed (the class defaults stand in).
+    """
+
+    __slots__ = (
+        "where", "autobegun", "sql", "thread", "began", "warned", "active", "task", "__weakref__"
+    )
 
     owner = "Session"
 
-    key: int
     active: bool
-    pending_sql: object
-    pending_at: Origin | None
-    begun_at: tuple[CodeType, int] | None
     task: weakref.ref[asyncio.Task[Any]] | None
 
     def is_open(self) -> bool:
         return self.active
 
-
-# Records of the Sessions the guards have seen, by id(session); a record removes itself
-# when its Session is garbage-collected.
-records: dict[int, SessionRecord] = {}
-
-
-def _track(session: Session) -> SessionRecord:
-    key = id(session)
-    record = SessionRecord(session, _session_gone)
-    record.key = key
-    record.active = False
-    record.pending_at = record.begun_at = None
-    records[key] = record
-    return record
+    def __del__(self) -> None:
+        # The transaction is gone. Unless after_transaction_end saw it end, its Session was
+        # garbage-collected with the transaction still open.
+        if self.active:
+            _leaked(self)
 
 
-def _session_gone(record: SessionRecord) -> None:
-    """Forget a garbage-collected Session; report it if it still held its transaction."""
-    if records.get(record.key) is record:
-        del records[record.key]
-    if not record.active:
-        return
-    open_transactions.pop(id(record), None)
+def _leaked(record: SessionRecord) -> None:
     cfg = shared.settings
     if cfg is None or cfg.leaks == OFF:
         return
@@ -122,37 +114,87 @@ def _session_gone(record: SessionRecord) -> None:
     )
 
 
+def record_of(session: Session) -> SessionRecord | None:
+    """Return the record of ``session``'s open root transaction, if the guards saw it begin."""
+    root = session.get_transaction()
+    if root is None:
+        return None
+    record: SessionRecord | None = root.__dict__.get(KEY)
+    return record if record is not None and record.active else None
+
+
+# How many frames above on_transaction_create the Session.begin() wrapper ran last time
+# (0: not known yet). The frames between are SQLAlchemy's own and the same every time, so
+# sys._getframe(depth), which makes a frame object for that one frame only, finds it.
+_begin_depth = 0
+
+
+def _find_begin_wrapper() -> Any:
+    global _begin_depth
+    frame: Any = sys._getframe(2)  # on_transaction_create's caller
+    depth = 1
+    while frame is not None and depth < 30:
+        if frame.f_code is _BEGIN_CODE:
+            _begin_depth = depth
+            return frame
+        frame = frame.f_back
+        depth += 1
+    return None  # begin() was not called through the wrapper (mixed_begin is off)
+
+
+# (id(session), statement, where) of an ORM execute about to autobegin a transaction.
+_pending: tuple[int, object, Origin] | None = None
+
+
 # Listeners (registered on the Session class by install()).
 
 
 def on_transaction_create(session: Session, transaction: SessionTransaction) -> None:
     """Note where a root transaction began, how, and in which thread and task."""
+    global _pending
     how = transaction.origin
     if how is not _AUTOBEGIN and how is not _BEGIN:
         return  # savepoints and flush subtransactions belong to the root transaction
     cfg = shared.settings
     if cfg is None:
         return
-    record = records.get(id(session))
-    if record is None:
-        record = _track(session)
-    where: Origin | tuple[CodeType, int] | None = record.begun_at  # from Session.begin()
-    pending_at = record.pending_at
+    record = SessionRecord()
+    where: Origin | tuple[CodeType, int] | None = None
+    if how is _BEGIN:
+        # Where the user called Session.begin(): the caller of our wrapper, when it is not
+        # library code (sessionmaker.begin(), a txguard unit, generated proxies).
+        wrapper: Any = None
+        if _begin_depth:
+            try:
+                wrapper = sys._getframe(_begin_depth)
+            except ValueError:
+                pass
+            if wrapper is not None and wrapper.f_code is not _BEGIN_CODE:
+                wrapper = None
+        if wrapper is None:
+            wrapper = _find_begin_wrapper()
+        caller = None if wrapper is None else wrapper.f_back  # None first in a greenlet
+        if caller is not None:
+            code = caller.f_code
+            filename = code.co_filename
+            library = _library_cache.get(filename)
+            if library is None:
+                library = _is_library(filename)
+            if not library and filename[:1] != "<":  # generated code is library code too
+                where = (code, caller.f_lineno)
     if where is None:
-        where = capture(1)
-        if pending_at is not None:
-            # The statement counts only if it is the one now autobeginning: same user line.
-            record.sql = record.pending_sql if pending_at.frames[:1] == where.frames[:1] else None
-            record.pending_sql = record.pending_at = None
-        else:
-            record.sql = None
-    else:
-        record.sql = record.pending_sql = record.pending_at = None
+        origin = capture(1)
+        where = origin
+        pending = _pending
+        if pending is not None:
+            _pending = None
+            # The statement counts only if it is the one now autobeginning it.
+            if pending[0] == id(session) and pending[2].frames[:1] == origin.frames[:1]:
+                record.sql = pending[1]
     record.where = where
-    record.active = True
     record.autobegun = how is _AUTOBEGIN
+    record.active = True
     record.thread = get_ident()
-    record.warned = 0
     if cfg.cross_task == OFF or asyncio._get_running_loop() is None:
         record.task = None
     else:
@@ -160,52 +202,44 @@ def on_transaction_create(session: Session, transaction: SessionTransaction) -> 
         record.task = None if task is None else weakref.ref(task)
     if cfg.long_transaction is not None:
         record.began = monotonic()
-        open_transactions[id(record)] = record
+        open_transactions[id(record)] = weakref.ref(record)  # weak: the leak guard needs it
+    transaction.__dict__[KEY] = record
 
 
 def on_transaction_end(session: Session, transaction: SessionTransaction) -> None:
-    """Forget the root transaction that just ended (and log it if it ran long)."""
-    how = transaction.origin
-    if how is not _AUTOBEGIN and how is not _BEGIN:
-        return
-    record = records.get(id(session))
+    """Mark the root transaction ended; check who ended it; log it if it ran long."""
+    record: SessionRecord | None = transaction.__dict__.get(KEY)
     if record is None or not record.active:
         return
+    record.active = False
     if open_transactions.pop(id(record), None) is not None:
         log_end(record)
-    record.active = False
-    record.sql = record.task = None
+    if record.thread != get_ident() or record.task is not None:
+        check_use(session, record, "ends its transaction (commit, rollback or close)")
 
 
 def on_orm_execute(state: ORMExecuteState) -> None:
     """Keep a statement about to autobegin a transaction; check who uses the Session."""
     session = state.session
-    record = records.get(id(session))
-    if record is not None and record.active:
-        if record.thread != get_ident() or record.task is not None:
-            check_use(session, record, "execute")
-        return
-    if not session.in_transaction():
+    root = session.get_transaction()
+    if root is None:
+        global _pending
         cfg = shared.settings
         if cfg is not None and cfg.mixed_begin != OFF:
-            if record is None:
-                record = _track(session)
-            record.pending_sql = state.statement
-            record.pending_at = capture(1)
+            _pending = (id(session), state.statement, capture(1))
+        return
+    record = root.__dict__.get(KEY)
+    if record is not None and record.active:
+        if record.thread != get_ident() or record.task is not None:
+            check_use(session, record, "runs a statement")
 
 
 def on_before_flush(session: Session, flush_context: object, instances: object) -> None:
-    record = records.get(id(session))
+    root = session.get_transaction()
+    record = None if root is None else root.__dict__.get(KEY)
     if record is not None and record.active:
         if record.thread != get_ident() or record.task is not None:
-            check_use(session, record, "flush")
-
-
-def on_before_commit(session: Session) -> None:
-    record = records.get(id(session))
-    if record is not None and record.active:
-        if record.thread != get_ident() or record.task is not None:
-            check_use(session, record, "commit")
+            check_use(session, record, "flushes")
 
 
 # Who uses the Session.
@@ -218,8 +252,9 @@ def check_use(session: Session, record: SessionRecord, operation: str) -> None:
         return
     if record.thread != get_ident():
         level = cfg.cross_thread
-        if level != OFF and (level == ERROR or not record.warned & WARNED_THREAD):
-            record.warned |= WARNED_THREAD
+        warned = getattr(record, "warned", 0)
+        if level != OFF and (level == ERROR or not warned & WARNED_THREAD):
+            record.warned = warned | WARNED_THREAD
             report(level, CrossThreadWarning, _cross_thread_message(record, operation))
         return
     owner_ref = record.task
@@ -235,8 +270,9 @@ def check_use(session: Session, record: SessionRecord, operation: str) -> None:
     if _awaits(owner, task):
         return
     level = cfg.cross_task
-    if level == ERROR or not record.warned & WARNED_TASK:
-        record.warned |= WARNED_TASK
+    warned = getattr(record, "warned", 0)
+    if level == ERROR or not warned & WARNED_TASK:
+        record.warned = warned | WARNED_TASK
         report(level, CrossTaskWarning, _cross_task_message(session, record, owner, task, operation))
 
 
@@ -257,12 +293,12 @@ def _awaits(owner: asyncio.Task[Any], task: asyncio.Task[Any]) -> bool:
 
 def _cross_thread_message(record: SessionRecord, operation: str) -> str:
     return (
-        f"A Session is used ({operation}) at {capture(1)} in thread "
-        f"{describe_thread(get_ident())} while its transaction, {record.describe()} in "
-        f"thread {describe_thread(record.thread)}, is still open. A Session is not "
-        "thread-safe: give each thread its own (e.g. `with Session(engine) as session:` "
-        "inside the thread's function, or txguard.unit_of_work()), or end the transaction "
-        "(commit, roll back or close) before another thread takes the Session over."
+        f"A Session {operation} at {capture(1)} in thread {describe_thread(get_ident())}, "
+        f"but its transaction was {record.describe()} in thread "
+        f"{describe_thread(record.thread)}. A Session is not thread-safe: give each thread "
+        "its own (e.g. `with Session(engine) as session:` inside the thread's function, or "
+        "txguard.unit_of_work()), or end the transaction (commit, roll back or close) "
+        "before another thread takes the Session over."
     )
 
 
@@ -277,12 +313,12 @@ def _cross_task_message(
 
     kind = "AsyncSession" if async_session(session) is not None else "Session"
     return (
-        f"An {kind} is used ({operation}) at {capture(1)} by task {task.get_name()!r} "
-        f"while its transaction, {record.describe()} in task {owner.get_name()!r}, is still "
-        f"open and that task is still running. An {kind} is not safe for concurrent use, "
-        "and a child task inherits the unit of work of the task that created it: give the "
-        "task its own session (txguard.unit_of_work(propagation='requires_new'), or a new "
-        "AsyncSession), or await the work in the task that began the transaction."
+        f"An {kind} {operation} at {capture(1)} in task {task.get_name()!r}, but its "
+        f"transaction was {record.describe()} in task {owner.get_name()!r}, which is still "
+        f"running. An {kind} is not safe for concurrent use, and a child task inherits the "
+        "unit of work of the task that created it: give the task its own session "
+        "(txguard.unit_of_work(propagation='requires_new'), or a new AsyncSession), or await "
+        "the work in the task that began the transaction."
     )
 
 
@@ -293,38 +329,22 @@ original_begin: Callable[..., SessionTransaction] = Session.begin  # set again b
 
 def begin(self: Session, nested: bool = False) -> SessionTransaction:
     """Begin as SQLAlchemy does; first say where the transaction already active began."""
-    cfg = shared.settings
-    if cfg is None or nested:
-        return original_begin(self, nested)
-    if self.in_transaction():
-        if cfg.mixed_begin != OFF:
+    if not nested and self.in_transaction():
+        cfg = shared.settings
+        if cfg is not None and cfg.mixed_begin != OFF:
             _mixed_begin(self, cfg.mixed_begin)
-        return original_begin(self, nested)
-    caller = sys._getframe().f_back  # None when begin() runs first in a greenlet
-    if caller is None:
-        return original_begin(self, nested)
-    filename = caller.f_code.co_filename
-    if filename[:1] == "<" or _is_library(filename):  # generated code counts as library
-        return original_begin(self, nested)
-    # Called from user code: its line is the origin, no need to walk the stack for it.
-    record = records.get(id(self))
-    if record is None:
-        record = _track(self)
-    record.begun_at = (caller.f_code, caller.f_lineno)
-    try:
-        return original_begin(self, nested)
-    finally:
-        record.begun_at = None
+    return original_begin(self, nested)
+
+
+_BEGIN_CODE: Final = begin.__code__
 
 
 def _mixed_begin(session: Session, level: str) -> None:
-    record = records.get(id(session))
-    if record is None or not record.active:
-        described = Record.unknown
-        autobegun = False
+    record = record_of(session)
+    if record is None:
+        described, autobegun = Record.unknown, False
     else:
-        described = record.describe()
-        autobegun = record.autobegun
+        described, autobegun = record.describe(), record.autobegun
     if autobegun:
         what = f"{described} (a Session begins a transaction by itself when first used)"
         fix = (
@@ -344,3 +364,23 @@ def _mixed_begin(session: Session, level: str) -> None:
     if level == ERROR:
         raise MixedBeginError(message)
     warn_at_user(message, MixedBeginWarning)
+
+
+def session_holding(conn: object) -> SessionRecord | None:
+    """Find the record of the Session transaction that holds ``conn`` (rare: error path)."""
+    for holder in gc.get_referrers(conn):
+        if not isinstance(holder, dict):
+            continue
+        candidates = gc.get_referrers(holder)
+        for candidate in list(candidates):
+            if isinstance(candidate, dict):
+                candidates.extend(gc.get_referrers(candidate))
+        for candidate in candidates:
+            if isinstance(candidate, SessionTransaction):
+                root = candidate
+                while root.parent is not None:
+                    root = root.parent
+                record = root.__dict__.get(KEY)
+                if record is not None and record.active:
+                    return record  # type: ignore[no-any-return]
+    return None

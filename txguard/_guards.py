@@ -89,7 +89,6 @@ def uninstall() -> None:
         _run_sweeper(None)
         shared.generation += 1
         shared.open_transactions.clear()
-        sessions.records.clear()
         connections._tx_records.clear()
 
 
@@ -130,7 +129,6 @@ def _wanted_listeners(cfg: Settings) -> set[tuple[type, str, Callable[..., Any]]
         wanted.add((Session, "do_orm_execute", sessions.on_orm_execute))
     if users:
         wanted.add((Session, "before_flush", sessions.on_before_flush))
-        wanted.add((Session, "before_commit", sessions.on_before_commit))
     if "leaks" in on:
         wanted.add((Pool, "checkout", connections.on_checkout))
         wanted.add((Pool, "checkin", connections.on_checkin))
@@ -245,15 +243,17 @@ class _Sweeper(threading.Thread):
 
 def _sweep(threshold: float) -> None:
     now = monotonic()
-    for key, record in shared.open_transactions.copy().items():
-        if not record.is_open():
-            if shared.open_transactions.pop(key, None) is not None:
+    for key, ref in shared.open_transactions.copy().items():
+        record = ref()
+        if record is None or not record.is_open():
+            if shared.open_transactions.pop(key, None) is not None and record is not None:
                 shared.log_end(record)
             continue
         age = now - record.began
-        if age < threshold or record.warned & WARNED_LONG:
+        warned = getattr(record, "warned", 0)
+        if age < threshold or warned & WARNED_LONG:
             continue
-        record.warned |= WARNED_LONG
+        record.warned = warned | WARNED_LONG
         shared.report_late(
             WARN,
             LongTransactionWarning,

@@ -281,13 +281,16 @@ def _is_user_frame(frame: FrameType) -> bool:
 
 
 def _where(limit: int, hints: list[int]) -> _Where:
-    """Capture the user's frames above an event handler: ``capture()``, cheaper here.
+    """Capture the user's frames above an event handler: ``capture()``, made cheap here.
 
-    An event fires a dozen SQLAlchemy frames below the user's code; one cache lookup per
-    frame, with no function call, is most of what this saves. Frames are kept as code and
-    instruction offset: the line number is looked up only if a leak is reported (it costs
-    a scan of the code's line table). Above the user's first frame it looks at a bounded
-    number of frames (a test runner's are many, all library).
+    An event fires a dozen SQLAlchemy frames below the user's code, and walking them costs
+    most of a capture (each frame object is created on first access). So each handler
+    keeps the depths at which it last found the user's frame; a hint is taken when the
+    frame there is user code and the one below it is library code, which needs only those
+    two frames. Otherwise we walk, looking each file up in one cache, and remember the
+    depth. Frames are kept as code and instruction offset: the line number is computed
+    only if a leak is reported. Above the user's first frame we look at a bounded number
+    of frames (a test runner's are many, all library).
     """
     users = _user_files
     frame: FrameType | None = None
@@ -305,25 +308,9 @@ def _where(limit: int, hints: list[int]) -> _Where:
             frame = above
             break
     if frame is None:
-        frame = sys._getframe(2)
-        depth = 2
-        hopped = False
-        while True:
-            while frame is not None:
-                user = users.get(frame.f_code.co_filename)
-                if user or (user is None and _is_user_frame(frame)):
-                    break
-                frame = frame.f_back
-                depth += 1
-            if frame is not None or hopped:
-                break
-            # Inside SQLAlchemy's asyncio bridge the user's coroutine is in the parent greenlet.
-            frame, hopped, depth = _spawning_frame(), True, 0
+        frame = _walk_to_user(hints)
         if frame is None:
             return ()
-        if depth:
-            hints.insert(0, depth)
-            del hints[3:]
     frames = [(frame.f_code, frame.f_lasti)]
     frame = frame.f_back
     budget = _SCAN_ABOVE
@@ -334,6 +321,28 @@ def _where(limit: int, hints: list[int]) -> _Where:
         frame = frame.f_back
         budget -= 1
     return tuple(frames)
+
+
+def _walk_to_user(hints: list[int]) -> FrameType | None:
+    """Return the innermost user frame above ``_where``'s caller; note its depth in hints."""
+    users = _user_files
+    frame: FrameType | None = sys._getframe(3)
+    depth = 2  # as seen from _where
+    while frame is not None:
+        user = users.get(frame.f_code.co_filename)
+        if user or (user is None and _is_user_frame(frame)):
+            hints[:] = [depth, *(hint for hint in hints if hint != depth)][:3]
+            return frame
+        frame = frame.f_back
+        depth += 1
+    # Inside SQLAlchemy's asyncio bridge the user's coroutine is in the parent greenlet.
+    frame = _spawning_frame()
+    while frame is not None:
+        user = users.get(frame.f_code.co_filename)
+        if user or (user is None and _is_user_frame(frame)):
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def _spawning_frame() -> FrameType | None:

@@ -104,7 +104,9 @@ class SessionRegistry:
 
     def unit_of_work(self, **options: Any) -> UnitOfWork:
         """Open a unit of work on this registry (see ``txguard.unit_of_work``)."""
-        return _unit.unit_of_work(registry=self, **options)
+        from ._unit import unit_of_work
+
+        return unit_of_work(registry=self, **options)
 
     @overload
     def transactional(self, fn: Callable[P, R], /) -> Callable[P, R]: ...
@@ -114,9 +116,11 @@ class SessionRegistry:
 
     def transactional(self, fn: Any = None, /, **options: Any) -> Any:
         """Decorate a function to run in a unit of this registry (see ``txguard.transactional``)."""
+        from ._transactional import transactional
+
         if fn is None:
-            return _transactional.transactional(registry=self, **options)
-        return _transactional.transactional(registry=self, **options)(fn)
+            return transactional(registry=self, **options)
+        return transactional(registry=self, **options)(fn)
 
     def current_session(self) -> Session | AsyncSession:
         """Return the session of the current unit of work of this registry."""
@@ -136,15 +140,21 @@ class SessionRegistry:
 
     def on_commit(self, fn: Callable[[], object], *, robust: bool = False) -> None:
         """Run ``fn`` after the current transaction commits (see ``txguard.on_commit``)."""
-        _hooks.on_commit(fn, robust=robust, registry=self)
+        from ._hooks import on_commit
+
+        on_commit(fn, robust=robust, registry=self)
 
     def on_rollback(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` after the current transaction rolls back (see ``txguard.on_rollback``)."""
-        _hooks.on_rollback(fn, registry=self)
+        from ._hooks import on_rollback
+
+        on_rollback(fn, registry=self)
 
     def connect(self, engine: Any = None, **options: Any) -> ConnectionUnit:
         """Open a disciplined Core connection (see ``txguard.connect``)."""
-        return _connect.connect(engine, registry=self, **options)
+        from ._connect import connect
+
+        return connect(engine, registry=self, **options)
 
 
 _default: SessionRegistry | None = None
@@ -193,7 +203,3 @@ def current_session(registry: SessionRegistry | None = None) -> Any:
 def in_transaction(registry: SessionRegistry | None = None) -> bool:
     """Say whether the current unit of work's session has an active transaction."""
     return resolve(registry).in_transaction()
-
-
-# The modules behind the registry's methods import this one; bind them once it is defined.
-from . import _connect, _hooks, _transactional, _unit  # noqa: E402

@@ -238,7 +238,8 @@ def _show_resource_warnings(categories: tuple[type[Warning], ...]) -> None:
 
 
 def _resources_in(value: object, depth: int = 0) -> Iterator[Any]:
-    """Yield the sessions and pool connections a fixture returned (looking one level in)."""
+    """Yield the sessions and pool connections a fixture returned, also in tuples, lists
+    and dicts (two levels deep)."""
     from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Session
 
@@ -252,12 +253,12 @@ def _resources_in(value: object, depth: int = 0) -> Iterator[Any]:
         sync = getattr(value, "sync_session", None) or getattr(value, "sync_connection", None)
         if sync is not None:
             yield from _resources_in(sync, depth)
-    elif depth == 0 and isinstance(value, (tuple, list)):
+    elif depth < 2 and isinstance(value, (tuple, list)):
         for element in value:
-            yield from _resources_in(element, 1)
-    elif depth == 0 and isinstance(value, dict):
+            yield from _resources_in(element, depth + 1)
+    elif depth < 2 and isinstance(value, dict):
         for element in value.values():
-            yield from _resources_in(element, 1)
+            yield from _resources_in(element, depth + 1)
 
 
 def _is_async_resource(value: object) -> bool:
