@@ -373,7 +373,30 @@ def extra_cases(engine: sa.Engine, registry: txguard.SessionRegistry) -> list[Ca
     Each variant switches the machinery on (or off) at its first call of a batch, so the
     cost is amortised over the batch and every other row runs without it.
     """
-    return [leak_detector_case(engine)]
+    return [guards_case(engine), leak_detector_case(engine)]
+
+
+def guards_case(engine: sa.Engine) -> Case:
+    from txguard import _guard_records
+
+    def raw_select() -> None:
+        if _guard_records.settings is not None:
+            txguard.uninstall()
+        with Session(engine) as s, s.begin():
+            s.execute(SELECT_1)
+
+    def guarded_select() -> None:
+        if _guard_records.settings is None:
+            txguard.install(long_transaction=60)  # every guard on, at "warn"
+        with Session(engine) as s, s.begin():
+            s.execute(SELECT_1)
+
+    return Case(
+        "SQLite memory, SELECT 1, all guards on",
+        1.15,
+        {"hand-written": raw_select, "install(), every guard": guarded_select},
+        finish=txguard.uninstall,
+    )
 
 
 def leak_detector_case(engine: sa.Engine) -> Case:

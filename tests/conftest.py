@@ -69,7 +69,9 @@ def sqlite_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sa.Engin
 @pytest.fixture(autouse=True)
 def _reset_txguard_globals() -> Iterator[None]:
     yield
-    txguard._registry._reset_default_for_tests()
+    from txguard import _registry
+
+    _registry._reset_default_for_tests()
 
 
 ASYNC_CASES = [
@@ -111,6 +113,7 @@ async def async_db(
         create_async_engine(url)
     )
     yield AsyncDatabase(backend, engine, sync)
-    checked_out = engine.sync_engine.pool.checkedout()
+    pool = engine.sync_engine.pool
+    checked_out = pool.checkedout() if hasattr(pool, "checkedout") else 0
     await engine.dispose()
     assert checked_out == 0, "the test left a pooled connection checked out"  # noqa: S101

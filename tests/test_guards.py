@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import Pool
 
 import txguard
+import txguard._registry  # noqa: F401  (conftest's reset reaches for it; txguard loads lazily)
 from tests.conftest import AsyncDatabase
 from tests.helpers import names, this_line
 from tests.models import Item

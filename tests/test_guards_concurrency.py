@@ -9,7 +9,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -17,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 import txguard
+import txguard._registry  # noqa: F401  (conftest's reset reaches for it; txguard loads lazily)
 from tests.conftest import AsyncDatabase
 from tests.helpers import names, this_line
 from tests.models import Item

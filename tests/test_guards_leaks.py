@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 import txguard
+import txguard._registry  # noqa: F401  (conftest's reset reaches for it; txguard loads lazily)
 from tests.helpers import this_line
 from tests.models import Item
 
@@ -171,6 +172,20 @@ def test_leaks_after_uninstall_are_not_reported(engine: sa.Engine) -> None:
     session = Session(engine)
     session.execute(sa.select(Item))
     txguard.uninstall()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        del session
+        gc.collect()
+
+
+def test_transaction_ended_while_uninstalled_is_not_a_leak(engine: sa.Engine) -> None:
+    """A transaction whose end uninstall() hid is not reported after a new install()."""
+    txguard.install(leaks="warn")
+    session = Session(engine)
+    session.execute(sa.select(Item))
+    txguard.uninstall()
+    session.commit()
+    txguard.install(leaks="warn")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         del session

@@ -74,7 +74,7 @@ def _new_record(fairy: Any, opened: Origin | None) -> ConnectionRecord:
     record.opened = opened
     record.returned = False
     record.tx = None
-    record.gen = shared.generation
+    record.gen = shared.leak_generation
     record.where = record.sql = None
     record.autobegun = False
     record.thread = record.warned = 0
@@ -91,7 +91,7 @@ def _connection_gone(record: ConnectionRecord) -> None:
         log_end(record)
     cfg = shared.settings
     opened = record.opened
-    if opened is None or cfg is None or cfg.leaks == OFF or record.gen != shared.generation:
+    if opened is None or cfg is None or cfg.leaks == OFF or record.gen != shared.leak_generation:
         return  # not followed from its checkout: whether it was returned is unknown
     last = f" Its last transaction was {record.describe()}." if record.origin is not None else ""
     report_late(
@@ -173,7 +173,7 @@ def begin(self: Connection) -> RootTransaction:
     cfg = shared.settings
     if cfg is None:
         return original_begin(self)
-    current = self.get_transaction()
+    current = self._transaction
     if current is not None:
         if cfg.mixed_begin != OFF:
             _mixed_begin(self, current, cfg.mixed_begin)

@@ -1,10 +1,11 @@
 """What the guards share: the active settings, the record of each watched transaction, and
 how a finding reaches the user.
 
-A record is a weak reference to the Session (or pooled connection) it describes, carrying
-what the guards learnt when its transaction began. Being the weak reference itself, it
-costs one small object per Session, never keeps the Session alive, and its callback is
-where a leak is noticed.
+A record is one small object per transaction: where and how it began (a code object and
+a line, formatted only if a message needs it), in which thread and task, and when. A
+Session's record lives on the Session; a checked-out connection's is a weak reference to
+the pooled connection, kept in the pool record's ``info``. Neither keeps anything alive,
+and each notices a leak when what it describes is garbage-collected too early.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import asyncio
 import logging
 import sys
 import threading
-import weakref
+from collections.abc import Callable
 from time import monotonic
 from types import CodeType
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from ._origin import Origin, shorten_sql, warn_at, warn_at_user
@@ -83,9 +83,11 @@ settings: Settings | None = None
 # leak guard to see it go), or None once it is gone.
 open_transactions: dict[int, Callable[[], Record | None]] = {}
 
-# Bumped when leak tracking stops: records made before then can no longer tell a returned
-# connection from a leaked one, so they stay silent.
+# Bumped by uninstall(): records made before it may have missed events, so they are stale.
 generation = 0
+# Bumped when leak tracking of connections stops (leaks="off", or uninstall()): connection
+# records made before can no longer tell a returned connection from a leaked one.
+leak_generation = 0
 
 
 class Record:
@@ -174,7 +176,7 @@ def report_late(level: str, category: type[Warning], message: str, origin: Origi
     """Deliver a finding made by the garbage collector or the sweep thread, at ``origin``.
 
     Nothing can catch an exception there: at level "error" it is raised, and Python hands it
-    to ``sys.unraisablehook`` (from a weakref callback) or the caller reports it.
+    to ``sys.unraisablehook`` (from a finalizer or weakref callback) or the caller reports it.
     """
     if sys.is_finalizing():
         return

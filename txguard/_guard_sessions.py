@@ -1,14 +1,14 @@
 """Guards on every Session, and so on the Session inside every AsyncSession.
 
-SessionEvents do the watching (they cost next to nothing when nobody listens to single
-statements): ``after_transaction_create``/``after_transaction_end`` note where each root
+SessionEvents do the watching (unlike ConnectionEvents, they add no cost to every
+statement): ``after_transaction_create``/``after_transaction_end`` note where each root
 transaction began and when it ended, ``do_orm_execute`` keeps the statement that is about
 to autobegin one, and ``do_orm_execute``/``before_flush``/``after_transaction_end`` check
 which thread and task use the Session. ``Session.begin`` has no "before" event, so the
 mixed-begin check wraps it (see ``_guards``).
 
-What the guards know of a transaction lives on the ``SessionTransaction`` itself, so it
-goes away with it; a transaction garbage-collected before it ended is a leaked Session.
+What the guards know of the current transaction lives on the Session itself, so it goes
+away with it; a record garbage-collected before its transaction ended is a leaked Session.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from ._guard_records import (
     report,
     report_late,
 )
-from ._origin import Origin, _is_library, _library_cache, capture, warn_at_user
+from ._origin import Origin, _is_library, capture, warn_at_user
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import ORMExecuteState
@@ -63,29 +63,26 @@ __all__ = [
     "record_of",
 ]
 
-KEY: Final = "_txguard_record"  # the attribute of a root SessionTransaction holding its record
+KEY: Final = "_txguard_record"  # the Session attribute holding its current transaction's record
 _AUTOBEGIN: Final = SessionTransactionOrigin.AUTOBEGIN
 _BEGIN: Final = SessionTransactionOrigin.BEGIN
 
-# Helpers that run cleanup (or a timeout) in a task of their own while the calling task
-# waits for it: SQLAlchemy's and txguard's run_to_completion, and asyncio.wait_for < 3.12.
-_HANDOFF_HELPERS: Final = frozenset({"_run_to_completion", "run_to_completion", "wait_for"})
 
 
 class SessionRecord(Record):
-    """What the guards know of one root transaction of a Session.
-
-    ``sql`` and ``warned`` are set only when needed (the class defaults stand in).
-    """
+    """What the guards know of one root transaction of a Session (``warned`` is set once
+    a guard has warned about it; until then it is absent)."""
 
     __slots__ = (
-        "where", "autobegun", "sql", "thread", "began", "warned", "active", "task", "__weakref__"
+        "where", "autobegun", "sql", "thread", "began", "warned", "active", "task", "gen",
+        "__weakref__",
     )
 
     owner = "Session"
 
     active: bool
     task: weakref.ref[asyncio.Task[Any]] | None
+    gen: int  # shared.generation when it began: records from before an uninstall() are stale
 
     def is_open(self) -> bool:
         return self.active
@@ -99,7 +96,7 @@ class SessionRecord(Record):
 
 def _leaked(record: SessionRecord) -> None:
     cfg = shared.settings
-    if cfg is None or cfg.leaks == OFF:
+    if cfg is None or cfg.leaks == OFF or record.gen != shared.generation:
         return
     report_late(
         cfg.leaks,
@@ -116,17 +113,23 @@ def _leaked(record: SessionRecord) -> None:
 
 def record_of(session: Session) -> SessionRecord | None:
     """Return the record of ``session``'s open root transaction, if the guards saw it begin."""
-    root = session.get_transaction()
-    if root is None:
+    record: SessionRecord | None = session.__dict__.get(KEY)
+    if record is None or not record.active or record.gen != shared.generation:
         return None
-    record: SessionRecord | None = root.__dict__.get(KEY)
-    return record if record is not None and record.active else None
+    return record
 
+
+# Set by install(): whether Session.begin is wrapped, and which details records keep.
+begin_wrapped = False
+watch_tasks = False
+watch_age = False
+age_threshold = 0.0
 
 # How many frames above on_transaction_create the Session.begin() wrapper ran last time
 # (0: not known yet). The frames between are SQLAlchemy's own and the same every time, so
 # sys._getframe(depth), which makes a frame object for that one frame only, finds it.
 _begin_depth = 0
+_user_files: dict[str, bool] = {}
 
 
 def _find_begin_wrapper() -> Any:
@@ -142,6 +145,12 @@ def _find_begin_wrapper() -> Any:
     return None  # begin() was not called through the wrapper (mixed_begin is off)
 
 
+def _is_user_file(filename: str) -> bool:
+    verdict = not _is_library(filename) and filename[:1] != "<"  # generated code: library's
+    _user_files[filename] = verdict
+    return verdict
+
+
 # (id(session), statement, where) of an ORM execute about to autobegin a transaction.
 _pending: tuple[int, object, Origin] | None = None
 
@@ -153,35 +162,28 @@ def on_transaction_create(session: Session, transaction: SessionTransaction) -> 
     """Note where a root transaction began, how, and in which thread and task."""
     global _pending
     how = transaction.origin
-    if how is not _AUTOBEGIN and how is not _BEGIN:
-        return  # savepoints and flush subtransactions belong to the root transaction
-    cfg = shared.settings
-    if cfg is None:
-        return
-    record = SessionRecord()
     where: Origin | tuple[CodeType, int] | None = None
-    if how is _BEGIN:
-        # Where the user called Session.begin(): the caller of our wrapper, when it is not
-        # library code (sessionmaker.begin(), a txguard unit, generated proxies).
-        wrapper: Any = None
-        if _begin_depth:
-            try:
-                wrapper = sys._getframe(_begin_depth)
-            except ValueError:
-                pass
-            if wrapper is not None and wrapper.f_code is not _BEGIN_CODE:
-                wrapper = None
-        if wrapper is None:
+    sql = None
+    if how is _BEGIN and begin_wrapped:
+        # Where the user called Session.begin(): the caller of our wrapper, when it is user
+        # code (not sessionmaker.begin(), a txguard unit, or a generated proxy).
+        try:
+            wrapper: Any = sys._getframe(_begin_depth)
+        except ValueError:
+            wrapper = None
+        if wrapper is None or wrapper.f_code is not _BEGIN_CODE:
             wrapper = _find_begin_wrapper()
         caller = None if wrapper is None else wrapper.f_back  # None first in a greenlet
         if caller is not None:
             code = caller.f_code
             filename = code.co_filename
-            library = _library_cache.get(filename)
-            if library is None:
-                library = _is_library(filename)
-            if not library and filename[:1] != "<":  # generated code is library code too
+            user = _user_files.get(filename)
+            if user is None:
+                user = _is_user_file(filename)
+            if user:
                 where = (code, caller.f_lineno)
+    elif how is not _AUTOBEGIN and how is not _BEGIN:
+        return  # savepoints and flush subtransactions belong to the root transaction
     if where is None:
         origin = capture(1)
         where = origin
@@ -190,53 +192,57 @@ def on_transaction_create(session: Session, transaction: SessionTransaction) -> 
             _pending = None
             # The statement counts only if it is the one now autobeginning it.
             if pending[0] == id(session) and pending[2].frames[:1] == origin.frames[:1]:
-                record.sql = pending[1]
+                sql = pending[1]
+    record = SessionRecord()
     record.where = where
+    record.sql = sql
     record.autobegun = how is _AUTOBEGIN
     record.active = True
     record.thread = get_ident()
-    if cfg.cross_task == OFF or asyncio._get_running_loop() is None:
-        record.task = None
-    else:
+    record.task = None
+    record.gen = shared.generation
+    if watch_tasks and asyncio._get_running_loop() is not None:
         task = asyncio.current_task()
-        record.task = None if task is None else weakref.ref(task)
-    if cfg.long_transaction is not None:
+        if task is not None:
+            record.task = weakref.ref(task)
+    if watch_age:
         record.began = monotonic()
         open_transactions[id(record)] = weakref.ref(record)  # weak: the leak guard needs it
-    transaction.__dict__[KEY] = record
+    session.__dict__[KEY] = record
 
 
 def on_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     """Mark the root transaction ended; check who ended it; log it if it ran long."""
-    record: SessionRecord | None = transaction.__dict__.get(KEY)
+    how = transaction.origin
+    if how is not _BEGIN and how is not _AUTOBEGIN:
+        return
+    record = session.__dict__.get(KEY)
     if record is None or not record.active:
         return
     record.active = False
-    if open_transactions.pop(id(record), None) is not None:
-        log_end(record)
+    if watch_age and open_transactions.pop(id(record), None) is not None:
+        if monotonic() - record.began >= age_threshold:
+            log_end(record)
     if record.thread != get_ident() or record.task is not None:
         check_use(session, record, "ends its transaction (commit, rollback or close)")
 
 
 def on_orm_execute(state: ORMExecuteState) -> None:
-    """Keep a statement about to autobegin a transaction; check who uses the Session."""
+    """Check who uses the Session; keep a statement about to autobegin a transaction."""
     session = state.session
-    root = session.get_transaction()
-    if root is None:
+    record = session.__dict__.get(KEY)
+    if record is not None and record.active:
+        if record.thread != get_ident() or record.task is not None:
+            check_use(session, record, "runs a statement")
+    elif not session.in_transaction():
         global _pending
         cfg = shared.settings
         if cfg is not None and cfg.mixed_begin != OFF:
             _pending = (id(session), state.statement, capture(1))
-        return
-    record = root.__dict__.get(KEY)
-    if record is not None and record.active:
-        if record.thread != get_ident() or record.task is not None:
-            check_use(session, record, "runs a statement")
 
 
 def on_before_flush(session: Session, flush_context: object, instances: object) -> None:
-    root = session.get_transaction()
-    record = None if root is None else root.__dict__.get(KEY)
+    record = session.__dict__.get(KEY)
     if record is not None and record.active:
         if record.thread != get_ident() or record.task is not None:
             check_use(session, record, "flushes")
@@ -248,7 +254,7 @@ def on_before_flush(session: Session, flush_context: object, instances: object) 
 def check_use(session: Session, record: SessionRecord, operation: str) -> None:
     """Report use from another thread, or from another task while the owner runs."""
     cfg = shared.settings
-    if cfg is None:
+    if cfg is None or record.gen != shared.generation:
         return
     if record.thread != get_ident():
         level = cfg.cross_thread
@@ -273,18 +279,25 @@ def check_use(session: Session, record: SessionRecord, operation: str) -> None:
     warned = getattr(record, "warned", 0)
     if level == ERROR or not warned & WARNED_TASK:
         record.warned = warned | WARNED_TASK
-        report(level, CrossTaskWarning, _cross_task_message(session, record, owner, task, operation))
+        message = _cross_task_message(session, record, owner, task, operation)
+        report(level, CrossTaskWarning, message)
 
 
 def _awaits(owner: asyncio.Task[Any], task: asyncio.Task[Any]) -> bool:
-    """Say whether ``owner`` is suspended in a helper that waits for ``task`` to finish."""
+    """Say whether ``owner`` waits for ``task`` alone, in library code that started it.
+
+    SQLAlchemy closes (and commits) an ``async with`` session in a task of its own that the
+    owner awaits, txguard settles async units the same way, and ``asyncio.wait_for`` (before
+    Python 3.12) runs its awaitable in a task: the owner is suspended until that task ends,
+    so the session is handed over, not shared. Found by walking the owner's chain of
+    suspended coroutines for a library frame holding ``task`` itself.
+    """
     coro: Any = owner.get_coro()
     for _ in range(200):
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
         if frame is None:
             return False
-        code = frame.f_code
-        if code.co_name in _HANDOFF_HELPERS and _is_library(code.co_filename):
+        if _is_library(frame.f_code.co_filename):
             if any(value is task for value in frame.f_locals.values()):
                 return True
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
@@ -329,7 +342,7 @@ original_begin: Callable[..., SessionTransaction] = Session.begin  # set again b
 
 def begin(self: Session, nested: bool = False) -> SessionTransaction:
     """Begin as SQLAlchemy does; first say where the transaction already active began."""
-    if not nested and self.in_transaction():
+    if not nested and self._transaction is not None:
         cfg = shared.settings
         if cfg is not None and cfg.mixed_begin != OFF:
             _mixed_begin(self, cfg.mixed_begin)
@@ -377,10 +390,7 @@ def session_holding(conn: object) -> SessionRecord | None:
                 candidates.extend(gc.get_referrers(candidate))
         for candidate in candidates:
             if isinstance(candidate, SessionTransaction):
-                root = candidate
-                while root.parent is not None:
-                    root = root.parent
-                record = root.__dict__.get(KEY)
-                if record is not None and record.active:
-                    return record  # type: ignore[no-any-return]
+                record = record_of(candidate.session)
+                if record is not None:
+                    return record
     return None

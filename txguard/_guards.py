@@ -71,10 +71,14 @@ def install(
     with _lock:
         old = shared.settings
         if old is not None and old.leaks != OFF and new.leaks == OFF:
-            shared.generation += 1
+            shared.leak_generation += 1
         if new.long_transaction is None:
             shared.open_transactions.clear()
         shared.settings = new
+        sessions.begin_wrapped = new.mixed_begin != OFF
+        sessions.watch_tasks = new.cross_task != OFF
+        sessions.watch_age = new.long_transaction is not None
+        sessions.age_threshold = new.long_transaction or 0.0
         _attach(_wanted_listeners(new), _wanted_patches(new))
         _show_leak_warnings(new.leaks == WARN)
         _run_sweeper(new.long_transaction)
@@ -84,10 +88,12 @@ def uninstall() -> None:
     """Remove every guard: no listener or patch stays behind (idempotent)."""
     with _lock:
         shared.settings = None
+        sessions.begin_wrapped = sessions.watch_tasks = sessions.watch_age = False
         _attach(set(), {})
         _show_leak_warnings(False)
         _run_sweeper(None)
         shared.generation += 1
+        shared.leak_generation += 1
         shared.open_transactions.clear()
         connections._tx_records.clear()
 

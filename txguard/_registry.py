@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, Union, overload
@@ -104,9 +105,8 @@ class SessionRegistry:
 
     def unit_of_work(self, **options: Any) -> UnitOfWork:
         """Open a unit of work on this registry (see ``txguard.unit_of_work``)."""
-        from ._unit import unit_of_work
-
-        return unit_of_work(registry=self, **options)
+        unit: UnitOfWork = _api().unit_of_work(registry=self, **options)
+        return unit
 
     @overload
     def transactional(self, fn: Callable[P, R], /) -> Callable[P, R]: ...
@@ -116,11 +116,8 @@ class SessionRegistry:
 
     def transactional(self, fn: Any = None, /, **options: Any) -> Any:
         """Decorate a function to run in a unit of this registry (see ``txguard.transactional``)."""
-        from ._transactional import transactional
-
-        if fn is None:
-            return transactional(registry=self, **options)
-        return transactional(registry=self, **options)(fn)
+        decorator = _api().transactional(registry=self, **options)
+        return decorator if fn is None else decorator(fn)
 
     def current_session(self) -> Session | AsyncSession:
         """Return the session of the current unit of work of this registry."""
@@ -140,21 +137,30 @@ class SessionRegistry:
 
     def on_commit(self, fn: Callable[[], object], *, robust: bool = False) -> None:
         """Run ``fn`` after the current transaction commits (see ``txguard.on_commit``)."""
-        from ._hooks import on_commit
-
-        on_commit(fn, robust=robust, registry=self)
+        _api().on_commit(fn, robust=robust, registry=self)
 
     def on_rollback(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` after the current transaction rolls back (see ``txguard.on_rollback``)."""
-        from ._hooks import on_rollback
-
-        on_rollback(fn, registry=self)
+        _api().on_rollback(fn, registry=self)
 
     def connect(self, engine: Any = None, **options: Any) -> ConnectionUnit:
         """Open a disciplined Core connection (see ``txguard.connect``)."""
-        from ._connect import connect
+        unit: ConnectionUnit = _api().connect(engine, registry=self, **options)
+        return unit
 
-        return connect(engine, registry=self, **options)
+
+@functools.cache
+def _api() -> Any:
+    """Return the package, with the modules behind the registry's methods loaded.
+
+    They import this module, so they cannot be imported at its top; caching the lookup
+    keeps the registry's methods as cheap as the module-level functions.
+    """
+    import txguard
+
+    for name in ("unit_of_work", "transactional", "on_commit", "on_rollback", "connect"):
+        getattr(txguard, name)
+    return txguard
 
 
 _default: SessionRegistry | None = None

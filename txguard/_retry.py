@@ -136,7 +136,7 @@ def next_delay(frame: Frame, exc: BaseException, attempt: int) -> float | None:
                 "transaction retries it (retries= there, or propagation='requires_new' here).",
             )
         return None
-    if frame.scope.committing and not _declared_rollback(exc):
+    if frame.scope.committing and _from_commit(exc) and not _declared_rollback(exc):
         _note(
             exc,
             f"txguard: attempt {attempt} of {frame.where} failed while COMMIT was being "
@@ -152,6 +152,15 @@ def next_delay(frame: Frame, exc: BaseException, attempt: int) -> float | None:
         )
         return None
     return backoff_delay(opts.backoff, attempt)
+
+
+def _from_commit(exc: BaseException) -> bool:
+    """Say whether ``exc`` came from COMMIT itself, not from the flush before it.
+
+    SQLAlchemy attaches the failing statement to errors of a flush; an error of the DBAPI
+    ``commit()`` has none.
+    """
+    return isinstance(exc, DBAPIError) and exc.statement is None
 
 
 def _declared_rollback(exc: BaseException) -> bool:

