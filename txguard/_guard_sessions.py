@@ -47,7 +47,7 @@ from ._guard_records import (
     report,
     report_late,
 )
-from ._origin import Origin, _is_library, capture, warn_at_user
+from ._origin import Origin, _is_library, capture, is_user_frame, warn_at_user
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import ORMExecuteState
@@ -129,7 +129,6 @@ age_threshold = 0.0
 # (0: not known yet). The frames between are SQLAlchemy's own and the same every time, so
 # sys._getframe(depth), which makes a frame object for that one frame only, finds it.
 _begin_depth = 0
-_user_files: dict[str, bool] = {}
 
 
 def _find_begin_wrapper() -> Any:
@@ -143,12 +142,6 @@ def _find_begin_wrapper() -> Any:
         frame = frame.f_back
         depth += 1
     return None  # begin() was not called through the wrapper (mixed_begin is off)
-
-
-def _is_user_file(filename: str) -> bool:
-    verdict = not _is_library(filename) and filename[:1] != "<"  # generated code: library's
-    _user_files[filename] = verdict
-    return verdict
 
 
 # (id(session), statement, where) of an ORM execute about to autobegin a transaction.
@@ -174,14 +167,8 @@ def on_transaction_create(session: Session, transaction: SessionTransaction) -> 
         if wrapper is None or wrapper.f_code is not _BEGIN_CODE:
             wrapper = _find_begin_wrapper()
         caller = None if wrapper is None else wrapper.f_back  # None first in a greenlet
-        if caller is not None:
-            code = caller.f_code
-            filename = code.co_filename
-            user = _user_files.get(filename)
-            if user is None:
-                user = _is_user_file(filename)
-            if user:
-                where = (code, caller.f_lineno)
+        if caller is not None and is_user_frame(caller):
+            where = (caller.f_code, caller.f_lineno)
     elif how is not _AUTOBEGIN and how is not _BEGIN:
         return  # savepoints and flush subtransactions belong to the root transaction
     if where is None:

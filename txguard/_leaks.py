@@ -16,9 +16,7 @@ does not depend on when the garbage collector happened to run.
 
 from __future__ import annotations
 
-import importlib
 import itertools
-import os
 import sys
 import threading
 import time
@@ -32,7 +30,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.pool import Pool
 
 from ._errors import LeakError
-from ._origin import Origin, _is_library_frame, _short_path
+from ._origin import Origin, _short_path, _user_files, is_user_frame, parent_greenlet
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -254,30 +252,9 @@ class _Tracker:
 
 tracker: Final = _Tracker()
 
-# Whether a file holds user code (True) or library code (False). Code that SQLAlchemy
-# compiles into ``<string>`` (2.0) is judged frame by frame, never cached by name.
-_user_files: dict[str, bool] = {}
 _SCAN_ABOVE: Final = 32
 _session_hints: list[int] = []
 _checkout_hints: list[int] = []
-
-
-def _runner_files() -> tuple[str, ...]:
-    """Files that start programs and test runs (``python -m pytest``): not the user's code."""
-    files = [os.path.join(os.path.dirname(os.__file__), "runpy.py")]
-    for name in ("pytest", "pytest_asyncio"):
-        module = sys.modules.get(name)
-        if module is not None and module.__file__:
-            files.append(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
-    return tuple(files)
-
-
-def _is_user_frame(frame: FrameType) -> bool:
-    filename = frame.f_code.co_filename
-    user = not (_is_library_frame(frame) or filename.startswith(_runner_files()))
-    if filename[:1] != "<" or filename.startswith("<sqlalchemy generated"):
-        _user_files[filename] = user
-    return user
 
 
 def _where(limit: int, hints: list[int]) -> _Where:
@@ -316,7 +293,7 @@ def _where(limit: int, hints: list[int]) -> _Where:
     budget = _SCAN_ABOVE
     while frame is not None and len(frames) < limit and budget:
         user = users.get(frame.f_code.co_filename)
-        if user or (user is None and _is_user_frame(frame)):
+        if user or (user is None and is_user_frame(frame)):
             frames.append((frame.f_code, frame.f_lasti))
         frame = frame.f_back
         budget -= 1
@@ -330,32 +307,19 @@ def _walk_to_user(hints: list[int]) -> FrameType | None:
     depth = 2  # as seen from _where
     while frame is not None:
         user = users.get(frame.f_code.co_filename)
-        if user or (user is None and _is_user_frame(frame)):
+        if user or (user is None and is_user_frame(frame)):
             hints[:] = [depth, *(hint for hint in hints if hint != depth)][:3]
             return frame
         frame = frame.f_back
         depth += 1
     # Inside SQLAlchemy's asyncio bridge the user's coroutine is in the parent greenlet.
-    frame = _spawning_frame()
-    while frame is not None:
-        user = users.get(frame.f_code.co_filename)
-        if user or (user is None and _is_user_frame(frame)):
-            return frame
-        frame = frame.f_back
+    glet = parent_greenlet()
+    spawner: FrameType | None = None if glet is None else glet.gr_frame
+    while spawner is not None:
+        if is_user_frame(spawner):
+            return spawner
+        spawner = spawner.f_back
     return None
-
-
-def _spawning_frame() -> FrameType | None:
-    """Return the frame that switched to the running greenlet, if greenlet is in use."""
-    try:
-        # An import, not sys.modules: a test runner may have unloaded the module
-        # (pytester does) while SQLAlchemy still runs greenlets from it.
-        greenlet: Any = importlib.import_module("greenlet")
-    except ImportError:  # pragma: no cover - SQLAlchemy's asyncio needs greenlet
-        return None
-    parent = greenlet.getcurrent().parent
-    frame: FrameType | None = None if parent is None else parent.gr_frame
-    return frame
 
 
 def _origin(where: _Where, depth: int) -> Origin:

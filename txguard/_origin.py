@@ -8,6 +8,7 @@ traceback (``traceback.extract_stack`` costs tens of microseconds).
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -16,7 +17,16 @@ from typing import Any, Final
 
 import sqlalchemy
 
-__all__ = ["Origin", "capture", "user_frame", "warn_at_user", "warn_at", "shorten_sql"]
+__all__ = [
+    "Origin",
+    "capture",
+    "is_user_frame",
+    "parent_greenlet",
+    "shorten_sql",
+    "user_frame",
+    "warn_at",
+    "warn_at_user",
+]
 
 
 def _package_dir(module_file: str | None) -> str:
@@ -39,16 +49,32 @@ _RUNNER_MARKERS: Final[tuple[str, ...]] = (
     os.sep + "greenlet" + os.sep,
 )
 _library_cache: dict[str, bool] = {}
-_user_files: set[str] = set()  # files seen to be user code: capture() checks these first
+# Per file: is it the user's code? Shared by every capture (units, guards, leak detector),
+# and read directly on their hot paths. Generated code ("<string>") is not cached: only
+# its module globals tell SQLAlchemy's wrappers from the user's `python -c` code.
+_user_files: dict[str, bool] = {}
+
+
+def _runner_files() -> tuple[str, ...]:
+    """Files that start programs and test runs (``python -m pytest``): not the user's code."""
+    files = [os.path.join(_STDLIB, "runpy.py")]
+    for name in ("pytest", "pytest_asyncio"):
+        module = sys.modules.get(name)
+        if module is not None and module.__file__:
+            files.append(_package_dir(module.__file__))
+    return tuple(files)
 
 
 def _is_library(filename: str) -> bool:
     try:
         return _library_cache[filename]
     except KeyError:
-        verdict = filename.startswith(_LIBRARY_PREFIXES) or any(
-            m in filename for m in _RUNNER_MARKERS
-        ) or filename.startswith("<frozen")
+        verdict = (
+            filename.startswith(_LIBRARY_PREFIXES)
+            or any(m in filename for m in _RUNNER_MARKERS)
+            or filename.startswith("<frozen")
+            or filename.startswith(_runner_files())
+        )
         _library_cache[filename] = verdict
         return verdict
 
@@ -68,10 +94,37 @@ def _is_library_frame(frame: FrameType) -> bool:
     return isinstance(module, str) and module.startswith(("sqlalchemy.", "txguard."))
 
 
-def _current_greenlet() -> Any:
-    """Return the running greenlet when greenlet is in use, else None."""
-    greenlet = sys.modules.get("greenlet")
-    return None if greenlet is None else greenlet.getcurrent()
+def is_user_frame(frame: FrameType) -> bool:
+    """Say whether ``frame`` runs the user's code (cached per file in ``_user_files``)."""
+    filename = frame.f_code.co_filename
+    verdict = _user_files.get(filename)
+    if verdict is None:
+        verdict = not _is_library_frame(frame)
+        if filename[:1] != "<" or filename.startswith("<sqlalchemy generated"):
+            _user_files[filename] = verdict
+    return verdict
+
+
+_greenlet: Any = None  # the module, once found; False when it cannot be imported
+
+
+def parent_greenlet(glet: Any = None) -> Any:
+    """Return the greenlet that spawned ``glet`` (the running one by default), or None.
+
+    We keep our own reference to the module: a test runner may drop it from
+    ``sys.modules`` (pytester does) while SQLAlchemy still runs greenlets from it.
+    """
+    global _greenlet
+    if glet is None:
+        if _greenlet is None:
+            try:
+                _greenlet = importlib.import_module("greenlet")
+            except ImportError:  # pragma: no cover - SQLAlchemy's asyncio needs greenlet
+                _greenlet = False
+        if not _greenlet:
+            return None
+        glet = _greenlet.getcurrent()
+    return glet.parent
 
 
 def user_frame(depth: int = 1) -> FrameType | None:
@@ -87,11 +140,10 @@ def user_frame(depth: int = 1) -> FrameType | None:
     glet = None
     while True:
         while frame is not None:
-            if not _is_library_frame(frame):
+            if is_user_frame(frame):
                 return frame
             frame = frame.f_back
-        glet = _current_greenlet() if glet is None else glet
-        glet = None if glet is None else glet.parent
+        glet = parent_greenlet(glet)
         if glet is None:
             return None
         frame = glet.gr_frame
@@ -150,13 +202,10 @@ def capture(depth: int = 1, limit: int = 1) -> Origin:
             frame: FrameType | None = sys._getframe(depth + 1)
         except ValueError:
             frame = None
-        if frame is None or frame.f_code.co_filename not in _user_files:
+        if frame is None or not _user_files.get(frame.f_code.co_filename):
             frame = user_frame(depth + 1)
             if frame is None:
                 return _UNKNOWN
-            filename = frame.f_code.co_filename
-            if filename[:1] != "<":
-                _user_files.add(filename)
         origin = _new_origin(Origin)
         origin.frames = ((frame.f_code, frame.f_lineno),)
         return origin
@@ -166,7 +215,7 @@ def capture(depth: int = 1, limit: int = 1) -> Origin:
     frames: list[tuple[CodeType, int]] = []
     current: FrameType | None = frame
     while current is not None and len(frames) < limit:
-        if not _is_library_frame(current):
+        if is_user_frame(current):
             frames.append((current.f_code, current.f_lineno))
         current = current.f_back
     return Origin(tuple(frames))
