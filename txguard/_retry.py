@@ -107,14 +107,13 @@ def backoff_delay(backoff: float | Callable[[int], float], attempt: int) -> floa
 def next_delay(frame: Frame, exc: BaseException, attempt: int) -> float | None:
     """Return how long to sleep before attempt ``attempt + 1``, or None to give up.
 
-    Only a unit that began its own begin-once transaction retries (a joined unit leaves
-    that to its owner, a savepoint cannot undo what the server rolled back, and a
-    commit-as-you-go unit may already have committed part of its work). An error raised
+    Only a unit that began its own transaction retries (a joined unit leaves that to its
+    owner, and a savepoint cannot undo what the server rolled back); ``unit_options``
+    already refuses ``retries=`` where the unit could be commit-as-you-go. An error raised
     while COMMIT was in flight is retried only when the database said it rolled back;
     otherwise the outcome is unknown and running the work again could apply it twice.
     Every error given up on after a retry carries a note saying how many attempts ran.
     """
-    from ._options import Mode
     from ._unit import JOIN, ROOT
 
     opts = frame.opts
@@ -127,7 +126,7 @@ def next_delay(frame: Frame, exc: BaseException, attempt: int) -> float | None:
                 f"{attempt} attempts.",
             )
         return None
-    if frame.kind != ROOT or frame.scope.mode is not Mode.BEGIN_ONCE:
+    if frame.kind != ROOT:
         if frame.kind == JOIN:
             _note(
                 exc,
