@@ -45,11 +45,11 @@ def on_commit(
     _check("on_commit", fn)
     if not isinstance(robust, bool):
         raise ConfigurationError(f"robust={robust!r} is not valid; use True or False.")
-    frame = resolve(registry)._var.get()
-    if frame is None or not (frame.scope.transactional or frame.scope.sync.in_transaction()):
+    unit = resolve(registry)._var.get()
+    if unit is None or not (unit.scope.transactional or unit.sync.in_transaction()):
         run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)
         return
-    frame.scope.callbacks.append(Callback(fn, ON_COMMIT, robust))
+    unit.scope.add_callback(Callback(fn, ON_COMMIT, robust))
 
 
 def on_rollback(fn: Callable[[], object], *, registry: SessionRegistry | None = None) -> None:
@@ -60,10 +60,10 @@ def on_rollback(fn: Callable[[], object], *, registry: SessionRegistry | None = 
     transaction there is nothing to roll back and ``fn`` never runs.
     """
     _check("on_rollback", fn)
-    frame = resolve(registry)._var.get()
-    if frame is None:
+    unit = resolve(registry)._var.get()
+    if unit is None:
         return
-    frame.scope.callbacks.append(Callback(fn, ON_ROLLBACK, False))
+    unit.scope.add_callback(Callback(fn, ON_ROLLBACK, False))
 
 
 def intercept(callbacks: list[Callback]) -> list[Callback]:

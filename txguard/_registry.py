@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
     from ._connect import ConnectionUnit
-    from ._unit import Frame, UnitOfWork
+    from ._unit import Unit, UnitOfWork
 
     Bind = Union[Engine, sessionmaker[Any], AsyncEngine, async_sessionmaker[Any]]
 
@@ -45,12 +45,13 @@ class SessionRegistry:
     """
 
     def __init__(self, bind: Bind, **session_options: Any) -> None:
-        self._var: contextvars.ContextVar[Frame | None] = contextvars.ContextVar(
+        self._var: contextvars.ContextVar[Unit | None] = contextvars.ContextVar(
             f"txguard_unit_{next(_ids)}", default=None
         )
         self._bind = bind
         self._session_options = session_options
         self.is_async, self.engines, self._base = _sessions.describe_bind(bind, session_options)
+        self.base_class = self._base.sync_class
         for engine in self.engines:
             install_sqlite_transactions(engine)
         self._factories: dict[tuple[bool, bool, str | None], Callable[[], Any]] = {}
@@ -121,19 +122,19 @@ class SessionRegistry:
 
     def current_session(self) -> Session | AsyncSession:
         """Return the session of the current unit of work of this registry."""
-        frame = self._var.get()
-        if frame is None:
+        unit = self._var.get()
+        if unit is None:
             raise TransactionRequiredError(
                 "No unit of work is active, so there is no current session. Open one with "
                 "`with txguard.unit_of_work() as session:` (or `async with` on an async "
                 "registry), or decorate the calling function with @txguard.transactional."
             )
-        return frame.scope.session  # type: ignore[no-any-return]
+        return unit.session  # type: ignore[no-any-return]
 
     def in_transaction(self) -> bool:
         """Say whether the current unit's session has an active transaction."""
-        frame = self._var.get()
-        return frame is not None and frame.scope.sync.in_transaction()
+        unit = self._var.get()
+        return unit is not None and unit.sync.in_transaction()
 
     def on_commit(self, fn: Callable[[], object], *, robust: bool = False) -> None:
         """Run ``fn`` after the current transaction commits (see ``txguard.on_commit``)."""

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ._options import UnitOptions
-    from ._unit import Frame
+    from ._unit import Unit
 
 __all__ = ["is_retryable", "retry_wanted", "next_delay", "backoff_delay", "BACKOFF_CAP"]
 
@@ -104,7 +104,7 @@ def backoff_delay(backoff: float | Callable[[int], float], attempt: int) -> floa
     return random.uniform(0.0, ceiling)
 
 
-def next_delay(frame: Frame, exc: BaseException, attempt: int) -> float | None:
+def next_delay(unit: Unit, exc: BaseException, attempt: int) -> float | None:
     """Return how long to sleep before attempt ``attempt + 1``, or None to give up.
 
     Only a unit that began its own transaction retries (a joined unit leaves that to its
@@ -116,29 +116,29 @@ def next_delay(frame: Frame, exc: BaseException, attempt: int) -> float | None:
     """
     from ._unit import JOIN, ROOT
 
-    opts = frame.opts
+    opts = unit.opts
     if not retry_wanted(opts, exc):
         if attempt > 1:
             _note(
                 exc,
-                f"txguard: attempt {attempt} of {frame.where} failed with an error that is "
+                f"txguard: attempt {attempt} of {unit.where} failed with an error that is "
                 f"not retried, after {attempt - 1} retried attempt(s); gave up after "
                 f"{attempt} attempts.",
             )
         return None
-    if frame.kind != ROOT:
-        if frame.kind == JOIN:
+    if unit.kind != ROOT:
+        if unit.kind == JOIN:
             _note(
                 exc,
-                f"txguard: not retried by {frame.where}: it joined the transaction of the "
-                f"unit opened at {frame.scope.where}; only the unit that begins a "
+                f"txguard: not retried by {unit.where}: it joined the transaction of the "
+                f"unit opened at {unit.scope.where}; only the unit that begins a "
                 "transaction retries it (retries= there, or propagation='requires_new' here).",
             )
         return None
-    if frame.scope.committing and _from_commit(exc) and not _declared_rollback(exc):
+    if unit.scope.committing and _from_commit(exc) and not _declared_rollback(exc):
         _note(
             exc,
-            f"txguard: attempt {attempt} of {frame.where} failed while COMMIT was being "
+            f"txguard: attempt {attempt} of {unit.where} failed while COMMIT was being "
             "sent, so whether the transaction committed is unknown; it was not retried, "
             f"after {attempt} attempt(s). Check the data before running the work again.",
         )
@@ -146,7 +146,7 @@ def next_delay(frame: Frame, exc: BaseException, attempt: int) -> float | None:
     if attempt > opts.retries:
         _note(
             exc,
-            f"txguard: {frame.where} gave up after {attempt} attempts "
+            f"txguard: {unit.where} gave up after {attempt} attempts "
             f"(retries={opts.retries}); this is the error of the last one.",
         )
         return None

@@ -1,14 +1,18 @@
 """Build the session factories of a registry: one per kind of unit, each built once.
 
-Units that need SQLAlchemy events (commit-as-you-go units track uncommitted writes,
-read-only units refuse writes) get sessions of a private subclass of the user's session
-class with the listeners on it, so plain units never pay for an event dispatch.
+Sessions of units are instances of a private subclass of the user's session class. Its
+``commit``, ``rollback``, ``begin`` and ``close`` ask the unit that owns the session (a
+single attribute, set for the unit's lifetime) whether the call is allowed; with no unit
+they are the user's methods. Units that need SQLAlchemy events (commit-as-you-go units
+track uncommitted writes, read-only units refuse writes) get their own subclass with the
+listeners on it, so plain units never pay for an event dispatch.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection
@@ -18,7 +22,10 @@ from sqlalchemy.sql.elements import TextClause
 from ._errors import ConfigurationError, ReadOnlyTransactionError
 from ._origin import capture, shorten_sql
 
-__all__ = ["describe_bind", "build_factory", "FIRST_CHANGE", "is_write_sql"]
+if TYPE_CHECKING:
+    from ._unit import Unit
+
+__all__ = ["describe_bind", "build_factory", "FIRST_CHANGE", "GuardedSession", "is_write_sql"]
 
 FIRST_CHANGE = "txguard.first_uncommitted_change"
 _WRITE_KEYWORDS = frozenset(
@@ -71,6 +78,42 @@ def _engines_of(kw: dict[str, Any]) -> list[Engine]:
     return engines
 
 
+class GuardedSession(Session):
+    """The methods a unit of work must see; the base of every session class of a unit.
+
+    ``_txguard_unit`` is the unit that owns the session, or None outside one. Units call
+    the user's class (``unit.base``) directly, so these run only for the user's calls.
+    """
+
+    _txguard_unit: Unit | None = None
+
+    def commit(self) -> None:
+        unit = self._txguard_unit
+        if unit is None:
+            super().commit()
+        else:
+            unit.session_commit()
+
+    def rollback(self) -> None:
+        unit = self._txguard_unit
+        if unit is None:
+            super().rollback()
+        else:
+            unit.session_rollback()
+
+    def begin(self, nested: bool = False) -> SessionTransaction:
+        unit = self._txguard_unit
+        if unit is not None and not nested:  # begin_nested() is begin(nested=True): allowed
+            unit.session_begin()
+        return super().begin(nested)
+
+    def close(self) -> None:
+        unit = self._txguard_unit
+        if unit is not None:
+            unit.session_close()
+        super().close()
+
+
 def build_factory(
     base: Base,
     commit_as_you_go: bool,
@@ -78,7 +121,11 @@ def build_factory(
     isolation_level: str | None,
     external_bind: Any,
 ) -> Callable[[], Any]:
-    """Return a session factory for units with these options."""
+    """Return a session factory for units with these options.
+
+    A ``functools.partial`` of the class rather than a ``sessionmaker``: the keywords are
+    merged once here instead of at every call.
+    """
     kw = dict(base.kw)
     if external_bind is not None:
         kw.pop("binds", None)
@@ -94,24 +141,23 @@ def build_factory(
         kw["bind"] = bind.execution_options(isolation_level=isolation_level)
     sync_class = _variant(base.sync_class, commit_as_you_go, read_only)
     if base.is_async:
-        from sqlalchemy.ext.asyncio import async_sessionmaker
-
-        return async_sessionmaker(class_=base.async_class, sync_session_class=sync_class, **kw)
-    return sessionmaker(class_=sync_class, **kw)
+        return functools.partial(base.async_class, sync_session_class=sync_class, **kw)
+    return functools.partial(sync_class, **kw)
 
 
-_variants: dict[tuple[type[Session], bool, bool], type[Session]] = {}
+_variants: dict[tuple[type[Session], bool, bool], type[GuardedSession]] = {}
 
 
-def _variant(cls: type[Session], commit_as_you_go: bool, read_only: bool) -> type[Session]:
-    if not (commit_as_you_go or read_only):
-        return cls
+def _variant(cls: type[Session], commit_as_you_go: bool, read_only: bool) -> type[GuardedSession]:
     key = (cls, commit_as_you_go, read_only)
     try:
         return _variants[key]
     except KeyError:
         pass
-    variant: type[Session] = type(cls.__name__, (cls,), {"__module__": cls.__module__})
+    bases = (GuardedSession, cls) if cls is not Session else (GuardedSession,)
+    variant: type[GuardedSession] = type(
+        cls.__name__, bases, {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    )
     if commit_as_you_go:
         event.listen(variant, "transient_to_pending", _note_pending)
         event.listen(variant, "after_flush", _note_flush)

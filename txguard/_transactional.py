@@ -92,23 +92,23 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
         var = registry._var
         attempt = 1
         while True:
-            frame = open_unit(registry, opts, where)
-            if frame is None:
+            unit = open_unit(registry, opts, where)
+            if unit is None:
                 return fn(*args, **kwargs)
-            token = var.set(frame)
+            token = var.set(unit)
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:
                 var.reset(token)
-                finish, error = settle(frame, exc)
+                finish, error = settle(unit, exc)
             else:
                 var.reset(token)
-                finish, error = settle(frame, None)
+                finish, error = settle(unit, None)
                 if error is None:
                     if finish is not None:
                         finish.deliver(in_flight=False)
                     return result
-            delay = next_delay(frame, error, attempt) if opts.retries else None  # type: ignore[arg-type]
+            delay = next_delay(unit, error, attempt) if opts.retries else None  # type: ignore[arg-type]
             if delay is None:
                 if finish is not None:
                     finish.deliver(in_flight=True)
@@ -129,23 +129,23 @@ def _async_wrapper(
         var = registry._var
         attempt = 1
         while True:
-            frame = await aopen_unit(registry, opts, where)
-            if frame is None:
+            unit = await aopen_unit(registry, opts, where)
+            if unit is None:
                 return await fn(*args, **kwargs)
-            token = var.set(frame)
+            token = var.set(unit)
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as exc:
                 var.reset(token)
-                finish, error = await asettle(frame, exc)
+                finish, error = await asettle(unit, exc)
             else:
                 var.reset(token)
-                finish, error = await asettle(frame, None)
+                finish, error = await asettle(unit, None)
                 if error is None:
                     if finish is not None:
                         finish.deliver(in_flight=False)
                     return result
-            delay = next_delay(frame, error, attempt) if opts.retries else None  # type: ignore[arg-type]
+            delay = next_delay(unit, error, attempt) if opts.retries else None  # type: ignore[arg-type]
             if delay is None:
                 if finish is not None:
                     finish.deliver(in_flight=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy.orm import Session, SessionTransaction
@@ -33,7 +34,7 @@ from ._sessions import FIRST_CHANGE
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["Frame", "Scope", "UnitOfWork", "open_unit", "settle", "unit_of_work"]
+__all__ = ["Unit", "UnitOfWork", "open_unit", "settle", "unit_of_work"]
 
 logger = logging.getLogger("txguard")
 
@@ -45,7 +46,6 @@ ON_COMMIT: Final = 0
 ON_ROLLBACK: Final = 1
 ALWAYS: Final = 2  # an on_rollback callback whose savepoint was rolled back: its work is gone
 
-_GUARDED: Final = ("commit", "rollback", "begin", "close")
 
 # Enum member access costs ~10 global lookups on Python 3.10/3.11: bind the hot ones once.
 _BEGIN_ONCE: Final = Mode.BEGIN_ONCE
@@ -70,64 +70,66 @@ class Callback:
         self.robust = robust
 
 
-class Scope:
-    """A transaction (or a savepoint) owned by one unit and shared by the units that join it."""
+_NO_CALLBACKS: Final[tuple[Callback, ...]] = ()
 
-    __slots__ = (
-        "registry",
-        "session",
-        "sync",
-        "mode",
-        "transaction",
-        "parent",
-        "transactional",
-        "read_only",
-        "isolation_level",
-        "where",
-        "callbacks",
-        "rollback_only",
-        "rollback_cause",
-        "rollback_site",
-        "rollback_unit",
-        "committing",
-    )
 
-    def __init__(
-        self,
-        registry: SessionRegistry,
-        session: Any,
-        sync: Session,
-        mode: Mode,
-        transaction: SessionTransaction | None,
-        parent: Scope | None,
-        transactional: bool,
-        read_only: bool,
-        isolation_level: str | None,
-        where: Origin,
-    ) -> None:
-        self.registry = registry
-        self.session = session
-        self.sync = sync
-        self.mode = mode
-        self.transaction = transaction
-        self.parent = parent
-        self.transactional = transactional
-        self.read_only = read_only
-        self.isolation_level = isolation_level
-        self.where = where
-        self.callbacks: list[Callback] = []
-        self.rollback_only = False
-        self.rollback_cause: BaseException | None = None
-        self.rollback_site: Origin | None = None
-        self.rollback_unit: Origin | None = None
-        self.committing = False
+class Unit:
+    """One active unit of work: the entry of a registry's stack.
+
+    A unit either owns a transaction (``kind`` ROOT, or SAVEPOINT for a savepoint) and is
+    its own ``scope``, or JOINs the scope of an active unit (``owner``). What belongs to
+    the transaction (callbacks, the rollback-only mark) lives on the scope. The rarely set
+    attributes are class-level defaults, so opening a unit stores only what differs.
+    """
+
+    owner: Unit | None = None
+    parent: Unit | None = None  # the scope a savepoint was taken in
+    transaction: SessionTransaction | None = None
+    transactional = True
+    isolation_level: str | None = None
+    callbacks: tuple[Callback, ...] | list[Callback] = _NO_CALLBACKS
+    rollback_only = False
+    rollback_cause: BaseException | None = None
+    rollback_site: Origin | None = None
+    rollback_unit: Origin | None = None
+    committing = False
+
+    kind: int
+    opts: UnitOptions
+    where: Origin
+    registry: SessionRegistry
+    session: Any
+    sync: Session
+    base: type[Session]  # the user's session class: the unit calls it, past the guards
+    mode: Mode
 
     @property
-    def root(self) -> Scope:
-        scope = self
+    def scope(self) -> Unit:
+        """The unit that owns the transaction (or savepoint) this unit runs in."""
+        return self.owner or self
+
+    @property
+    def root(self) -> Unit:
+        scope = self.scope
         while scope.parent is not None:
             scope = scope.parent
         return scope
+
+    def add_callback(self, callback: Callback) -> None:
+        callbacks = self.callbacks
+        if isinstance(callbacks, list):
+            callbacks.append(callback)
+        else:
+            self.callbacks = [callback]
+
+    def take_callbacks(self, committed: bool) -> list[Callback]:
+        """Remove and return the callbacks this outcome runs, in registration order."""
+        callbacks = self.callbacks
+        if not callbacks:
+            return []
+        self.callbacks = _NO_CALLBACKS
+        wanted = ON_COMMIT if committed else ON_ROLLBACK
+        return [cb for cb in callbacks if cb.when == wanted or cb.when == ALWAYS]
 
     def mark_rollback_only(self, cause: BaseException, unit: Origin) -> None:
         if not self.rollback_only:
@@ -136,95 +138,70 @@ class Scope:
             self.rollback_site = failure_site(cause)
             self.rollback_unit = unit
 
-    # Methods shadowing the session's own while a begin-once unit owns it.
+    # The user's calls of the session's own methods, routed here by GuardedSession.
 
-    def refuse_commit(self, *args: Any, **kwargs: Any) -> None:
-        raise DisciplineError(
-            f"session.commit() inside the begin-once unit opened at {self.where}: the unit "
-            "commits when its block ends (and rolls back if an exception leaves it). Remove "
-            "the call; to commit part of the work on its own, run it in a unit with "
-            "propagation='requires_new', or open this unit with mode='commit_as_you_go'."
-        )
-
-    def refuse_rollback(self, *args: Any, **kwargs: Any) -> None:
-        raise DisciplineError(
-            f"session.rollback() inside the begin-once unit opened at {self.where}: raise an "
-            "exception to roll the unit back, or use session.begin_nested() / "
-            "propagation='nested' to undo part of the work."
-        )
-
-    def refuse_begin(self, nested: bool = False) -> SessionTransaction:
-        if nested:  # Session.begin_nested() is begin(nested=True): savepoints are allowed.
-            return type(self.sync).begin(self.sync, nested=True)
-        raise DisciplineError(
-            f"session.begin() inside the begin-once unit opened at {self.where}: the unit "
-            "already began the transaction. Use the session as it is, or "
-            "session.begin_nested() for a savepoint."
-        )
-
-    def refuse_close(self, *args: Any, **kwargs: Any) -> None:
-        raise DisciplineError(
-            f"session.close() inside the begin-once unit opened at {self.where}: closing now "
-            "would silently discard the transaction. The unit closes its session when the "
-            "block ends."
-        )
-
-    # Methods wrapping the session's own in a commit-as-you-go unit.
-
-    def commit_as_you_go(self, *args: Any, **kwargs: Any) -> None:
-        frame = self.registry._var.get()
-        if frame is not None and frame.scope is not self and frame.scope.root is self:
+    def session_commit(self) -> None:
+        if self.mode is _BEGIN_ONCE:
             raise DisciplineError(
-                f"session.commit() inside the savepoint unit opened at {frame.where}: the "
+                f"session.commit() inside the begin-once unit opened at {self.where}: the "
+                "unit commits when its block ends (and rolls back if an exception leaves "
+                "it). Remove the call; to commit part of the work on its own, run it in a "
+                "unit with propagation='requires_new', or open this unit with "
+                "mode='commit_as_you_go'."
+            )
+        current = self.registry._var.get()
+        if current is not None and current.scope is not self and current.root is self:
+            raise DisciplineError(
+                f"session.commit() inside the savepoint unit opened at {current.where}: the "
                 "savepoint is released when its block ends; commit after it."
             )
         if (
-            frame is not None
-            and frame.kind == JOIN
-            and frame.scope is self
-            and frame.opts.mode is _BEGIN_ONCE
+            current is not None
+            and current.kind == JOIN
+            and current.owner is self
+            and current.opts.mode is _BEGIN_ONCE
         ):
             raise DisciplineError(
-                f"session.commit() inside the begin-once unit opened at {frame.where}, which "
-                f"joined the commit-as-you-go unit opened at {self.where}: only that unit "
-                "commits. Remove the call, or give this unit mode='commit_as_you_go'."
+                f"session.commit() inside the begin-once unit opened at {current.where}, "
+                f"which joined the commit-as-you-go unit opened at {self.where}: only that "
+                "unit commits. Remove the call, or give this unit mode='commit_as_you_go'."
             )
         sync = self.sync
         if self.rollback_only:
-            type(sync).rollback(sync)
+            self.base.rollback(sync)
             error = unexpected_rollback(self)
             self.rollback_only = False
             run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
             raise error
-        type(sync).commit(sync, *args, **kwargs)
+        self.base.commit(sync)
         run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=False)
 
-    def rollback_as_you_go(self, *args: Any, **kwargs: Any) -> None:
-        sync = self.sync
-        type(sync).rollback(sync, *args, **kwargs)
+    def session_rollback(self) -> None:
+        if self.mode is _BEGIN_ONCE:
+            raise DisciplineError(
+                f"session.rollback() inside the begin-once unit opened at {self.where}: "
+                "raise an exception to roll the unit back, or use session.begin_nested() / "
+                "propagation='nested' to undo part of the work."
+            )
+        self.base.rollback(self.sync)
         self.rollback_only = False
         run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=False)
 
-    def take_callbacks(self, committed: bool) -> list[Callback]:
-        """Remove and return the callbacks this outcome runs, in registration order."""
-        callbacks = self.callbacks
-        if not callbacks:
-            return callbacks
-        self.callbacks = []
-        wanted = ON_COMMIT if committed else ON_ROLLBACK
-        return [cb for cb in callbacks if cb.when == wanted or cb.when == ALWAYS]
+    def session_begin(self) -> None:
+        if self.mode is _BEGIN_ONCE:
+            raise DisciplineError(
+                f"session.begin() inside the begin-once unit opened at {self.where}: the "
+                "unit already began the transaction. Use the session as it is, or "
+                "session.begin_nested() for a savepoint."
+            )
 
-
-class Frame:
-    """One active unit on a registry's stack: the scope it uses and how it got it."""
-
-    __slots__ = ("scope", "kind", "opts", "where")
-
-    def __init__(self, scope: Scope, kind: int, opts: UnitOptions, where: Origin) -> None:
-        self.scope = scope
-        self.kind = kind
-        self.opts = opts
-        self.where = where
+    def session_close(self) -> None:
+        if self.mode is _BEGIN_ONCE:
+            raise DisciplineError(
+                f"session.close() inside the begin-once unit opened at {self.where}: "
+                "closing now would silently discard the transaction. The unit closes its "
+                "session when the block ends."
+            )
 
 
 class Finish:
@@ -268,14 +245,18 @@ def run_callbacks(callbacks: list[Callback], committed: bool, in_flight: bool) -
 # Opening a unit.
 
 
-def open_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Frame | None:
-    """Begin, join or suspend according to ``opts.propagation``; return the unit's frame.
+def open_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Unit | None:
+    """Begin, join or suspend according to ``opts.propagation``; return the new unit.
 
     Returns None for ``propagation="never"`` outside any unit (the call runs without one).
-    The caller pushes the frame on ``registry._var`` and later passes it to ``settle``.
+    The caller pushes the unit on ``registry._var`` and later passes it to ``settle``.
     """
-    parent = registry._var.get()
-    active = parent if parent is not None and parent.scope.transactional else None
+    current = registry._var.get()
+    active = None
+    if current is not None:
+        active = current.owner or current
+        if not active.transactional:
+            active = None
     propagation = opts.propagation
     if opts.durable and active is not None:
         raise DisciplineError(
@@ -308,10 +289,8 @@ def open_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Fr
                 "propagation='not_supported' to suspend the active one."
             )
         return None
-    if propagation is _SUPPORTS:
-        if parent is not None:
-            return _join(parent, opts, where)
-        return _begin(registry, opts, where, _COMMIT_AS_YOU_GO, transactional=False)
+    if propagation is _SUPPORTS and current is not None:
+        return _join(current.owner or current, opts, where)
     return _begin(registry, opts, where, _COMMIT_AS_YOU_GO, transactional=False)
 
 
@@ -321,82 +300,102 @@ def _begin(
     where: Origin,
     mode: Mode,
     transactional: bool,
-) -> Frame:
+) -> Unit:
     cayg = mode is _COMMIT_AS_YOU_GO
-    session = registry.session_factory(cayg, opts.read_only, opts.isolation_level)()
+    key = (cayg, opts.read_only, opts.isolation_level)
+    factory = registry._factories.get(key) or registry.session_factory(*key)
+    session = factory()
     sync: Session = session.sync_session if registry.is_async else session
-    transaction = None if cayg else type(sync).begin(sync)
-    scope = Scope(
-        registry, session, sync, mode, transaction, None, transactional,
-        opts.read_only, opts.isolation_level, where,
-    )
-    d = sync.__dict__
-    if cayg:
-        d["commit"] = scope.commit_as_you_go
-        d["rollback"] = scope.rollback_as_you_go
-    else:
-        d["commit"] = scope.refuse_commit
-        d["rollback"] = scope.refuse_rollback
-        d["begin"] = scope.refuse_begin
-        d["close"] = scope.refuse_close
-    return Frame(scope, ROOT, opts, where)
+    base = registry.base_class
+    unit = _new_unit(Unit)
+    unit.kind = ROOT
+    unit.opts = opts
+    unit.where = where
+    unit.registry = registry
+    unit.session = session
+    unit.sync = sync
+    unit.base = base
+    unit.mode = mode
+    if not cayg:
+        unit.transaction = base.begin(sync)
+    if not transactional:
+        unit.transactional = False
+    if opts.isolation_level is not None:
+        unit.isolation_level = opts.isolation_level
+    sync._txguard_unit = unit  # type: ignore[attr-defined]
+    return unit
 
 
-def _join(active: Frame, opts: UnitOptions, where: Origin) -> Frame:
-    scope = active.scope
+_new_unit = object.__new__
+
+
+def _join(active: Unit, opts: UnitOptions, where: Origin) -> Unit:
     wanted = opts.isolation_level
-    if wanted is not None and wanted != scope.isolation_level:
-        actual = scope.isolation_level or _effective_isolation(scope)
+    if wanted is not None and wanted != active.isolation_level:
+        actual = active.isolation_level or _effective_isolation(active)
         if actual != wanted:
             raise DisciplineError(
                 f"The unit opened at {where} asks for isolation_level={wanted!r} but would "
-                f"join the transaction of the unit opened at {scope.where}, which runs at "
+                f"join the transaction of the unit opened at {active.where}, which runs at "
                 f"{actual!r}. Use propagation='requires_new' for its own transaction, or "
                 "set the level on the outer unit."
             )
-    return Frame(scope, JOIN, opts, where)
+    unit = _new_unit(Unit)
+    unit.kind = JOIN
+    unit.owner = active
+    unit.opts = opts
+    unit.where = where
+    unit.session = active.session
+    unit.sync = active.sync
+    return unit
 
 
-def _effective_isolation(scope: Scope) -> str:
+def _effective_isolation(scope: Unit) -> str:
     level: str = scope.sync.connection().get_isolation_level()
     return level.upper().replace("_", " ")
 
 
-def _savepoint(active: Frame, opts: UnitOptions, where: Origin) -> Frame:
-    parent = active.scope
+def _savepoint(active: Unit, opts: UnitOptions, where: Origin) -> Unit:
     if opts.isolation_level is not None:
         _join(active, opts, where)
-    savepoint = parent.sync.begin_nested()
-    scope = Scope(
-        parent.registry, parent.session, parent.sync, _BEGIN_ONCE, savepoint, parent,
-        True, parent.read_only, parent.isolation_level, where,
-    )
-    return Frame(scope, SAVEPOINT, opts, where)
+    unit = _new_unit(Unit)
+    unit.transaction = active.sync.begin_nested()
+    unit.kind = SAVEPOINT
+    unit.parent = active
+    unit.opts = opts
+    unit.where = where
+    unit.registry = active.registry
+    unit.session = active.session
+    unit.sync = active.sync
+    unit.base = active.base
+    unit.mode = _BEGIN_ONCE
+    unit.isolation_level = active.isolation_level
+    return unit
 
 
 # Ending a unit.
 
 
-def settle(frame: Frame, exc: BaseException | None) -> tuple[Finish | None, BaseException | None]:
-    """End the unit of ``frame`` after its body finished (``exc`` is what escaped it, if any).
+def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseException | None]:
+    """End ``unit`` after its body finished (``exc`` is what escaped it, if any).
 
     Never raises: returns what is left to deliver and the exception the unit must raise
     (``exc`` itself, or a new error chained to it), or None when it returns normally.
     """
-    kind = frame.kind
+    kind = unit.kind
     if kind == JOIN:
-        if exc is not None and _rolls_back(frame, exc):
-            frame.scope.mark_rollback_only(exc, frame.where)
+        if exc is not None and _rolls_back(unit, exc):
+            unit.owner.mark_rollback_only(exc, unit.where)  # type: ignore[union-attr]
         return None, exc
     if kind == SAVEPOINT:
-        return None, _settle_savepoint(frame, exc)
-    if frame.scope.mode is _BEGIN_ONCE:
-        return _settle_begin_once(frame, exc)
-    return _settle_commit_as_you_go(frame, exc)
+        return None, _settle_savepoint(unit, exc)
+    if unit.mode is _BEGIN_ONCE:
+        return _settle_begin_once(unit, exc)
+    return _settle_commit_as_you_go(unit, exc)
 
 
-def _rolls_back(frame: Frame, exc: BaseException) -> bool:
-    opts = frame.opts
+def _rolls_back(unit: Unit, exc: BaseException) -> bool:
+    opts = unit.opts
     if opts.rolls_back(exc):
         return True
     from ._retry import is_retryable, retry_wanted
@@ -407,29 +406,27 @@ def _rolls_back(frame: Frame, exc: BaseException) -> bool:
 
 
 def _settle_begin_once(
-    frame: Frame, exc: BaseException | None
+    unit: Unit, exc: BaseException | None
 ) -> tuple[Finish | None, BaseException | None]:
-    scope = frame.scope
-    sync = scope.sync
-    transaction = assert_owner(scope.transaction)
-    for name in _GUARDED:
-        sync.__dict__.pop(name, None)
+    sync = unit.sync
+    sync._txguard_unit = None  # type: ignore[attr-defined]
+    transaction = assert_owner(unit.transaction)
     error = exc
     committed = False
     try:
-        if exc is not None and _rolls_back(frame, exc):
+        if exc is not None and _rolls_back(unit, exc):
             _rollback(transaction, exc)
-        elif scope.rollback_only:
+        elif unit.rollback_only:
             _rollback(transaction, exc)
             if exc is None:
-                error = unexpected_rollback(scope)
+                error = unexpected_rollback(unit)
         elif not transaction.is_active:
             _rollback(transaction, exc)
             if exc is None:
-                error = _deactivated(scope)
+                error = _deactivated(unit)
         else:
             try:
-                scope.committing = True
+                unit.committing = True
                 transaction.commit()
                 committed = True
             except BaseException as commit_error:
@@ -439,39 +436,39 @@ def _settle_begin_once(
                 error = commit_error
     finally:
         try:
-            type(sync).close(sync)
+            unit.base.close(sync)
         except BaseException as close_error:
             if error is None:
                 error = close_error
             else:
                 logger.warning("txguard: closing the session failed", exc_info=True)
-    callbacks = scope.take_callbacks(committed)
-    return (Finish(callbacks, committed) if callbacks else None), error
+    if unit.callbacks:
+        return Finish(unit.take_callbacks(committed), committed), error
+    return None, error
 
 
 def assert_owner(transaction: SessionTransaction | None) -> SessionTransaction:
-    if transaction is None:  # pragma: no cover - a begin-once scope always has one
-        raise RuntimeError("txguard internal error: begin-once scope without a transaction")
+    if transaction is None:  # pragma: no cover - a begin-once unit always has one
+        raise RuntimeError("txguard internal error: begin-once unit without a transaction")
     return transaction
 
 
-def _settle_savepoint(frame: Frame, exc: BaseException | None) -> BaseException | None:
-    scope = frame.scope
-    savepoint = assert_owner(scope.transaction)
-    parent = scope.parent
+def _settle_savepoint(unit: Unit, exc: BaseException | None) -> BaseException | None:
+    savepoint = assert_owner(unit.transaction)
+    parent = unit.parent
     error = exc
     released = False
     try:
-        if exc is not None and _rolls_back(frame, exc):
+        if exc is not None and _rolls_back(unit, exc):
             savepoint.rollback()
-        elif scope.rollback_only:
+        elif unit.rollback_only:
             savepoint.rollback()
             if exc is None:
-                error = unexpected_rollback(scope)
+                error = unexpected_rollback(unit)
         elif not savepoint.is_active:
             savepoint.rollback()
             if exc is None:
-                error = _deactivated(scope)
+                error = _deactivated(unit)
         else:
             try:
                 savepoint.commit()
@@ -486,37 +483,34 @@ def _settle_savepoint(frame: Frame, exc: BaseException | None) -> BaseException 
         if exc is None:
             error = rollback_error
         if parent is not None:
-            parent.root.mark_rollback_only(exc or rollback_error, frame.where)
+            parent.root.mark_rollback_only(exc or rollback_error, unit.where)
     if parent is not None:
-        if released:
-            parent.callbacks.extend(scope.callbacks)
-        else:
-            for cb in scope.callbacks:
-                if cb.when != ON_COMMIT:
-                    cb.when = ALWAYS
-                    parent.callbacks.append(cb)
+        for cb in unit.callbacks:
+            if released:
+                parent.add_callback(cb)
+            elif cb.when != ON_COMMIT:
+                cb.when = ALWAYS
+                parent.add_callback(cb)
     return error
 
 
 def _settle_commit_as_you_go(
-    frame: Frame, exc: BaseException | None
+    unit: Unit, exc: BaseException | None
 ) -> tuple[Finish, BaseException | None]:
-    scope = frame.scope
-    sync = scope.sync
-    for name in _GUARDED:
-        sync.__dict__.pop(name, None)
+    sync = unit.sync
+    sync._txguard_unit = None  # type: ignore[attr-defined]
     warning = None
     error = exc
     try:
         if exc is None:
-            warning = _uncommitted_work(scope)
+            warning = _uncommitted_work(unit)
     finally:
         try:
-            type(sync).close(sync)
+            unit.base.close(sync)
         except BaseException as close_error:
             if error is None:
                 error = close_error
-    return Finish(scope.take_callbacks(committed=False), False, warning), error
+    return Finish(unit.take_callbacks(committed=False), False, warning), error
 
 
 def _rollback(transaction: SessionTransaction, cause: BaseException | None) -> None:
@@ -531,7 +525,7 @@ def _rollback(transaction: SessionTransaction, cause: BaseException | None) -> N
         )
 
 
-def _uncommitted_work(scope: Scope) -> str | None:
+def _uncommitted_work(scope: Unit) -> str | None:
     sync = scope.sync
     first: Origin | None = sync.info.get(FIRST_CHANGE)
     counts = [
@@ -582,7 +576,7 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def unexpected_rollback(scope: Scope) -> UnexpectedRollbackError:
+def unexpected_rollback(scope: Unit) -> UnexpectedRollbackError:
     cause = scope.rollback_cause
     error = UnexpectedRollbackError(
         f"The unit opened at {scope.where} could not commit: the unit opened at "
@@ -596,7 +590,7 @@ def unexpected_rollback(scope: Scope) -> UnexpectedRollbackError:
     return error
 
 
-def _deactivated(scope: Scope) -> UnexpectedRollbackError:
+def _deactivated(scope: Unit) -> UnexpectedRollbackError:
     return UnexpectedRollbackError(
         f"The unit opened at {scope.where} could not commit: a statement or flush failed "
         "inside it and the exception was caught, so SQLAlchemy rolled the transaction back. "
@@ -611,40 +605,44 @@ def _deactivated(scope: Scope) -> UnexpectedRollbackError:
 class UnitOfWork:
     """A unit of work as a context manager: ``with`` for sync, ``async with`` for async."""
 
-    __slots__ = ("_opts", "_where", "_entered")
+    __slots__ = ("_opts", "_where", "_var", "_unit", "_token")
 
     def __init__(self, opts: UnitOptions, where: Origin) -> None:
         self._opts = opts
         self._where = where
-        self._entered: tuple[SessionRegistry, Frame | None, Any] | None = None
+        self._var: ContextVar[Unit | None] | None = None  # set while the block runs
+        self._unit: Unit | None = None
+        self._token: Token[Unit | None] | None = None
 
     def _registry_for(self, want_async: bool) -> SessionRegistry:
-        registry = resolve(self._opts.registry)
+        registry = self._opts.registry or resolve(None)
         if registry.is_async is not want_async:
             raise ConfigurationError(_mismatch(registry, "async with" if want_async else "with"))
-        if self._entered is not None:
+        if self._var is not None:
             raise DisciplineError(
                 f"The unit_of_work() created at {self._where} is already in use; create a new "
                 "one for each `with` block."
             )
         return registry
 
-    def _push(self, registry: SessionRegistry, frame: Frame | None) -> Any:
-        if frame is None:
-            self._entered = (registry, None, None)
+    def _push(self, registry: SessionRegistry, unit: Unit | None) -> Any:
+        var = self._var = registry._var
+        if unit is None:
             return None
-        self._entered = (registry, frame, registry._var.set(frame))
-        return frame.scope.session
+        self._unit = unit
+        self._token = var.set(unit)
+        return unit.session
 
-    def _pop(self) -> Frame | None:
-        entered = self._entered
-        if entered is None:
+    def _pop(self) -> Unit | None:
+        var = self._var
+        if var is None:
             raise DisciplineError("This unit_of_work() was exited without being entered.")
-        self._entered = None
-        registry, frame, token = entered
-        if token is not None:
-            registry._var.reset(token)
-        return frame
+        self._var = None
+        unit = self._unit
+        if unit is not None:
+            var.reset(self._token)  # type: ignore[arg-type]
+            self._unit = self._token = None
+        return unit
 
     def __enter__(self) -> Any:
         registry = self._registry_for(want_async=False)
@@ -656,10 +654,10 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        frame = self._pop()
-        if frame is None:
+        unit = self._pop()
+        if unit is None:
             return
-        finish, error = settle(frame, exc)
+        finish, error = settle(unit, exc)
         if finish is not None:
             finish.deliver(in_flight=error is not None)
         if error is not None and error is not exc:
@@ -675,10 +673,10 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        frame = self._pop()
-        if frame is None:
+        unit = self._pop()
+        if unit is None:
             return
-        finish, error = await asettle(frame, exc)
+        finish, error = await asettle(unit, exc)
         if finish is not None:
             finish.deliver(in_flight=error is not None)
         if error is not None and error is not exc:
@@ -768,7 +766,7 @@ _options_cache: dict[tuple[object, ...], UnitOptions] = {}
 # The asyncio driver: the same functions, run through SQLAlchemy's greenlet bridge.
 
 
-async def aopen_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Frame | None:
+async def aopen_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Unit | None:
     """Open a unit for async code; only units that emit SQL at entry need the bridge."""
     if not opts.enter_needs_io:
         return open_unit(registry, opts, where)
@@ -778,15 +776,15 @@ async def aopen_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin
 
 
 async def asettle(
-    frame: Frame, exc: BaseException | None
+    unit: Unit, exc: BaseException | None
 ) -> tuple[Finish | None, BaseException | None]:
     """End an async unit; the IO runs to completion even if the task is cancelled meanwhile."""
-    if frame.kind == JOIN:
-        return settle(frame, exc)
+    if unit.kind == JOIN:
+        return settle(unit, exc)
     from sqlalchemy.util import greenlet_spawn
 
     outcome: tuple[Finish | None, BaseException | None] = await run_to_completion(
-        greenlet_spawn(settle, frame, exc)
+        greenlet_spawn(settle, unit, exc)
     )
     return outcome
 
