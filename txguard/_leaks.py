@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.pool import Pool
 
 from ._errors import LeakError
-from ._origin import Origin, _short_path, _user_files, is_user_frame, parent_greenlet
+from ._origin import Origin, _short_path, _user_files, is_user_frame, line_of, parent_greenlet
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -324,14 +324,7 @@ def _walk_to_user(hints: list[int]) -> FrameType | None:
 
 def _origin(where: _Where, depth: int) -> Origin:
     """Turn what ``_where()`` recorded into an Origin, with line numbers."""
-    return Origin(tuple((code, _line(code, offset)) for code, offset in where[:depth]))
-
-
-def _line(code: CodeType, offset: int) -> int:
-    for start, end, line in code.co_lines():
-        if start <= offset < end:
-            return code.co_firstlineno if line is None else line
-    return code.co_firstlineno
+    return Origin(tuple((code, line_of(code, offset)) for code, offset in where[:depth]))
 
 
 def _on_transaction(session: Session, transaction: SessionTransaction) -> None:

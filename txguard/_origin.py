@@ -137,6 +137,10 @@ def user_frame(depth: int = 1) -> FrameType | None:
         frame: FrameType | None = sys._getframe(depth + 1)
     except ValueError:  # called from a shallower stack than depth (e.g. module level)
         frame = None
+    return _user_frame_from(frame)
+
+
+def _user_frame_from(frame: FrameType | None) -> FrameType | None:
     glet = None
     while True:
         while frame is not None:
@@ -190,25 +194,56 @@ class Origin:
         )
 
 
+class _CallerOrigin(Origin):
+    """An Origin of one frame, kept as its code and instruction offset.
+
+    Looking up a line number decodes the code's line table, the largest part of a
+    capture's cost; most origins are never shown, so the lookup waits until one is.
+    """
+
+    __slots__ = ("code", "offset")
+
+    code: CodeType
+    offset: int
+
+    @property
+    def frames(self) -> tuple[tuple[CodeType, int], ...]:  # type: ignore[override]
+        return ((self.code, line_of(self.code, self.offset)),)
+
+
+def line_of(code: CodeType, offset: int) -> int:
+    """Return the line of the instruction at byte ``offset`` of ``code`` (``f_lasti``)."""
+    for start, end, line in code.co_lines():
+        if start <= offset < end:
+            return code.co_firstlineno if line is None else line
+    return code.co_firstlineno
+
+
 _UNKNOWN: Final = Origin(())
 _new_origin = object.__new__
+
+
+def caller_origin(frame: FrameType) -> Origin:
+    """Return the Origin of ``frame`` if it runs the user's code, else of the nearest above."""
+    code = frame.f_code
+    if _user_files.get(code.co_filename):
+        origin = _new_origin(_CallerOrigin)
+        origin.code = code
+        origin.offset = frame.f_lasti
+        return origin
+    user = _user_frame_from(frame)
+    if user is None:
+        return _UNKNOWN
+    return Origin(((user.f_code, user.f_lineno),))
 
 
 def capture(depth: int = 1, limit: int = 1) -> Origin:
     """Record up to ``limit`` user frames, starting ``depth`` callers above this call."""
     if limit == 1:
-        # The hot path (every unit_of_work()): usually the caller is already user code.
         try:
-            frame: FrameType | None = sys._getframe(depth + 1)
-        except ValueError:
-            frame = None
-        if frame is None or not _user_files.get(frame.f_code.co_filename):
-            frame = user_frame(depth + 1)
-            if frame is None:
-                return _UNKNOWN
-        origin = _new_origin(Origin)
-        origin.frames = ((frame.f_code, frame.f_lineno),)
-        return origin
+            return caller_origin(sys._getframe(depth + 1))
+        except ValueError:  # called from a shallower stack than depth (e.g. module level)
+            return _UNKNOWN
     frame = user_frame(depth + 1)
     if frame is None:
         return _UNKNOWN

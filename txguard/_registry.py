@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import sys
 import functools
 import itertools
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import _sessions
 from ._errors import ConfigurationError, TransactionRequiredError
+from ._origin import caller_origin
 from ._sqlite import install_sqlite_transactions
 
 if TYPE_CHECKING:
@@ -106,7 +108,9 @@ class SessionRegistry:
 
     def unit_of_work(self, **options: Any) -> UnitOfWork:
         """Open a unit of work on this registry (see ``txguard.unit_of_work``)."""
-        unit: UnitOfWork = _api().unit_of_work(registry=self, **options)
+        units = _units()
+        opts = units.registry_options(self, options) if options else units.default_options(self)
+        unit: UnitOfWork = units.UnitOfWork(opts, caller_origin(sys._getframe(1)))
         return unit
 
     @overload
@@ -148,6 +152,14 @@ class SessionRegistry:
         """Open a disciplined Core connection (see ``txguard.connect``)."""
         unit: ConnectionUnit = _api().connect(engine, registry=self, **options)
         return unit
+
+
+@functools.cache
+def _units() -> Any:
+    """Return the module of units of work (it imports this one, so not at the top)."""
+    from . import _unit
+
+    return _unit
 
 
 @functools.cache

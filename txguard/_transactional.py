@@ -86,7 +86,7 @@ def _decorate(fn: Any, opts: UnitOptions, decorated_at: Origin) -> Any:
 
 def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> Callable[..., Any]:
     def run_in_unit(*args: Any, **kwargs: Any) -> Any:
-        registry = resolve(opts.registry)
+        registry = opts.registry or resolve(None)
         if registry.is_async:
             raise ConfigurationError(_mismatch(registry, "def"))
         var = registry._var
@@ -123,7 +123,7 @@ def _async_wrapper(
     fn: Callable[..., Awaitable[Any]], opts: UnitOptions, where: Origin
 ) -> Callable[..., Awaitable[Any]]:
     async def run_in_unit(*args: Any, **kwargs: Any) -> Any:
-        registry = resolve(opts.registry)
+        registry = opts.registry or resolve(None)
         if not registry.is_async:
             raise ConfigurationError(_mismatch(registry, "async def"))
         var = registry._var

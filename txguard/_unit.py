@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -26,8 +27,8 @@ from ._errors import (
     UncommittedWorkWarning,
     UnexpectedRollbackError,
 )
-from ._options import Mode, Propagation, UnitOptions, unit_options
-from ._origin import Origin, _is_library, capture, warn_at_user
+from ._options import OPTION_NAMES, Mode, Propagation, UnitOptions, unit_options
+from ._origin import Origin, _is_library, caller_origin, warn_at_user
 from ._registry import SessionRegistry, resolve
 from ._sessions import FIRST_CHANGE
 
@@ -327,6 +328,7 @@ def _begin(
 
 
 _new_unit = object.__new__
+_getframe = sys._getframe
 
 
 def _join(active: Unit, opts: UnitOptions, where: Origin) -> Unit:
@@ -383,15 +385,15 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
     (``exc`` itself, or a new error chained to it), or None when it returns normally.
     """
     kind = unit.kind
-    if kind == JOIN:
-        if exc is not None and _rolls_back(unit, exc):
-            unit.owner.mark_rollback_only(exc, unit.where)  # type: ignore[union-attr]
-        return None, exc
+    if kind == ROOT:
+        if unit.mode is _BEGIN_ONCE:
+            return _settle_begin_once(unit, exc)
+        return _settle_commit_as_you_go(unit, exc)
     if kind == SAVEPOINT:
         return None, _settle_savepoint(unit, exc)
-    if unit.mode is _BEGIN_ONCE:
-        return _settle_begin_once(unit, exc)
-    return _settle_commit_as_you_go(unit, exc)
+    if exc is not None and _rolls_back(unit, exc):
+        unit.owner.mark_rollback_only(exc, unit.where)  # type: ignore[union-attr]
+    return None, exc
 
 
 def _rolls_back(unit: Unit, exc: BaseException) -> bool:
@@ -410,7 +412,8 @@ def _settle_begin_once(
 ) -> tuple[Finish | None, BaseException | None]:
     sync = unit.sync
     sync._txguard_unit = None  # type: ignore[attr-defined]
-    transaction = assert_owner(unit.transaction)
+    transaction = unit.transaction
+    assert transaction is not None, "a begin-once unit always has a transaction"
     error = exc
     committed = False
     try:
@@ -447,14 +450,9 @@ def _settle_begin_once(
     return None, error
 
 
-def assert_owner(transaction: SessionTransaction | None) -> SessionTransaction:
-    if transaction is None:  # pragma: no cover - a begin-once unit always has one
-        raise RuntimeError("txguard internal error: begin-once unit without a transaction")
-    return transaction
-
-
 def _settle_savepoint(unit: Unit, exc: BaseException | None) -> BaseException | None:
-    savepoint = assert_owner(unit.transaction)
+    savepoint = unit.transaction
+    assert savepoint is not None, "a savepoint unit always has its savepoint"
     parent = unit.parent
     error = exc
     released = False
@@ -605,25 +603,29 @@ def _deactivated(scope: Unit) -> UnexpectedRollbackError:
 class UnitOfWork:
     """A unit of work as a context manager: ``with`` for sync, ``async with`` for async."""
 
-    __slots__ = ("_opts", "_where", "_var", "_unit", "_token")
+    # No __slots__: the state of a block not yet entered is the class defaults, so making
+    # one stores only its options and origin.
+    _var: ContextVar[Unit | None] | None = None  # set while the block runs
+    _unit: Unit | None = None
+    _token: Token[Unit | None] | None = None
 
     def __init__(self, opts: UnitOptions, where: Origin) -> None:
         self._opts = opts
         self._where = where
-        self._var: ContextVar[Unit | None] | None = None  # set while the block runs
-        self._unit: Unit | None = None
-        self._token: Token[Unit | None] | None = None
 
     def _registry_for(self, want_async: bool) -> SessionRegistry:
         registry = self._opts.registry or resolve(None)
+        if registry.is_async is not want_async or self._var is not None:
+            self._refuse(registry, want_async)
+        return registry
+
+    def _refuse(self, registry: SessionRegistry, want_async: bool) -> None:
         if registry.is_async is not want_async:
             raise ConfigurationError(_mismatch(registry, "async with" if want_async else "with"))
-        if self._var is not None:
-            raise DisciplineError(
-                f"The unit_of_work() created at {self._where} is already in use; create a new "
-                "one for each `with` block."
-            )
-        return registry
+        raise DisciplineError(
+            f"The unit_of_work() created at {self._where} is already in use; create a new "
+            "one for each `with` block."
+        )
 
     def _push(self, registry: SessionRegistry, unit: Unit | None) -> Any:
         var = self._var = registry._var
@@ -644,9 +646,20 @@ class UnitOfWork:
             self._unit = self._token = None
         return unit
 
+    # The sync methods inline _registry_for, _push and _pop: every call costs on the hot path.
+
     def __enter__(self) -> Any:
-        registry = self._registry_for(want_async=False)
-        return self._push(registry, open_unit(registry, self._opts, self._where))
+        opts = self._opts
+        registry = opts.registry or resolve(None)
+        if registry.is_async or self._var is not None:
+            self._refuse(registry, want_async=False)
+        unit = open_unit(registry, opts, self._where)
+        var = self._var = registry._var
+        if unit is None:
+            return None
+        self._unit = unit
+        self._token = var.set(unit)
+        return unit.session
 
     def __exit__(
         self,
@@ -654,9 +667,13 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        unit = self._pop()
-        if unit is None:
+        var = self._var
+        unit = self._unit
+        if var is None or unit is None:
+            self._pop()
             return
+        var.reset(self._token)  # type: ignore[arg-type]
+        self._var = self._unit = self._token = None
         finish, error = settle(unit, exc)
         if finish is not None:
             finish.deliver(in_flight=error is not None)
@@ -728,20 +745,9 @@ def unit_of_work(
         and no_rollback_for is _NOTHING
         and durable is False
     ):
-        try:
-            return UnitOfWork(_default_options[registry], capture(1))
-        except KeyError:
-            opts = _default_options[registry] = unit_options(registry=registry)
-            return UnitOfWork(opts, capture(1))
-    # The flags' types are part of the key: 0 == False and 1 == True, but only bools are valid.
-    key = (
-        mode, propagation, read_only, type(read_only), isolation_level, rollback_for,
-        no_rollback_for, durable, type(durable), registry,
-    )
-    try:
-        opts = _options_cache[key]
-    except (KeyError, TypeError):
-        opts = unit_options(
+        opts = _default_options.get(registry) or default_options(registry)
+    else:
+        opts = options_for(
             mode=mode,
             propagation=propagation,
             read_only=read_only,
@@ -751,12 +757,49 @@ def unit_of_work(
             durable=durable,
             registry=registry,
         )
-        if len(_options_cache) < _OPTIONS_CACHE_SIZE:
-            try:
-                _options_cache[key] = opts
-            except TypeError:  # an unhashable option value, e.g. a list of exceptions
-                pass
-    return UnitOfWork(opts, capture(1))
+    unit = _new_unit(UnitOfWork)
+    unit._opts = opts
+    unit._where = caller_origin(_getframe(1))
+    return unit
+
+
+def default_options(registry: SessionRegistry | None) -> UnitOptions:
+    """Return the options of a unit opened without any (validated once per registry)."""
+    opts = _default_options.get(registry)
+    if opts is None:
+        opts = _default_options[registry] = unit_options(registry=registry)
+    return opts
+
+
+_UNIT_OPTION_NAMES: Final = OPTION_NAMES[: OPTION_NAMES.index("registry")]
+
+
+def registry_options(registry: SessionRegistry, options: dict[str, Any]) -> UnitOptions:
+    """Return the options of ``registry.unit_of_work(**options)``."""
+    unknown = sorted(set(options) - set(_UNIT_OPTION_NAMES))
+    if unknown:
+        raise ConfigurationError(
+            f"unit_of_work() got unknown option(s) {', '.join(map(repr, unknown))}; the "
+            f"options are {', '.join(_UNIT_OPTION_NAMES)} (retries= belongs on @transactional)."
+        )
+    return options_for(registry=registry, **options)
+
+
+def options_for(**options: Any) -> UnitOptions:
+    """Return the validated options of ``unit_of_work(**options)``, cached when hashable."""
+    # The flags' types are part of the key: 0 == False and 1 == True, but only bools are valid.
+    try:
+        key = tuple((name, value, type(value)) for name, value in sorted(options.items()))
+        return _options_cache[key]
+    except (KeyError, TypeError):
+        pass
+    opts = unit_options(**options)
+    if len(_options_cache) < _OPTIONS_CACHE_SIZE:
+        try:
+            _options_cache[key] = opts
+        except TypeError:  # an unhashable option value, e.g. a list of exceptions
+            pass
+    return opts
 
 
 _OPTIONS_CACHE_SIZE: Final = 256
