@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, event
@@ -9,7 +10,7 @@ from sqlalchemy.engine import Connection, RootTransaction
 
 from ._errors import ConfigurationError, DisciplineError, UncommittedWorkWarning
 from ._options import Mode, _isolation, choice
-from ._origin import Origin, capture, shorten_sql, warn_at_user
+from ._origin import Origin, caller_origin, capture, shorten_sql, warn_at_user
 from ._registry import SessionRegistry, resolve
 from ._sessions import is_write_sql
 from ._unit import run_to_completion
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["connect", "ConnectionUnit"]
 
 _GUARDED = ("commit", "rollback", "begin", "close")
+_BEGIN_ONCE = Mode.BEGIN_ONCE
 
 
 class _Held:
@@ -63,11 +65,10 @@ def _open(engine: Engine, mode: Mode, isolation_level: str | None, where: Origin
         if isolation_level is not None:
             conn.execution_options(isolation_level=isolation_level)
         held = _Held(conn, mode, where)
-        if mode is Mode.BEGIN_ONCE:
+        if mode is _BEGIN_ONCE:
             held.transaction = type(conn).begin(conn)
             d = conn.__dict__
-            for name in _GUARDED:
-                d[name] = held.refuse
+            d["commit"] = d["rollback"] = d["begin"] = d["close"] = held.refuse
         else:
             event.listen(conn, "before_cursor_execute", held.note_statement)
             event.listen(conn, "commit", held.forget)
@@ -189,8 +190,8 @@ def connect(
 
     ``engine`` may be omitted when the registry (default or given) has exactly one.
     """
-    checked_mode = choice("mode", mode, Mode)
-    level = _isolation(isolation_level)
+    checked_mode = mode if mode is _BEGIN_ONCE else choice("mode", mode, Mode)
+    level = None if isolation_level is None else _isolation(isolation_level)
     if registry is not None and not isinstance(registry, SessionRegistry):
         raise ConfigurationError(
             f"registry={registry!r} is not valid; pass a txguard.SessionRegistry, or None "
@@ -198,11 +199,11 @@ def connect(
         )
     if engine is None:
         engine = resolve(registry).core_engine()
-    else:
+    elif not isinstance(engine, Engine):
         from sqlalchemy.ext.asyncio import AsyncEngine
 
-        if not isinstance(engine, (Engine, AsyncEngine)):
+        if not isinstance(engine, AsyncEngine):
             raise ConfigurationError(
                 f"txguard.connect() needs an Engine or AsyncEngine, not {engine!r}."
             )
-    return ConnectionUnit(engine, checked_mode, level, capture(1))
+    return ConnectionUnit(engine, checked_mode, level, caller_origin(sys._getframe(1)))

@@ -157,6 +157,7 @@ class UnitOptions:
         "backoff",
         "plain_rollback_rules",
         "enter_needs_io",
+        "session_key",
     )
 
     mode: Mode
@@ -172,6 +173,7 @@ class UnitOptions:
     backoff: Callable[[int], float] | float
     plain_rollback_rules: bool
     enter_needs_io: bool
+    session_key: tuple[bool, bool, str | None]  # which of the registry's factories it uses
 
     def rolls_back(self, exc: BaseException) -> bool:
         """Say whether ``exc`` leaving the unit rolls it back (the nearest rule wins)."""
@@ -237,6 +239,7 @@ def unit_options(
             "once, propagation 'required', 'requires_new' or 'nested')."
         )
     opts.plain_rollback_rules = opts.rollback_for == (Exception,) and not opts.no_rollback_for
+    opts.session_key = (opts.mode is Mode.COMMIT_AS_YOU_GO, opts.read_only, opts.isolation_level)
     opts.enter_needs_io = bool(
         opts.propagation is Propagation.NESTED or opts.read_only or opts.isolation_level
     )

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
     from ._connect import ConnectionUnit
+    from ._options import UnitOptions
     from ._unit import Unit, UnitOfWork
 
     Bind = Union[Engine, sessionmaker[Any], AsyncEngine, async_sessionmaker[Any]]
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 _ids = itertools.count(1)
+_new = object.__new__
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -58,6 +60,7 @@ class SessionRegistry:
             install_sqlite_transactions(engine)
         self._factories: dict[tuple[bool, bool, str | None], Callable[[], Any]] = {}
         self._external_bind: Any = None
+        self._unit_defaults: UnitOptions | None = None  # the options of unit_of_work()
 
     def __repr__(self) -> str:
         kind = "async" if self.is_async else "sync"
@@ -109,8 +112,10 @@ class SessionRegistry:
     def unit_of_work(self, **options: Any) -> UnitOfWork:
         """Open a unit of work on this registry (see ``txguard.unit_of_work``)."""
         units = _units()
-        opts = units.registry_options(self, options) if options else units.default_options(self)
-        unit: UnitOfWork = units.UnitOfWork(opts, caller_origin(sys._getframe(1)))
+        opts = (not options and self._unit_defaults) or units.registry_options(self, options)
+        unit: UnitOfWork = _new(units.UnitOfWork)
+        unit._opts = opts
+        unit._where = caller_origin(sys._getframe(1))
         return unit
 
     @overload

@@ -303,7 +303,7 @@ def _begin(
     transactional: bool,
 ) -> Unit:
     cayg = mode is _COMMIT_AS_YOU_GO
-    key = (cayg, opts.read_only, opts.isolation_level)
+    key = opts.session_key if mode is opts.mode else (cayg, opts.read_only, opts.isolation_level)
     factory = registry._factories.get(key) or registry.session_factory(*key)
     session = factory()
     sync: Session = session.sync_session if registry.is_async else session
@@ -776,6 +776,9 @@ _UNIT_OPTION_NAMES: Final = OPTION_NAMES[: OPTION_NAMES.index("registry")]
 
 def registry_options(registry: SessionRegistry, options: dict[str, Any]) -> UnitOptions:
     """Return the options of ``registry.unit_of_work(**options)``."""
+    if not options:
+        opts = registry._unit_defaults = default_options(registry)
+        return opts
     unknown = sorted(set(options) - set(_UNIT_OPTION_NAMES))
     if unknown:
         raise ConfigurationError(
