@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection, RootTransaction
+from sqlalchemy.util import greenlet_spawn
 
 from ._errors import ConfigurationError, DisciplineError, UncommittedWorkWarning
 from ._options import Mode, _isolation, choice
@@ -146,7 +147,6 @@ class ConnectionUnit:
 
     async def __aenter__(self) -> Any:
         from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-        from sqlalchemy.util import greenlet_spawn
 
         engine = self._engine
         if not isinstance(engine, AsyncEngine):
@@ -162,8 +162,6 @@ class ConnectionUnit:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        from sqlalchemy.util import greenlet_spawn
-
         held, self._held = self._held, None
         if held is None:
             return

@@ -18,6 +18,7 @@ from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.util import greenlet_spawn
 
 from ._errors import (
     ConfigurationError,
@@ -251,57 +252,21 @@ def open_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Un
 
     Returns None for ``propagation="never"`` outside any unit (the call runs without one).
     The caller pushes the unit on ``registry._var`` and later passes it to ``settle``.
+    The common case (``required``) is decided here; ``_decide`` handles the others.
     """
     current = registry._var.get()
-    active = None
-    if current is not None:
-        active = current.owner or current
-        if not active.transactional:
-            active = None
-    propagation = opts.propagation
-    if opts.durable and active is not None:
-        raise DisciplineError(
-            f"A durable unit (opened at {where}) must be the outermost, but the unit opened "
-            f"at {active.where} is active. Call it outside any unit, or drop durable=True."
-        )
-    if propagation is _REQUIRED:
-        if active is not None:
-            return _join(active, opts, where)
-        return _begin(registry, opts, where, opts.mode, transactional=True)
-    if propagation is _REQUIRES_NEW:
-        return _begin(registry, opts, where, opts.mode, transactional=True)
-    if propagation is _NESTED:
-        if active is not None:
-            return _savepoint(active, opts, where)
-        return _begin(registry, opts, where, opts.mode, transactional=True)
-    if propagation is _MANDATORY:
-        if active is None:
-            raise TransactionRequiredError(
-                f"The unit opened at {where} has propagation='mandatory' but no unit of work "
-                "is active. Call it inside `with txguard.unit_of_work():` or from an "
-                "@txguard.transactional function, or use propagation='required'."
-            )
-        return _join(active, opts, where)
-    if propagation is _NEVER:
-        if active is not None:
-            raise TransactionNotAllowedError(
-                f"The unit opened at {where} has propagation='never' but the unit opened at "
-                f"{active.where} is active. Call it outside any unit, or use "
-                "propagation='not_supported' to suspend the active one."
-            )
-        return None
-    if propagation is _SUPPORTS and current is not None:
-        return _join(current.owner or current, opts, where)
-    return _begin(registry, opts, where, _COMMIT_AS_YOU_GO, transactional=False)
-
-
-def _begin(
-    registry: SessionRegistry,
-    opts: UnitOptions,
-    where: Origin,
-    mode: Mode,
-    transactional: bool,
-) -> Unit:
+    if opts.propagation is _REQUIRED and not opts.durable:
+        if current is not None:
+            active = current.owner or current
+            if active.transactional:
+                return _join(active, opts, where)
+        mode = opts.mode
+        transactional = True
+    else:
+        decision = _decide(current, opts, where)
+        if decision is None or isinstance(decision, Unit):
+            return decision
+        mode, transactional = decision
     cayg = mode is _COMMIT_AS_YOU_GO
     key = opts.session_key if mode is opts.mode else (cayg, opts.read_only, opts.isolation_level)
     factory = registry._factories.get(key) or registry.session_factory(*key)
@@ -325,6 +290,48 @@ def _begin(
         unit.isolation_level = opts.isolation_level
     sync._txguard_unit = unit  # type: ignore[attr-defined]
     return unit
+
+
+def _decide(
+    current: Unit | None, opts: UnitOptions, where: Origin
+) -> Unit | tuple[Mode, bool] | None:
+    """Join, take a savepoint or refuse (a unit, or None for none); or say how to begin."""
+    active = None
+    if current is not None:
+        active = current.owner or current
+        if not active.transactional:
+            active = None
+    propagation = opts.propagation
+    if opts.durable and active is not None:
+        raise DisciplineError(
+            f"A durable unit (opened at {where}) must be the outermost, but the unit opened "
+            f"at {active.where} is active. Call it outside any unit, or drop durable=True."
+        )
+    if propagation is _REQUIRED or propagation is _REQUIRES_NEW:
+        return opts.mode, True  # a required unit with an active one joined in open_unit
+    if propagation is _NESTED:
+        if active is not None:
+            return _savepoint(active, opts, where)
+        return opts.mode, True
+    if propagation is _MANDATORY:
+        if active is None:
+            raise TransactionRequiredError(
+                f"The unit opened at {where} has propagation='mandatory' but no unit of work "
+                "is active. Call it inside `with txguard.unit_of_work():` or from an "
+                "@txguard.transactional function, or use propagation='required'."
+            )
+        return _join(active, opts, where)
+    if propagation is _NEVER:
+        if active is not None:
+            raise TransactionNotAllowedError(
+                f"The unit opened at {where} has propagation='never' but the unit opened at "
+                f"{active.where} is active. Call it outside any unit, or use "
+                "propagation='not_supported' to suspend the active one."
+            )
+        return None
+    if propagation is _SUPPORTS and current is not None:
+        return _join(current.owner or current, opts, where)
+    return _COMMIT_AS_YOU_GO, False
 
 
 _new_unit = object.__new__
@@ -383,33 +390,17 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
 
     Never raises: returns what is left to deliver and the exception the unit must raise
     (``exc`` itself, or a new error chained to it), or None when it returns normally.
+    A unit that joined and a begin-once unit (the common cases) are settled here.
     """
     kind = unit.kind
-    if kind == ROOT:
-        if unit.mode is _BEGIN_ONCE:
-            return _settle_begin_once(unit, exc)
-        return _settle_commit_as_you_go(unit, exc)
+    if kind == JOIN:
+        if exc is not None and _rolls_back(unit, exc):
+            unit.owner.mark_rollback_only(exc, unit.where)  # type: ignore[union-attr]
+        return None, exc
     if kind == SAVEPOINT:
         return None, _settle_savepoint(unit, exc)
-    if exc is not None and _rolls_back(unit, exc):
-        unit.owner.mark_rollback_only(exc, unit.where)  # type: ignore[union-attr]
-    return None, exc
-
-
-def _rolls_back(unit: Unit, exc: BaseException) -> bool:
-    opts = unit.opts
-    if opts.rolls_back(exc):
-        return True
-    from ._retry import is_retryable, retry_wanted
-
-    # The server already rolled the transaction (or the statement) back, or dropped the
-    # connection: a commit now would report work as committed that is gone.
-    return is_retryable(exc) or (opts.retries > 0 and retry_wanted(opts, exc))
-
-
-def _settle_begin_once(
-    unit: Unit, exc: BaseException | None
-) -> tuple[Finish | None, BaseException | None]:
+    if unit.mode is not _BEGIN_ONCE:
+        return _settle_commit_as_you_go(unit, exc)
     sync = unit.sync
     sync._txguard_unit = None  # type: ignore[attr-defined]
     transaction = unit.transaction
@@ -448,6 +439,17 @@ def _settle_begin_once(
     if unit.callbacks:
         return Finish(unit.take_callbacks(committed), committed), error
     return None, error
+
+
+def _rolls_back(unit: Unit, exc: BaseException) -> bool:
+    opts = unit.opts
+    if opts.rolls_back(exc):
+        return True
+    from ._retry import is_retryable, retry_wanted
+
+    # The server already rolled the transaction (or the statement) back, or dropped the
+    # connection: a commit now would report work as committed that is gone.
+    return is_retryable(exc) or (opts.retries > 0 and retry_wanted(opts, exc))
 
 
 def _settle_savepoint(unit: Unit, exc: BaseException | None) -> BaseException | None:
@@ -816,8 +818,6 @@ async def aopen_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin
     """Open a unit for async code; only units that emit SQL at entry need the bridge."""
     if not opts.enter_needs_io:
         return open_unit(registry, opts, where)
-    from sqlalchemy.util import greenlet_spawn
-
     return await greenlet_spawn(open_unit, registry, opts, where)
 
 
@@ -827,8 +827,6 @@ async def asettle(
     """End an async unit; the IO runs to completion even if the task is cancelled meanwhile."""
     if unit.kind == JOIN:
         return settle(unit, exc)
-    from sqlalchemy.util import greenlet_spawn
-
     outcome: tuple[Finish | None, BaseException | None] = await run_to_completion(
         greenlet_spawn(settle, unit, exc)
     )
