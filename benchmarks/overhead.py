@@ -1,9 +1,10 @@
 """txguard's overhead per transaction, as a ratio to hand-written SQLAlchemy in the same run.
 
 Run with `make bench` (or `python benchmarks/overhead.py --quick`). Variants of one row are
-timed in interleaved rounds (A B C A B C ...) so that drift of the machine hits them alike;
-each round times a batch of transactions, and we report the median and the min-max of the
-per-transaction time, and the ratio of medians to the row's baseline.
+timed in interleaved rounds (A B C, C B A, ...) so that drift of the machine hits them
+alike; each round times a batch of transactions. We report the median and the min-max of
+the per-transaction time, and the ratio to the row's baseline: the median over rounds of
+the variant's time divided by the baseline's in the same round.
 """
 
 from __future__ import annotations
@@ -68,11 +69,23 @@ def run_case(case: Case, rounds: int, batch: int) -> None:
     for fn in case.variants.values():
         time_batch(fn, max(10, batch // 10))
     case.results = {name: [] for name in case.variants}
+    order = list(case.variants.items())
     for _ in range(rounds):
-        for name, fn in case.variants.items():
+        for name, fn in order:
             case.results[name].append(time_batch(fn, batch))
+        order.reverse()  # A B C, C B A, ...: no variant always runs right after another
     if case.finish is not None:
         case.finish()
+
+
+def ratio(case: Case, name: str) -> float:
+    """Median over rounds of the variant's time divided by the baseline's in the same round.
+
+    Pairing each round with its own baseline cancels the machine's slow drift (and the
+    bursts of a shared host) that a ratio of two medians would keep.
+    """
+    base = case.results[next(iter(case.variants))]
+    return statistics.median(t / b for t, b in zip(case.results[name], base))
 
 
 def report(cases: list[Case]) -> list[tuple[str, str, float, float | None]]:
@@ -82,18 +95,17 @@ def report(cases: list[Case]) -> list[tuple[str, str, float, float | None]]:
     print(f"|{'-' * 46}|{'-' * 28}|{'-' * 11}|{'-' * 17}|{'-' * 8}|--------|")
     for case in cases:
         names = list(case.variants)
-        base = statistics.median(case.results[names[0]])
         for name in names:
             samples = case.results[name]
             median = statistics.median(samples)
-            ratio = median / base
+            paired = ratio(case, name)
             budget = "" if name == names[0] or case.budget is None else f"≤ {case.budget:.2f}"
             print(
                 f"| {case.title if name == names[0] else '':<44} | {name:<26} | {median * 1e6:9.1f} | "
-                f"{min(samples) * 1e6:6.1f}–{max(samples) * 1e6:<8.1f} | {ratio:6.3f} | {budget:<6} |"
+                f"{min(samples) * 1e6:6.1f}–{max(samples) * 1e6:<8.1f} | {paired:6.3f} | {budget:<6} |"
             )
             if name != names[0]:
-                ratios.append((case.title, name, ratio, case.budget))
+                ratios.append((case.title, name, paired, case.budget))
     return ratios
 
 
@@ -301,10 +313,9 @@ def chart(cases: list[Case], path: Path) -> None:
     labels, ratios, budgets = [], [], []
     for case in cases:
         names = list(case.variants)
-        base = statistics.median(case.results[names[0]])
         for name in names[1:]:
             labels.append(f"{case.title}\n{name}")
-            ratios.append(statistics.median(case.results[name]) / base)
+            ratios.append(ratio(case, name))
             budgets.append(case.budget or 0)
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.2))
     y = range(len(labels))
@@ -315,7 +326,7 @@ def chart(cases: list[Case], path: Path) -> None:
     ax.set_yticks(list(y), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("time per transaction, ratio to hand-written SQLAlchemy (1.0 = no overhead)")
-    ax.set_title("txguard overhead (median of interleaved rounds)")
+    ax.set_title("txguard overhead (median of paired ratios over interleaved rounds)")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -324,14 +335,16 @@ def chart(cases: list[Case], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
     parser.add_argument("--no-postgresql", action="store_true")
     parser.add_argument("--no-scale", action="store_true")
     parser.add_argument("--chart", type=Path, default=Path(__file__).with_name("overhead.png"))
+    parser.add_argument("--no-pin", action="store_true", help="do not pin the ratio rows to one CPU")
     args = parser.parse_args(argv)
     rounds, batch = (5, 200) if args.quick else (args.rounds, args.batch)
+    unpin = (lambda: None) if args.no_pin else pin_to_one_cpu()
 
     engine, registry = sqlite_engine()
     cases = unit_cases(engine, "SQLite memory", registry)
@@ -345,13 +358,16 @@ def main(argv: list[str] | None = None) -> int:
 
     for case in cases:
         run_case(case, rounds, batch)
+    unpin()
+    pinned = "" if args.no_pin else ", pinned to one CPU"
     print(f"\ntxguard overhead: {rounds} interleaved rounds x {batch} transactions, "
-          f"Python {sys.version.split()[0]}, SQLAlchemy {sa.__version__}, {os.cpu_count()} cores\n")
+          f"Python {sys.version.split()[0]}, SQLAlchemy {sa.__version__}, {os.cpu_count()} cores"
+          f"{pinned}\n")
     ratios = report(cases)
     over = [r for r in ratios if r[3] is not None and r[2] > r[3]]
     print()
-    for title, name, ratio, budget in over:
-        print(f"over budget: {title} / {name}: {ratio:.3f} > {budget}")
+    for title, name, value, budget in over:
+        print(f"over budget: {title} / {name}: {value:.3f} > {budget}")
     if not over:
         print("every row within budget")
     chart(cases, args.chart)
@@ -365,6 +381,19 @@ def main(argv: list[str] | None = None) -> int:
             conn.execute(sa.text("DROP TABLE IF EXISTS bench_rows"))
         pg[0].dispose()
     return 0
+
+
+def pin_to_one_cpu() -> Callable[[], None]:
+    """Pin this process to one CPU while the ratio rows run; return the undo.
+
+    A migration between CPUs costs the interpreter its warm caches, which shows up as
+    noise of a few percent, the size of the budgets. The scale rows run unpinned.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return lambda: None
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {max(cpus)})
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 def extra_cases(engine: sa.Engine, registry: txguard.SessionRegistry) -> list[Case]:

@@ -100,6 +100,33 @@ def test_unit_of_work_refuses_bad_option(option: str, value: Any, words: tuple[s
     _check(lambda: txguard.unit_of_work(**{option: value}), option, words)
 
 
+@pytest.mark.parametrize(("option", "value", "words"), _cases(UNIT_OPTIONS))
+def test_registry_unit_of_work_refuses_bad_option(
+    option: str, value: Any, words: tuple[str, ...]
+) -> None:
+    """SessionRegistry.unit_of_work(...) checks its options like the module-level one."""
+    registry = txguard.SessionRegistry(ENGINE)
+    registry.unit_of_work()  # a valid call first: its cached defaults must not leak through
+    if option == "registry":
+        with pytest.raises(txguard.ConfigurationError, match="unknown option.*'registry'"):
+            registry.unit_of_work(registry=value)
+        return
+    _check(lambda: registry.unit_of_work(**{option: value}), option, words)
+
+
+@pytest.mark.parametrize("option", ["retries", "retry_on", "backoff", "timeout", "modes"])
+def test_registry_unit_of_work_names_the_options_of_a_unit(option: str) -> None:
+    """An option that is not a unit's (a typo, or one of @transactional's) is named, with the list."""
+    registry = txguard.SessionRegistry(ENGINE)
+    with pytest.raises(txguard.ConfigurationError) as info:
+        registry.unit_of_work(**{option: 1})
+    message = str(info.value)
+    assert repr(option) in message
+    for name in ("mode", "propagation", "read_only", "isolation_level", "durable"):
+        assert name in message
+    assert "retries= belongs on @transactional" in message
+
+
 @pytest.mark.parametrize(("option", "value", "words"), _cases({**UNIT_OPTIONS, **RETRY_OPTIONS}))
 def test_transactional_refuses_bad_option(option: str, value: Any, words: tuple[str, ...]) -> None:
     """@transactional(...) refuses a wrong option when it decorates, naming the allowed values."""

@@ -64,6 +64,32 @@ def test_a_sessionmaker_bind_keeps_its_class_and_events(sqlite_engine: sa.Engine
     assert seen == ["commit", "commit"]
 
 
+def test_a_session_subclass_keeps_its_overrides_under_the_guards(sqlite_engine: sa.Engine) -> None:
+    """Units hand out a private subclass of the user's class: its own methods still run."""
+    calls: list[str] = []
+
+    class AppSession(Session):
+        def commit(self) -> None:
+            calls.append("commit")
+            super().commit()
+
+    registry = txguard.SessionRegistry(sessionmaker(sqlite_engine, class_=AppSession))
+    with registry.unit_of_work(mode="commit_as_you_go") as session:
+        assert isinstance(session, AppSession) and type(session) is not AppSession
+        assert type(session).__name__ == "AppSession"
+        session.execute(sa.text("SELECT 1"))
+        session.commit()
+    assert calls == ["commit"]
+    with registry.unit_of_work() as session:
+        with pytest.raises(txguard.DisciplineError, match="session.commit"):
+            session.commit()
+    assert calls == ["commit"]  # refused before the user's override ran
+    outside = AppSession(sqlite_engine)
+    outside.commit()  # a session of the user's own class is never touched
+    outside.close()
+    assert calls == ["commit", "commit"]
+
+
 def test_a_new_thread_starts_with_no_unit(sqlite_engine: sa.Engine) -> None:
     """Units are per context: a new thread sees none of its parent's units."""
     registry = txguard.configure(sqlite_engine)
