@@ -97,7 +97,7 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
                 return fn(*args, **kwargs)
             token = var.set(unit)
             try:
-                result = fn(*args, **kwargs)
+                result = fn(*args, **kwargs) if kwargs else fn(*args)
             except BaseException as exc:
                 var.reset(token)
                 finish, error = settle(unit, exc)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable
-from contextvars import ContextVar, Token
+from contextvars import Token
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy.orm import Session, SessionTransaction
@@ -84,8 +84,11 @@ class Unit:
     attributes are class-level defaults, so opening a unit stores only what differs.
     """
 
+    kind: int = ROOT
+    mode: Mode = _BEGIN_ONCE
     owner: Unit | None = None
     parent: Unit | None = None  # the scope a savepoint was taken in
+    registry: SessionRegistry | None = None  # set on commit-as-you-go units, which need it
     transaction: SessionTransaction | None = None
     transactional = True
     isolation_level: str | None = None
@@ -96,14 +99,11 @@ class Unit:
     rollback_unit: Origin | None = None
     committing = False
 
-    kind: int
     opts: UnitOptions
     where: Origin
-    registry: SessionRegistry
     session: Any
     sync: Session
     base: type[Session]  # the user's session class: the unit calls it, past the guards
-    mode: Mode
 
     @property
     def scope(self) -> Unit:
@@ -151,7 +151,7 @@ class Unit:
                 "unit with propagation='requires_new', or open this unit with "
                 "mode='commit_as_you_go'."
             )
-        current = self.registry._var.get()
+        current = self.registry._var.get()  # type: ignore[union-attr]
         if current is not None and current.scope is not self and current.root is self:
             raise DisciplineError(
                 f"session.commit() inside the savepoint unit opened at {current.where}: the "
@@ -260,32 +260,29 @@ def open_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Un
             active = current.owner or current
             if active.transactional:
                 return _join(active, opts, where)
-        mode = opts.mode
+        key = opts.session_key
         transactional = True
     else:
         decision = _decide(current, opts, where)
         if decision is None or isinstance(decision, Unit):
             return decision
-        mode, transactional = decision
-    cayg = mode is _COMMIT_AS_YOU_GO
-    key = opts.session_key if mode is opts.mode else (cayg, opts.read_only, opts.isolation_level)
-    factory = registry._factories.get(key) or registry.session_factory(*key)
-    session = factory()
+        key, transactional = decision
+    session = (registry._factories.get(key) or registry.session_factory(*key))()
     sync: Session = session.sync_session if registry.is_async else session
     base = registry.base_class
     unit = _new_unit(Unit)
-    unit.kind = ROOT
     unit.opts = opts
     unit.where = where
-    unit.registry = registry
     unit.session = session
     unit.sync = sync
     unit.base = base
-    unit.mode = mode
-    if not cayg:
+    if key[0]:  # commit as you go
+        unit.mode = _COMMIT_AS_YOU_GO
+        unit.registry = registry
+        if not transactional:
+            unit.transactional = False
+    else:
         unit.transaction = base.begin(sync)
-    if not transactional:
-        unit.transactional = False
     if opts.isolation_level is not None:
         unit.isolation_level = opts.isolation_level
     sync._txguard_unit = unit  # type: ignore[attr-defined]
@@ -294,8 +291,9 @@ def open_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Un
 
 def _decide(
     current: Unit | None, opts: UnitOptions, where: Origin
-) -> Unit | tuple[Mode, bool] | None:
-    """Join, take a savepoint or refuse (a unit, or None for none); or say how to begin."""
+) -> Unit | tuple[tuple[bool, bool, str | None], bool] | None:
+    """Join, take a savepoint or refuse (a unit, or None for none); or say how to begin:
+    the session factory's key, and whether the unit is transactional."""
     active = None
     if current is not None:
         active = current.owner or current
@@ -308,11 +306,11 @@ def _decide(
             f"at {active.where} is active. Call it outside any unit, or drop durable=True."
         )
     if propagation is _REQUIRED or propagation is _REQUIRES_NEW:
-        return opts.mode, True  # a required unit with an active one joined in open_unit
+        return opts.session_key, True  # a required unit with an active one joined in open_unit
     if propagation is _NESTED:
         if active is not None:
             return _savepoint(active, opts, where)
-        return opts.mode, True
+        return opts.session_key, True
     if propagation is _MANDATORY:
         if active is None:
             raise TransactionRequiredError(
@@ -331,11 +329,12 @@ def _decide(
         return None
     if propagation is _SUPPORTS and current is not None:
         return _join(current.owner or current, opts, where)
-    return _COMMIT_AS_YOU_GO, False
+    return (True, opts.read_only, opts.isolation_level), False
 
 
 _new_unit = object.__new__
 _getframe = sys._getframe
+_NO_UNIT: Final = _new_unit(Unit)  # what a `never` block holds while it runs without a unit
 
 
 def _join(active: Unit, opts: UnitOptions, where: Origin) -> Unit:
@@ -373,11 +372,9 @@ def _savepoint(active: Unit, opts: UnitOptions, where: Origin) -> Unit:
     unit.parent = active
     unit.opts = opts
     unit.where = where
-    unit.registry = active.registry
     unit.session = active.session
     unit.sync = active.sync
     unit.base = active.base
-    unit.mode = _BEGIN_ONCE
     unit.isolation_level = active.isolation_level
     return unit
 
@@ -403,8 +400,7 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
         return _settle_commit_as_you_go(unit, exc)
     sync = unit.sync
     sync._txguard_unit = None  # type: ignore[attr-defined]
-    transaction = unit.transaction
-    assert transaction is not None, "a begin-once unit always has a transaction"
+    transaction: SessionTransaction = unit.transaction  # type: ignore[assignment]
     error = exc
     committed = False
     try:
@@ -420,10 +416,10 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
                 error = _deactivated(unit)
         else:
             try:
-                unit.committing = True
                 transaction.commit()
                 committed = True
             except BaseException as commit_error:
+                unit.committing = True  # for retries: COMMIT may have been sent
                 _rollback(transaction, commit_error)
                 if exc is not None and commit_error.__context__ is None:
                     commit_error.__context__ = exc
@@ -434,6 +430,7 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
         except BaseException as close_error:
             if error is None:
                 error = close_error
+                unit.committing = committed  # never retry work that committed
             else:
                 logger.warning("txguard: closing the session failed", exc_info=True)
     if unit.callbacks:
@@ -607,8 +604,7 @@ class UnitOfWork:
 
     # No __slots__: the state of a block not yet entered is the class defaults, so making
     # one stores only its options and origin.
-    _var: ContextVar[Unit | None] | None = None  # set while the block runs
-    _unit: Unit | None = None
+    _unit: Unit | None = None  # while the block runs: its unit, or _NO_UNIT
     _token: Token[Unit | None] | None = None
 
     def __init__(self, opts: UnitOptions, where: Origin) -> None:
@@ -617,7 +613,7 @@ class UnitOfWork:
 
     def _registry_for(self, want_async: bool) -> SessionRegistry:
         registry = self._opts.registry or resolve(None)
-        if registry.is_async is not want_async or self._var is not None:
+        if registry.is_async is not want_async or self._unit is not None:
             self._refuse(registry, want_async)
         return registry
 
@@ -630,22 +626,22 @@ class UnitOfWork:
         )
 
     def _push(self, registry: SessionRegistry, unit: Unit | None) -> Any:
-        var = self._var = registry._var
         if unit is None:
+            self._unit = _NO_UNIT
             return None
         self._unit = unit
-        self._token = var.set(unit)
+        self._token = registry._var.set(unit)
         return unit.session
 
     def _pop(self) -> Unit | None:
-        var = self._var
-        if var is None:
-            raise DisciplineError("This unit_of_work() was exited without being entered.")
-        self._var = None
         unit = self._unit
-        if unit is not None:
-            var.reset(self._token)  # type: ignore[arg-type]
-            self._unit = self._token = None
+        if unit is None:
+            raise DisciplineError("This unit_of_work() was exited without being entered.")
+        self._unit = None
+        if unit is _NO_UNIT:
+            return None
+        token: Token[Unit | None] = self._token  # type: ignore[assignment]
+        token.var.reset(token)
         return unit
 
     # The sync methods inline _registry_for, _push and _pop: every call costs on the hot path.
@@ -653,14 +649,14 @@ class UnitOfWork:
     def __enter__(self) -> Any:
         opts = self._opts
         registry = opts.registry or resolve(None)
-        if registry.is_async or self._var is not None:
+        if registry.is_async or self._unit is not None:
             self._refuse(registry, want_async=False)
         unit = open_unit(registry, opts, self._where)
-        var = self._var = registry._var
         if unit is None:
+            self._unit = _NO_UNIT
             return None
         self._unit = unit
-        self._token = var.set(unit)
+        self._token = registry._var.set(unit)
         return unit.session
 
     def __exit__(
@@ -669,13 +665,13 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        var = self._var
         unit = self._unit
-        if var is None or unit is None:
+        if unit is None or unit is _NO_UNIT:
             self._pop()
             return
-        var.reset(self._token)  # type: ignore[arg-type]
-        self._var = self._unit = self._token = None
+        self._unit = None
+        token: Token[Unit | None] = self._token  # type: ignore[assignment]
+        token.var.reset(token)
         finish, error = settle(unit, exc)
         if finish is not None:
             finish.deliver(in_flight=error is not None)
