@@ -122,6 +122,22 @@ def test_a_unit_object_is_single_use(registry: txguard.SessionRegistry) -> None:
                 pass
 
 
+def test_a_unit_object_runs_one_block(registry: txguard.SessionRegistry) -> None:
+    """Entering a unit_of_work() object again after its block ended raises DisciplineError."""
+    unit = txguard.unit_of_work()
+    with unit:
+        pass
+    with pytest.raises(txguard.DisciplineError, match="is done.*create a new one"):
+        with unit:
+            pass
+    never = txguard.unit_of_work(propagation="never")
+    with never as session:
+        assert session is None
+    with pytest.raises(txguard.DisciplineError, match="is done"):
+        with never:
+            pass
+
+
 def test_async_with_on_a_sync_registry_is_refused(registry: txguard.SessionRegistry) -> None:
     """`async with` on a sync registry raises ConfigurationError saying what to write."""
     import asyncio

@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import _sessions
 from ._errors import ConfigurationError, TransactionRequiredError
-from ._origin import caller_origin
 from ._sqlite import install_sqlite_transactions
 
 if TYPE_CHECKING:
@@ -36,7 +35,6 @@ __all__ = [
 ]
 
 _ids = itertools.count(1)
-_new = object.__new__
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -113,9 +111,7 @@ class SessionRegistry:
         """Open a unit of work on this registry (see ``txguard.unit_of_work``)."""
         units = _units()
         opts = (not options and self._unit_defaults) or units.registry_options(self, options)
-        unit: UnitOfWork = _new(units.UnitOfWork)
-        unit._opts = opts
-        unit._where = caller_origin(sys._getframe(1))
+        unit: UnitOfWork = units.new_unit_of_work(opts, sys._getframe(1))
         return unit
 
     @overload

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable
-from contextvars import Token
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy.orm import Session, SessionTransaction
@@ -29,12 +28,12 @@ from ._errors import (
     UnexpectedRollbackError,
 )
 from ._options import OPTION_NAMES, Mode, Propagation, UnitOptions, unit_options
-from ._origin import Origin, _is_library, caller_origin, warn_at_user
+from ._origin import Origin, _is_library, _user_files, caller_origin, line_of, warn_at_user
 from ._registry import SessionRegistry, resolve
 from ._sessions import FIRST_CHANGE
 
 if TYPE_CHECKING:
-    from types import TracebackType
+    from types import CodeType, FrameType, TracebackType
 
 __all__ = ["Unit", "UnitOfWork", "open_unit", "settle", "unit_of_work"]
 
@@ -247,32 +246,31 @@ def run_callbacks(callbacks: list[Callback], committed: bool, in_flight: bool) -
 # Opening a unit.
 
 
-def open_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Unit | None:
-    """Begin, join or suspend according to ``opts.propagation``; return the new unit.
+def open_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
+    """Begin, join or suspend according to ``unit.opts.propagation``; return ``unit``.
 
+    ``unit`` is a new unit holding only its options and origin; this fills in the rest.
     Returns None for ``propagation="never"`` outside any unit (the call runs without one).
     The caller pushes the unit on ``registry._var`` and later passes it to ``settle``.
     The common case (``required``) is decided here; ``_decide`` handles the others.
     """
+    opts = unit.opts
     current = registry._var.get()
     if opts.propagation is _REQUIRED and not opts.durable:
         if current is not None:
             active = current.owner or current
             if active.transactional:
-                return _join(active, opts, where)
+                return _join(active, unit)
         key = opts.session_key
         transactional = True
     else:
-        decision = _decide(current, opts, where)
+        decision = _decide(current, unit)
         if decision is None or isinstance(decision, Unit):
             return decision
         key, transactional = decision
     session = (registry._factories.get(key) or registry.session_factory(*key))()
     sync: Session = session.sync_session if registry.is_async else session
     base = registry.base_class
-    unit = _new_unit(Unit)
-    unit.opts = opts
-    unit.where = where
     unit.session = session
     unit.sync = sync
     unit.base = base
@@ -290,10 +288,11 @@ def open_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Un
 
 
 def _decide(
-    current: Unit | None, opts: UnitOptions, where: Origin
+    current: Unit | None, unit: Unit
 ) -> Unit | tuple[tuple[bool, bool, str | None], bool] | None:
-    """Join, take a savepoint or refuse (a unit, or None for none); or say how to begin:
+    """Join, take a savepoint or refuse (the unit, or None for none); or say how to begin:
     the session factory's key, and whether the unit is transactional."""
+    opts, where = unit.opts, unit.where
     active = None
     if current is not None:
         active = current.owner or current
@@ -309,7 +308,7 @@ def _decide(
         return opts.session_key, True  # a required unit with an active one joined in open_unit
     if propagation is _NESTED:
         if active is not None:
-            return _savepoint(active, opts, where)
+            return _savepoint(active, unit)
         return opts.session_key, True
     if propagation is _MANDATORY:
         if active is None:
@@ -318,7 +317,7 @@ def _decide(
                 "is active. Call it inside `with txguard.unit_of_work():` or from an "
                 "@txguard.transactional function, or use propagation='required'."
             )
-        return _join(active, opts, where)
+        return _join(active, unit)
     if propagation is _NEVER:
         if active is not None:
             raise TransactionNotAllowedError(
@@ -328,34 +327,35 @@ def _decide(
             )
         return None
     if propagation is _SUPPORTS and current is not None:
-        return _join(current.owner or current, opts, where)
+        return _join(current.owner or current, unit)
     return (True, opts.read_only, opts.isolation_level), False
 
 
 _new_unit = object.__new__
 _getframe = sys._getframe
-_NO_UNIT: Final = _new_unit(Unit)  # what a `never` block holds while it runs without a unit
 
 
-def _join(active: Unit, opts: UnitOptions, where: Origin) -> Unit:
-    wanted = opts.isolation_level
-    if wanted is not None and wanted != active.isolation_level:
-        actual = active.isolation_level or _effective_isolation(active)
-        if actual != wanted:
-            raise DisciplineError(
-                f"The unit opened at {where} asks for isolation_level={wanted!r} but would "
-                f"join the transaction of the unit opened at {active.where}, which runs at "
-                f"{actual!r}. Use propagation='requires_new' for its own transaction, or "
-                "set the level on the outer unit."
-            )
-    unit = _new_unit(Unit)
+def _join(active: Unit, unit: Unit) -> Unit:
+    if unit.opts.isolation_level is not None:
+        _check_isolation(active, unit)
     unit.kind = JOIN
     unit.owner = active
-    unit.opts = opts
-    unit.where = where
     unit.session = active.session
     unit.sync = active.sync
     return unit
+
+
+def _check_isolation(active: Unit, unit: Unit) -> None:
+    wanted = unit.opts.isolation_level
+    if wanted != active.isolation_level:
+        actual = active.isolation_level or _effective_isolation(active)
+        if actual != wanted:
+            raise DisciplineError(
+                f"The unit opened at {unit.where} asks for isolation_level={wanted!r} but "
+                f"would join the transaction of the unit opened at {active.where}, which "
+                f"runs at {actual!r}. Use propagation='requires_new' for its own transaction, "
+                "or set the level on the outer unit."
+            )
 
 
 def _effective_isolation(scope: Unit) -> str:
@@ -363,15 +363,12 @@ def _effective_isolation(scope: Unit) -> str:
     return level.upper().replace("_", " ")
 
 
-def _savepoint(active: Unit, opts: UnitOptions, where: Origin) -> Unit:
-    if opts.isolation_level is not None:
-        _join(active, opts, where)
-    unit = _new_unit(Unit)
+def _savepoint(active: Unit, unit: Unit) -> Unit:
+    if unit.opts.isolation_level is not None:
+        _check_isolation(active, unit)
     unit.transaction = active.sync.begin_nested()
     unit.kind = SAVEPOINT
     unit.parent = active
-    unit.opts = opts
-    unit.where = where
     unit.session = active.session
     unit.sync = active.sync
     unit.base = active.base
@@ -599,21 +596,33 @@ def _deactivated(scope: Unit) -> UnexpectedRollbackError:
 # The context manager.
 
 
-class UnitOfWork:
-    """A unit of work as a context manager: ``with`` for sync, ``async with`` for async."""
+class UnitOfWork(Unit):
+    """A unit of work as a context manager: ``with`` for sync, ``async with`` for async.
 
-    # No __slots__: the state of a block not yet entered is the class defaults, so making
-    # one stores only its options and origin.
-    _unit: Unit | None = None  # while the block runs: its unit, or _NO_UNIT
-    _token: Token[Unit | None] | None = None
+    It is itself the unit its block runs in, so entering one allocates nothing more. Where
+    it was created is kept as the code and instruction offset of the caller, and made an
+    ``Origin`` only if a message needs it. Each object runs one block.
+    """
 
-    def __init__(self, opts: UnitOptions, where: Origin) -> None:
-        self._opts = opts
-        self._where = where
+    _token: Any = None  # None before the block; then its ContextVar token, or a sentinel
+    _origin: Origin | None = None
+    _code: CodeType
+    _offset: int
+
+    @property
+    def where(self) -> Origin:
+        origin = self._origin
+        if origin is None:
+            origin = self._origin = Origin(((self._code, line_of(self._code, self._offset)),))
+        return origin
+
+    @where.setter
+    def where(self, origin: Origin) -> None:
+        self._origin = origin
 
     def _registry_for(self, want_async: bool) -> SessionRegistry:
-        registry = self._opts.registry or resolve(None)
-        if registry.is_async is not want_async or self._unit is not None:
+        registry = self.opts.registry or resolve(None)
+        if registry.is_async is not want_async or self._token is not None:
             self._refuse(registry, want_async)
         return registry
 
@@ -621,43 +630,40 @@ class UnitOfWork:
         if registry.is_async is not want_async:
             raise ConfigurationError(_mismatch(registry, "async with" if want_async else "with"))
         raise DisciplineError(
-            f"The unit_of_work() created at {self._where} is already in use; create a new "
-            "one for each `with` block."
+            f"The unit_of_work() created at {self.where} is "
+            f"{'done' if self._token is _DONE else 'already in use'}: each object runs one "
+            "`with` block; create a new one for each block."
         )
 
-    def _push(self, registry: SessionRegistry, unit: Unit | None) -> Any:
-        if unit is None:
-            self._unit = _NO_UNIT
+    def _push(self, registry: SessionRegistry, opened: Unit | None) -> Any:
+        if opened is None:
+            self._token = _OUTSIDE
             return None
-        self._unit = unit
-        self._token = registry._var.set(unit)
-        return unit.session
+        self._token = registry._var.set(self)
+        return self.session
 
-    def _pop(self) -> Unit | None:
-        unit = self._unit
-        if unit is None:
+    def _pop(self) -> bool:
+        """Leave the block; say whether there is a unit to settle."""
+        token = self._token
+        if token is None or token is _DONE:
             raise DisciplineError("This unit_of_work() was exited without being entered.")
-        self._unit = None
-        if unit is _NO_UNIT:
-            return None
-        token: Token[Unit | None] = self._token  # type: ignore[assignment]
+        self._token = _DONE
+        if token is _OUTSIDE:
+            return False
         token.var.reset(token)
-        return unit
+        return True
 
     # The sync methods inline _registry_for, _push and _pop: every call costs on the hot path.
 
     def __enter__(self) -> Any:
-        opts = self._opts
-        registry = opts.registry or resolve(None)
-        if registry.is_async or self._unit is not None:
+        registry = self.opts.registry or resolve(None)
+        if registry.is_async or self._token is not None:
             self._refuse(registry, want_async=False)
-        unit = open_unit(registry, opts, self._where)
-        if unit is None:
-            self._unit = _NO_UNIT
+        if open_unit(registry, self) is None:
+            self._token = _OUTSIDE
             return None
-        self._unit = unit
-        self._token = registry._var.set(unit)
-        return unit.session
+        self._token = registry._var.set(self)
+        return self.session
 
     def __exit__(
         self,
@@ -665,14 +671,13 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        unit = self._unit
-        if unit is None or unit is _NO_UNIT:
+        token = self._token
+        if token is None or token is _DONE or token is _OUTSIDE:
             self._pop()
             return
-        self._unit = None
-        token: Token[Unit | None] = self._token  # type: ignore[assignment]
+        self._token = _DONE
         token.var.reset(token)
-        finish, error = settle(unit, exc)
+        finish, error = settle(self, exc)
         if finish is not None:
             finish.deliver(in_flight=error is not None)
         if error is not None and error is not exc:
@@ -680,7 +685,7 @@ class UnitOfWork:
 
     async def __aenter__(self) -> Any:
         registry = self._registry_for(want_async=True)
-        return self._push(registry, await aopen_unit(registry, self._opts, self._where))
+        return self._push(registry, await aopen_unit(registry, self))
 
     async def __aexit__(
         self,
@@ -688,14 +693,30 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        unit = self._pop()
-        if unit is None:
+        if not self._pop():
             return
-        finish, error = await asettle(unit, exc)
+        finish, error = await asettle(self, exc)
         if finish is not None:
             finish.deliver(in_flight=error is not None)
         if error is not None and error is not exc:
             raise error
+
+
+_OUTSIDE: Final = object()  # the token of a `never` block, which runs without a unit
+_DONE: Final = object()  # the token of a block that has ended
+
+
+def new_unit_of_work(opts: UnitOptions, frame: FrameType) -> UnitOfWork:
+    """Make the UnitOfWork that ``frame`` (the caller's) asked for."""
+    unit = _new_unit(UnitOfWork)
+    unit.opts = opts
+    code = frame.f_code
+    if _user_files.get(code.co_filename):
+        unit._code = code
+        unit._offset = frame.f_lasti
+    else:
+        unit._origin = caller_origin(frame)
+    return unit
 
 
 def _mismatch(registry: SessionRegistry, statement: str) -> str:
@@ -755,10 +776,7 @@ def unit_of_work(
             durable=durable,
             registry=registry,
         )
-    unit = _new_unit(UnitOfWork)
-    unit._opts = opts
-    unit._where = caller_origin(_getframe(1))
-    return unit
+    return new_unit_of_work(opts, _getframe(1))
 
 
 def default_options(registry: SessionRegistry | None) -> UnitOptions:
@@ -810,11 +828,11 @@ _options_cache: dict[tuple[object, ...], UnitOptions] = {}
 # The asyncio driver: the same functions, run through SQLAlchemy's greenlet bridge.
 
 
-async def aopen_unit(registry: SessionRegistry, opts: UnitOptions, where: Origin) -> Unit | None:
+async def aopen_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
     """Open a unit for async code; only units that emit SQL at entry need the bridge."""
-    if not opts.enter_needs_io:
-        return open_unit(registry, opts, where)
-    return await greenlet_spawn(open_unit, registry, opts, where)
+    if not unit.opts.enter_needs_io:
+        return open_unit(registry, unit)
+    return await greenlet_spawn(open_unit, registry, unit)
 
 
 async def asettle(
