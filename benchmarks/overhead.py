@@ -263,7 +263,7 @@ def scale_depth(registry: txguard.SessionRegistry, depths: tuple[int, ...], batc
         print(f"  depth {depth:>3}: {statistics.median(samples) * 1e6:8.1f} µs per unit")
 
 
-def scale_threads(engine: sa.Engine, registry: txguard.SessionRegistry, counts: tuple[int, ...], per_thread: int) -> None:
+def scale_threads(engine: sa.Engine, registry: txguard.SessionRegistry, counts: tuple[int, ...], total: int) -> None:
     """Time per unit with several threads running units at once (no global lock in txguard)."""
     import threading
 
@@ -277,10 +277,11 @@ def scale_threads(engine: sa.Engine, registry: txguard.SessionRegistry, counts: 
 
     def run(fn: Callable[[], None], threads: int) -> float:
         barrier = threading.Barrier(threads + 1)
+        units = max(total // threads, 50)  # about the same total work at every count
 
         def worker() -> None:
             barrier.wait()
-            for _ in range(per_thread):
+            for _ in range(units):
                 fn()
 
         pool = [threading.Thread(target=worker) for _ in range(threads)]
@@ -290,12 +291,16 @@ def scale_threads(engine: sa.Engine, registry: txguard.SessionRegistry, counts: 
         start = time.perf_counter()
         for t in pool:
             t.join()
-        return (time.perf_counter() - start) / (threads * per_thread)
+        return (time.perf_counter() - start) / (threads * units)
 
     print("\nconcurrent threads on PostgreSQL (SELECT 1 units): wall time per unit")
     for threads in counts:
-        raw_t = statistics.median(run(raw, threads) for _ in range(3))
-        tx_t = statistics.median(run(tx, threads) for _ in range(3))
+        raw_runs: list[float] = []
+        tx_runs: list[float] = []
+        for _ in range(5):  # alternate the two, as the ratio rows do
+            raw_runs.append(run(raw, threads))
+            tx_runs.append(run(tx, threads))
+        raw_t, tx_t = statistics.median(raw_runs), statistics.median(tx_runs)
         print(f"  {threads:>2} threads: hand-written {raw_t * 1e6:7.1f} µs, "
               f"@transactional {tx_t * 1e6:7.1f} µs, ratio {tx_t / raw_t:5.3f}")
 
@@ -375,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_scale:
         scale_depth(registry, (1, 4, 16, 64), batch)
         if pg is not None:
-            scale_threads(pg[0], pg[1], (1, 8, 64), max(20, batch // 10))
+            scale_threads(pg[0], pg[1], (1, 8, 64), max(20, batch * 2))
     if pg is not None:
         with pg[0].begin() as conn:
             conn.execute(sa.text("DROP TABLE IF EXISTS bench_rows"))
