@@ -26,9 +26,9 @@ from sqlalchemy.engine import Connection, Engine, RootTransaction
 from sqlalchemy.orm.session import SessionTransaction
 
 from . import _guard_records as shared
-from ._errors import LeakedConnectionWarning, MixedBeginError, MixedBeginWarning
-from ._guard_records import ERROR, OFF, Record, log_end, open_transactions, report_late
-from ._origin import Origin, _is_library_frame, capture, warn_at_user
+from ._errors import LeakedConnectionWarning
+from ._guard_records import OFF, Record, log_end, open_transactions, report_late, report_mixed_begin
+from ._origin import Origin, _is_library_frame, capture
 
 __all__ = ["KEY", "begin", "on_checkin", "on_checkout", "on_detach"]
 
@@ -258,28 +258,10 @@ def _mixed_begin(conn: Connection, current: RootTransaction, level: str) -> None
     else:
         described = _session_owning(conn) or Record.unknown
         autobegun = False
-    if autobegun:
-        what = (
-            f"{described} (a Connection begins a transaction by itself when it first "
-            "executes: commit as you go)"
-        )
-        fix = (
-            "Commit or roll back first (conn.commit() / conn.rollback()), or begin before "
-            "the first statement: put the whole block in `with conn.begin():`."
-        )
-    else:
-        what = described
-        fix = (
-            "Commit or roll back that one first (or put the whole block in one `with "
-            "conn.begin():`); for a SAVEPOINT inside it, use conn.begin_nested()."
-        )
-    message = (
-        f"conn.begin() was called at {capture(1)} while this Connection already had a "
-        f"transaction, {what}. {fix}"
+    report_mixed_begin(
+        level, "conn", "Connection", described, autobegun,
+        "a Connection begins a transaction by itself when it first executes: commit as you go",
     )
-    if level == ERROR:
-        raise MixedBeginError(message)
-    warn_at_user(message, MixedBeginWarning)
 
 
 def _session_owning(conn: Connection) -> str | None:

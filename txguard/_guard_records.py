@@ -19,7 +19,8 @@ from time import monotonic
 from types import CodeType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from ._origin import Origin, shorten_sql, warn_at, warn_at_user
+from ._errors import MixedBeginError, MixedBeginWarning
+from ._origin import Origin, capture, shorten_sql, warn_at, warn_at_user
 
 __all__ = [
     "ERROR",
@@ -32,6 +33,7 @@ __all__ = [
     "open_transactions",
     "report",
     "report_late",
+    "report_mixed_begin",
     "settings",
     "sql_text",
 ]
@@ -165,6 +167,32 @@ def report(level: str, category: type[Warning], message: str) -> None:
     if level == ERROR:
         raise category(message)
     warn_at_user(message, category)
+
+
+def report_mixed_begin(
+    level: str, name: str, kind: str, described: str, autobegun: bool, autobegin: str
+) -> None:
+    """Report ``{name}.begin()`` called while the ``kind`` (Session, Connection) already had
+    the transaction ``described``; ``autobegin`` says how such an object autobegins."""
+    if autobegun:
+        what = f"{described} ({autobegin})"
+        fix = (
+            f"Commit or roll back first ({name}.commit() / {name}.rollback()), or begin "
+            f"before the first statement: put the whole block in `with {name}.begin():`."
+        )
+    else:
+        what = described
+        fix = (
+            "Commit or roll back that one first (or put the whole block in one `with "
+            f"{name}.begin():`); for a SAVEPOINT inside it, use {name}.begin_nested()."
+        )
+    message = (
+        f"{name}.begin() was called at {capture(1)} while this {kind} already had a "
+        f"transaction, {what}. {fix}"
+    )
+    if level == ERROR:
+        raise MixedBeginError(message)
+    warn_at_user(message, MixedBeginWarning)
 
 
 # Warnings delivered away from the user's code share one registry, so the "default"

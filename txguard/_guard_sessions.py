@@ -31,8 +31,6 @@ from ._errors import (
     CrossTaskWarning,
     CrossThreadWarning,
     LeakedSessionWarning,
-    MixedBeginError,
-    MixedBeginWarning,
 )
 from ._guard_records import (
     ERROR,
@@ -46,8 +44,9 @@ from ._guard_records import (
     open_transactions,
     report,
     report_late,
+    report_mixed_begin,
 )
-from ._origin import Origin, _is_library, capture, is_user_frame, warn_at_user
+from ._origin import Origin, _is_library, capture, is_user_frame
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import ORMExecuteState
@@ -345,25 +344,10 @@ def _mixed_begin(session: Session, level: str) -> None:
         described, autobegun = Record.unknown, False
     else:
         described, autobegun = record.describe(), record.autobegun
-    if autobegun:
-        what = f"{described} (a Session begins a transaction by itself when first used)"
-        fix = (
-            "Commit or roll back first (session.commit() / session.rollback()), or begin "
-            "before the first statement: put the whole block in `with session.begin():`."
-        )
-    else:
-        what = described
-        fix = (
-            "Commit or roll back that one first (or put the whole block in one `with "
-            "session.begin():`); for a SAVEPOINT inside it, use session.begin_nested()."
-        )
-    message = (
-        f"session.begin() was called at {capture(1)} while this Session already had a "
-        f"transaction, {what}. {fix}"
+    report_mixed_begin(
+        level, "session", "Session", described, autobegun,
+        "a Session begins a transaction by itself when first used",
     )
-    if level == ERROR:
-        raise MixedBeginError(message)
-    warn_at_user(message, MixedBeginWarning)
 
 
 def session_holding(conn: object) -> SessionRecord | None:
