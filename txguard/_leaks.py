@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, Final, Literal, Tuple
 
@@ -35,7 +34,7 @@ from ._origin import Origin, _short_path, _user_files, is_user_frame, line_of, p
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["Leak", "LeakDetector", "format_leaks", "tracker"]
+__all__ = ["Leak", "LeakDetector", "format_leaks", "leak_report", "tracker"]
 
 SESSION: Final = "session"
 CONNECTION: Final = "connection"
@@ -468,19 +467,21 @@ def format_leaks(leaks: list[Leak], during: str) -> str:
     """Describe leaks for a report: what, where, and how to fix it."""
     count = len(leaks)
     what = "session or connection was" if count == 1 else "sessions or connections were"
-    lines = [f"{count} {what} opened {during} and never closed:"]
-    for leak in leaks:
-        lines.extend(_indent(str(leak)))
-    lines.append(
+    return leak_report(
+        f"{count} {what} opened {during} and never closed:",
+        leaks,
         "Close each one where it is opened: `with Session(engine) as session:` (or "
         "txguard.unit_of_work()), `with engine.connect() as conn:`, or close() in a "
-        "`finally:` block."
+        "`finally:` block.",
     )
+
+
+def leak_report(heading: str, leaks: list[Leak], advice: str) -> str:
+    """Lay out a report of leaks: the heading, each leak as an indented item, the advice."""
+    lines = [heading]
+    for leak in leaks:
+        first, *rest = str(leak).splitlines()
+        lines.append(f"  - {first}")
+        lines.extend(f"    {line.strip()}" for line in rest)
+    lines.append(advice)
     return "\n".join(lines)
-
-
-def _indent(text: str) -> Iterator[str]:
-    first, *rest = text.splitlines()
-    yield f"  - {first}"
-    for line in rest:
-        yield f"    {line.strip()}"

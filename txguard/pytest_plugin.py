@@ -189,20 +189,18 @@ class LeakWatch:
 
 
 def _failure(item: pytest.Item, leaks: list[Leak]) -> str:
-    from ._leaks import _indent
+    from ._leaks import leak_report
 
     count = len(leaks)
     what = "session or connection" if count == 1 else "sessions or connections"
-    lines = [f"txguard: {item.nodeid} left {count} {what} open after its teardown:"]
-    for leak in leaks:
-        lines.extend(_indent(str(leak)))
-    lines.append(
+    return leak_report(
+        f"txguard: {item.nodeid} left {count} {what} open after its teardown:",
+        leaks,
         "Close each one where it is opened (`with Session(engine) as session:`, "
         "txguard.unit_of_work(), `with engine.connect() as conn:`), close it in the "
         "fixture's teardown, or mark the test @pytest.mark.txguard_allow_leaks if it "
-        "hands them over on purpose."
+        "hands them over on purpose.",
     )
-    return "\n".join(lines)
 
 
 def _warn(item: pytest.Item, leaks: list[Leak]) -> None:
