@@ -735,7 +735,7 @@ def _mismatch(registry: SessionRegistry, statement: str) -> str:
 
 _ROLLBACK_ANY: Final[tuple[type[BaseException], ...]] = (Exception,)
 _NOTHING: Final[tuple[type[BaseException], ...]] = ()
-_default_options: dict[SessionRegistry | None, UnitOptions] = {}
+_DEFAULT_OPTIONS: Final = unit_options()  # of unit_of_work() on the default registry
 
 
 def unit_of_work(
@@ -764,7 +764,7 @@ def unit_of_work(
         and no_rollback_for is _NOTHING
         and durable is False
     ):
-        opts = _default_options.get(registry) or default_options(registry)
+        opts = _DEFAULT_OPTIONS if registry is None else default_options(registry)
     else:
         opts = options_for(
             mode=mode,
@@ -779,11 +779,13 @@ def unit_of_work(
     return new_unit_of_work(opts, _getframe(1))
 
 
-def default_options(registry: SessionRegistry | None) -> UnitOptions:
-    """Return the options of a unit opened without any (validated once per registry)."""
-    opts = _default_options.get(registry)
+def default_options(registry: SessionRegistry) -> UnitOptions:
+    """Return the options of a unit of ``registry`` opened without any, kept on the registry."""
+    if not isinstance(registry, SessionRegistry):
+        return unit_options(registry=registry)  # refuses it, naming what to pass
+    opts = registry._unit_defaults
     if opts is None:
-        opts = _default_options[registry] = unit_options(registry=registry)
+        opts = registry._unit_defaults = unit_options(registry=registry)
     return opts
 
 
@@ -793,8 +795,7 @@ _UNIT_OPTION_NAMES: Final = OPTION_NAMES[: OPTION_NAMES.index("registry")]
 def registry_options(registry: SessionRegistry, options: dict[str, Any]) -> UnitOptions:
     """Return the options of ``registry.unit_of_work(**options)``."""
     if not options:
-        opts = registry._unit_defaults = default_options(registry)
-        return opts
+        return default_options(registry)
     unknown = sorted(set(options) - set(_UNIT_OPTION_NAMES))
     if unknown:
         raise ConfigurationError(
