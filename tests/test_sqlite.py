@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -86,3 +87,62 @@ def test_other_dialects_are_left_alone(engine: sa.Engine, backend: str) -> None:
     """Only SQLite engines get the recipe."""
     txguard.SessionRegistry(engine)
     assert uses_sqlite_recipe(engine) is (backend == "sqlite")
+
+
+def test_the_recipe_adds_no_connection_events(fresh_engine: sa.Engine) -> None:
+    """No ConnectionEvents listener: one would make SQLAlchemy dispatch around every statement."""
+    txguard.SessionRegistry(fresh_engine)
+    for name in ("begin", "before_execute", "before_cursor_execute", "commit", "rollback"):
+        assert len(getattr(fresh_engine.dispatch, name)) == 0, name
+    assert not fresh_engine._has_events
+
+
+def test_a_returned_autocommit_connection_begins_again(fresh_engine: sa.Engine) -> None:
+    """After an AUTOCOMMIT checkout the pool resets the connection, and BEGIN comes back."""
+    txguard.SessionRegistry(fresh_engine)
+    with fresh_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("SELECT 1"))
+    assert fresh_engine.pool.checkedin() == 1
+    _release_then_roll_back(fresh_engine)
+    assert names(fresh_engine) == []
+
+
+def test_the_drivers_begin_mode_is_honoured(tmp_path: Path) -> None:
+    """isolation_level='IMMEDIATE' on the driver gives BEGIN IMMEDIATE: the write lock at once."""
+    path = tmp_path / "immediate.db"
+    engine = sa.create_engine(
+        f"sqlite:///{path}", connect_args={"isolation_level": "IMMEDIATE", "timeout": 0}
+    )
+    Base.metadata.create_all(engine)
+    registry = txguard.SessionRegistry(engine)
+    other = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    txguard.SessionRegistry(other)
+    with registry.unit_of_work() as session:
+        session.execute(sa.text("SELECT 1"))  # reads only, yet holds the write lock
+        with pytest.raises(sa.exc.OperationalError, match="database is locked"):
+            with other.begin() as conn:
+                conn.execute(sa.insert(Item).values(name="blocked"))
+    with other.begin() as conn:
+        conn.execute(sa.insert(Item).values(name="after"))
+    assert names(engine) == ["after"]
+    other.dispose()
+    engine.dispose()
+
+
+def test_an_applications_own_begin_recipe_still_works(fresh_engine: sa.Engine) -> None:
+    """SQLAlchemy's documented event recipe on the same engine: one BEGIN, savepoints correct."""
+
+    @sa.event.listens_for(fresh_engine, "connect")
+    def _no_driver_begin(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sa.event.listens_for(fresh_engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    txguard.SessionRegistry(fresh_engine)
+    _release_then_roll_back(fresh_engine)
+    assert names(fresh_engine) == []
+    with fresh_engine.begin() as conn:
+        conn.execute(sa.insert(Item).values(name="kept"))
+    assert names(fresh_engine) == ["kept"]
