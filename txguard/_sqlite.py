@@ -18,37 +18,43 @@ no BEGIN, nor does a connection already in a transaction; ``IMMEDIATE`` or ``EXC
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 from sqlalchemy import Engine
+from sqlalchemy.engine.default import DefaultDialect
 
 __all__ = ["install_sqlite_transactions", "uses_sqlite_recipe"]
 
 _DRIVERS = ("pysqlite", "aiosqlite", "pysqlcipher")
-_LEGACY_TRANSACTION_CONTROL = -1  # sqlite3's autocommit default (Python 3.12+)
+_LEGACY: Final = -1  # sqlite3.LEGACY_TRANSACTION_CONTROL, the autocommit default (3.12+)
 
 
 class _BeginOnDriver:
-    """A SQLite dialect's ``do_begin`` that emits BEGIN where the driver would not."""
+    """A SQLite dialect's ``do_begin`` that emits BEGIN where the driver would not.
+
+    It runs on every transaction of the engine, so it does as little as it can: the
+    dialect's own ``do_begin`` is chained only when it is not the default no-op.
+    """
 
     __slots__ = ("dialect_begin",)
 
-    def __init__(self, dialect_begin: Callable[[Any], None]) -> None:
+    def __init__(self, dialect_begin: Callable[[Any], None] | None) -> None:
         self.dialect_begin = dialect_begin
 
     def __call__(self, dbapi_connection: Any) -> None:
-        self.dialect_begin(dbapi_connection)
-        driver = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
+        if self.dialect_begin is not None:
+            self.dialect_begin(dbapi_connection)
+        driver = dbapi_connection.dbapi_connection  # SQLAlchemy passes its pooled proxy
         level = driver.isolation_level
-        if level is None:
-            return  # autocommit: SQLAlchemy's AUTOCOMMIT, or the application emits BEGIN
-        if getattr(driver, "in_transaction", False):
-            return  # the application's own recipe began it
-        if getattr(driver, "autocommit", _LEGACY_TRANSACTION_CONTROL) is False:
-            return  # Python 3.12+ PEP 249 mode: the driver already begins correctly
+        if (
+            level is None  # autocommit: SQLAlchemy's AUTOCOMMIT, or the application begins
+            or getattr(driver, "in_transaction", False)  # the application's recipe began
+            or getattr(driver, "autocommit", _LEGACY) is False  # Python 3.12+ PEP 249 mode
+        ):
+            return
         cursor = driver.cursor()
         try:
-            cursor.execute(f"BEGIN {level}" if level else "BEGIN")
+            cursor.execute("BEGIN " + level if level else "BEGIN")
         finally:
             cursor.close()
 
@@ -65,4 +71,6 @@ def install_sqlite_transactions(engine: Engine) -> None:
         return
     if uses_sqlite_recipe(engine):
         return
-    dialect.do_begin = _BeginOnDriver(dialect.do_begin)  # type: ignore[method-assign]
+    own = type(dialect).do_begin
+    chained = None if own is DefaultDialect.do_begin else dialect.do_begin
+    dialect.do_begin = _BeginOnDriver(chained)  # type: ignore[method-assign]

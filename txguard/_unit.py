@@ -11,6 +11,7 @@ functions inside SQLAlchemy's greenlet bridge, exactly as ``AsyncSession`` drive
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import sys
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from ._errors import (
     UncommittedWorkWarning,
     UnexpectedRollbackError,
 )
-from ._options import OPTION_NAMES, Mode, Propagation, UnitOptions, unit_options
+from ._options import OPTION_NAMES, PLAIN_SESSION, Mode, Propagation, UnitOptions, unit_options
 from ._origin import Origin, _is_library, _user_files, caller_origin, line_of, warn_at_user
 from ._registry import SessionRegistry, resolve
 from ._sessions import FIRST_CHANGE
@@ -39,7 +40,7 @@ __all__ = ["Unit", "UnitOfWork", "open_unit", "settle", "unit_of_work"]
 
 logger = logging.getLogger("txguard")
 
-ROOT: Final = 0
+ROOT: Final = 0  # falsy: settle() tests "kind" once on its common path
 JOIN: Final = 1
 SAVEPOINT: Final = 2
 
@@ -256,33 +257,35 @@ def open_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
     """
     opts = unit.opts
     current = registry._var.get()
-    if opts.propagation is _REQUIRED and not opts.durable:
+    if opts.required:
         if current is not None:
             active = current.owner or current
             if active.transactional:
                 return _join(active, unit)
         key = opts.session_key
-        transactional = True
     else:
         decision = _decide(current, unit)
         if decision is None or isinstance(decision, Unit):
             return decision
         key, transactional = decision
+        if not transactional:
+            unit.transactional = False
     session = (registry._factories.get(key) or registry.session_factory(*key))()
     sync: Session = session.sync_session if registry.is_async else session
     base = registry.base_class
     unit.session = session
     unit.sync = sync
     unit.base = base
-    if key[0]:  # commit as you go
-        unit.mode = _COMMIT_AS_YOU_GO
-        unit.registry = registry
-        if not transactional:
-            unit.transactional = False
-    else:
+    if key is PLAIN_SESSION:
         unit.transaction = base.begin(sync)
-    if opts.isolation_level is not None:
-        unit.isolation_level = opts.isolation_level
+    else:
+        if key[0]:  # commit as you go
+            unit.mode = _COMMIT_AS_YOU_GO
+            unit.registry = registry
+        else:
+            unit.transaction = base.begin(sync)
+        if key[2] is not None:
+            unit.isolation_level = key[2]
     sync._txguard_unit = unit  # type: ignore[attr-defined]
     return unit
 
@@ -387,11 +390,11 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
     A unit that joined and a begin-once unit (the common cases) are settled here.
     """
     kind = unit.kind
-    if kind == JOIN:
-        if exc is not None and _rolls_back(unit, exc):
-            unit.owner.mark_rollback_only(exc, unit.where)  # type: ignore[union-attr]
-        return None, exc
-    if kind == SAVEPOINT:
+    if kind:
+        if kind == JOIN:
+            if exc is not None and _rolls_back(unit, exc):
+                unit.owner.mark_rollback_only(exc, unit.where)  # type: ignore[union-attr]
+            return None, exc
         return None, _settle_savepoint(unit, exc)
     if unit.mode is not _BEGIN_ONCE:
         return _settle_commit_as_you_go(unit, exc)
@@ -672,7 +675,7 @@ class UnitOfWork(Unit):
         tb: TracebackType | None,
     ) -> None:
         token = self._token
-        if token is None or token is _DONE or token is _OUTSIDE:
+        if token.__class__ is not _Token:  # not entered, done, or a `never` block
             self._pop()
             return
         self._token = _DONE
@@ -702,6 +705,7 @@ class UnitOfWork(Unit):
             raise error
 
 
+_Token: Final = contextvars.Token
 _OUTSIDE: Final = object()  # the token of a `never` block, which runs without a unit
 _DONE: Final = object()  # the token of a block that has ended
 
