@@ -407,7 +407,32 @@ def extra_cases(engine: sa.Engine, registry: txguard.SessionRegistry) -> list[Ca
     Each variant switches the machinery on (or off) at its first call of a batch, so the
     cost is amortised over the batch and every other row runs without it.
     """
-    return [guards_case(engine), leak_detector_case(engine)]
+    return [sqlite_begin_case(engine), guards_case(engine), leak_detector_case(engine)]
+
+
+def sqlite_begin_case(engine: sa.Engine) -> Case:
+    """What txguard's SQLite BEGIN costs the application's own, hand-written transactions.
+
+    Every other SQLite row runs both sides on the engine given to txguard, so this cost is
+    in their baselines, not in their ratios; this row shows it against a plain engine
+    (whose driver sends no BEGIN before a SELECT, and whose savepoints are not safe).
+    """
+    plain = sa.create_engine("sqlite://")
+
+    def plain_select() -> None:
+        with Session(plain) as s, s.begin():
+            s.execute(SELECT_1)
+
+    def recipe_select() -> None:
+        with Session(engine) as s, s.begin():
+            s.execute(SELECT_1)
+
+    return Case(
+        "SQLite memory, SELECT 1, hand-written code on txguard's engine",
+        1.05,
+        {"plain engine": plain_select, "engine given to txguard": recipe_select},
+        finish=plain.dispose,
+    )
 
 
 def guards_case(engine: sa.Engine) -> Case:

@@ -109,10 +109,8 @@ class SessionRegistry:
 
     def unit_of_work(self, **options: Any) -> UnitOfWork:
         """Open a unit of work on this registry (see ``txguard.unit_of_work``)."""
-        units = _units()
-        opts = (not options and self._unit_defaults) or units.registry_options(self, options)
-        unit: UnitOfWork = units.new_unit_of_work(opts, sys._getframe(1))
-        return unit
+        opts = (not options and self._unit_defaults) or _unit.registry_options(self, options)
+        return _unit.new_unit_of_work(opts, sys._getframe(1))
 
     @overload
     def transactional(self, fn: Callable[P, R], /) -> Callable[P, R]: ...
@@ -153,14 +151,6 @@ class SessionRegistry:
         """Open a disciplined Core connection (see ``txguard.connect``)."""
         unit: ConnectionUnit = _api().connect(engine, registry=self, **options)
         return unit
-
-
-@functools.cache
-def _units() -> Any:
-    """Return the module of units of work (it imports this one, so not at the top)."""
-    from . import _unit
-
-    return _unit
 
 
 @functools.cache
@@ -223,3 +213,8 @@ def current_session(registry: SessionRegistry | None = None) -> Any:
 def in_transaction(registry: SessionRegistry | None = None) -> bool:
     """Say whether the current unit of work's session has an active transaction."""
     return resolve(registry).in_transaction()
+
+
+# The module of units of work imports this one, so it is bound last (its import may be
+# the one under way, which is fine: the registry's methods look it up when called).
+from . import _unit  # noqa: E402
