@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -342,14 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="run the ratio rows in this many fresh processes and pool their rounds")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, one process, for a smoke run")
     parser.add_argument("--no-postgresql", action="store_true")
     parser.add_argument("--no-scale", action="store_true")
     parser.add_argument("--chart", type=Path, default=Path(__file__).with_name("overhead.png"))
     parser.add_argument("--no-pin", action="store_true", help="do not pin the ratio rows to one CPU")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     rounds, batch = (5, 200) if args.quick else (args.rounds, args.batch)
-    unpin = (lambda: None) if args.no_pin else pin_to_one_cpu()
+    processes = 1 if args.quick or args.worker else max(1, args.processes)
 
     engine, registry = sqlite_engine()
     cases = unit_cases(engine, "SQLite memory", registry)
@@ -361,13 +366,21 @@ def main(argv: list[str] | None = None) -> int:
         url = pg[0].url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
         cases.append(async_case(url, "PostgreSQL loopback"))
 
-    for case in cases:
-        run_case(case, rounds, batch)
-    unpin()
+    if processes == 1:
+        unpin = (lambda: None) if args.no_pin else pin_to_one_cpu()
+        for case in cases:
+            run_case(case, rounds, batch)
+        unpin()
+    else:
+        pool_processes(cases, processes, argv if argv is not None else sys.argv[1:])
+    if args.worker:
+        print("\n" + json.dumps({case.title: case.results for case in cases}))
+        return 0
+
     pinned = "" if args.no_pin else ", pinned to one CPU"
-    print(f"\ntxguard overhead: {rounds} interleaved rounds x {batch} transactions, "
-          f"Python {sys.version.split()[0]}, SQLAlchemy {sa.__version__}, {os.cpu_count()} cores"
-          f"{pinned}\n")
+    print(f"\ntxguard overhead: {processes} process(es) x {rounds} interleaved rounds x {batch} "
+          f"transactions, Python {sys.version.split()[0]}, SQLAlchemy {sa.__version__}, "
+          f"{os.cpu_count()} cores{pinned}\n")
     ratios = report(cases)
     over = [r for r in ratios if r[3] is not None and r[2] > r[3]]
     print()
@@ -386,6 +399,27 @@ def main(argv: list[str] | None = None) -> int:
             conn.execute(sa.text("DROP TABLE IF EXISTS bench_rows"))
         pg[0].dispose()
     return 0
+
+
+def pool_processes(cases: list[Case], processes: int, argv: list[str]) -> None:
+    """Run every ratio row in ``processes`` fresh interpreters and pool their rounds.
+
+    One process has its own hash seed and memory layout, which shifts a row's ratio by
+    up to ±1% for its whole life: more rounds in the same process cannot average that out,
+    more processes do. Rounds stay paired with the baseline of their own process.
+    """
+    for case in cases:
+        case.results = {name: [] for name in case.variants}
+    for number in range(1, processes + 1):
+        print(f"process {number} of {processes} ...", file=sys.stderr, flush=True)
+        done = subprocess.run(
+            [sys.executable, __file__, *argv, "--worker", "--no-scale"],
+            capture_output=True, text=True, check=True,
+        )
+        measured = json.loads(done.stdout.splitlines()[-1])  # after any notes the rows print
+        for case in cases:
+            for name, samples in measured[case.title].items():
+                case.results[name].extend(samples)
 
 
 def pin_to_one_cpu() -> Callable[[], None]:

@@ -26,7 +26,7 @@ from ._origin import capture, shorten_sql
 if TYPE_CHECKING:
     from ._unit import Unit
 
-__all__ = ["describe_bind", "build_factory", "FIRST_CHANGE", "GuardedSession", "is_write_sql"]
+__all__ = ["describe_bind", "build_factory", "FIRST_CHANGE", "is_write_sql"]
 
 FIRST_CHANGE = "txguard.first_uncommitted_change"
 _WRITE_KEYWORDS = frozenset(
@@ -79,40 +79,49 @@ def _engines_of(kw: dict[str, Any]) -> list[Engine]:
     return engines
 
 
-class GuardedSession(Session):
-    """The methods a unit of work must see; the base of every session class of a unit.
+def _guarded_methods(base: type[Session]) -> dict[str, Callable[..., Any]]:
+    """The methods a unit of work must see, for a private subclass of ``base``.
 
-    ``_txguard_unit`` is the unit that owns the session, or None outside one. Units call
-    the user's class (``unit.base``) directly, so these run only for the user's calls.
+    ``_txguard_unit`` is the unit that owns the session, or None outside one; units set it
+    on every session they open. Units call the user's class (``unit.base``) directly, so
+    these methods run only for the user's calls. They go straight into the subclass (no
+    mixin class): every lookup in the session's type that misses CPython's type cache,
+    which an ORM flush does many times, walks the class's MRO, and each extra class on
+    it cost measurably on an insert.
     """
 
-    _txguard_unit: Unit | None = None
-
-    def commit(self) -> None:
+    def commit(self: Any) -> None:
         unit = self._txguard_unit
         if unit is None:
-            super().commit()
+            base.commit(self)
         else:
             unit.session_commit()
 
-    def rollback(self) -> None:
+    def rollback(self: Any) -> None:
         unit = self._txguard_unit
         if unit is None:
-            super().rollback()
+            base.rollback(self)
         else:
             unit.session_rollback()
 
-    def begin(self, nested: bool = False) -> SessionTransaction:
+    def begin(self: Any, nested: bool = False) -> SessionTransaction:
         unit = self._txguard_unit
         if unit is not None and not nested:  # begin_nested() is begin(nested=True): allowed
             unit.session_begin()
-        return super().begin(nested)
+        return base.begin(self, nested)
 
-    def close(self) -> None:
+    def close(self: Any) -> None:
         unit = self._txguard_unit
         if unit is not None:
             unit.session_close()
-        super().close()
+        base.close(self)
+
+    methods: dict[str, Callable[..., Any]] = {}
+    for method in (commit, rollback, begin, close):
+        method.__qualname__ = f"{base.__qualname__}.{method.__name__}"
+        method.__doc__ = getattr(base, method.__name__).__doc__
+        methods[method.__name__] = method
+    return methods
 
 
 def build_factory(
@@ -166,19 +175,17 @@ def _partial(cls: Callable[..., Any], kw: dict[str, Any]) -> Callable[[], Any]:
     return functools.partial(cls, **kw)
 
 
-_variants: dict[tuple[type[Session], bool, bool], type[GuardedSession]] = {}
+_variants: dict[tuple[type[Session], bool, bool], type[Session]] = {}
 
 
-def _variant(cls: type[Session], commit_as_you_go: bool, read_only: bool) -> type[GuardedSession]:
+def _variant(cls: type[Session], commit_as_you_go: bool, read_only: bool) -> type[Session]:
     key = (cls, commit_as_you_go, read_only)
     try:
         return _variants[key]
     except KeyError:
         pass
-    bases = (GuardedSession, cls) if cls is not Session else (GuardedSession,)
-    variant: type[GuardedSession] = type(
-        cls.__name__, bases, {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-    )
+    namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    variant: type[Session] = type(cls.__name__, (cls,), {**namespace, **_guarded_methods(cls)})
     if commit_as_you_go:
         event.listen(variant, "transient_to_pending", _note_pending)
         event.listen(variant, "after_flush", _note_flush)

@@ -18,7 +18,7 @@ no BEGIN, nor does a connection already in a transaction; ``IMMEDIATE`` or ``EXC
 
 from __future__ import annotations
 
-from typing import Any, Callable, Final
+from typing import Any, Callable
 
 from sqlalchemy import Engine
 from sqlalchemy.engine.default import DefaultDialect
@@ -26,37 +26,47 @@ from sqlalchemy.engine.default import DefaultDialect
 __all__ = ["install_sqlite_transactions", "uses_sqlite_recipe"]
 
 _DRIVERS = ("pysqlite", "aiosqlite", "pysqlcipher")
-_LEGACY: Final = -1  # sqlite3.LEGACY_TRANSACTION_CONTROL, the autocommit default (3.12+)
 
 
 class _BeginOnDriver:
     """A SQLite dialect's ``do_begin`` that emits BEGIN where the driver would not.
 
     It runs on every transaction of the engine, so it does as little as it can: the
-    dialect's own ``do_begin`` is chained only when it is not the default no-op.
+    dialect's own ``do_begin`` is chained only when it is not the default no-op, and what
+    the driver class offers is learnt once per class (a ``getattr`` with a default on an
+    attribute the class lacks raises and swallows an AttributeError on every call).
     """
 
-    __slots__ = ("dialect_begin",)
+    __slots__ = ("dialect_begin", "driver_features")
 
     def __init__(self, dialect_begin: Callable[[Any], None] | None) -> None:
         self.dialect_begin = dialect_begin
+        self.driver_features: dict[type, tuple[bool, bool]] = {}
 
     def __call__(self, dbapi_connection: Any) -> None:
         if self.dialect_begin is not None:
             self.dialect_begin(dbapi_connection)
         driver = dbapi_connection.dbapi_connection  # SQLAlchemy passes its pooled proxy
         level = driver.isolation_level
-        if (
-            level is None  # autocommit: SQLAlchemy's AUTOCOMMIT, or the application begins
-            or getattr(driver, "in_transaction", False)  # the application's recipe began
-            or getattr(driver, "autocommit", _LEGACY) is False  # Python 3.12+ PEP 249 mode
-        ):
-            return
+        if level is None:
+            return  # autocommit: SQLAlchemy's AUTOCOMMIT, or the application begins
+        tells_transaction, has_autocommit = (
+            self.driver_features.get(type(driver)) or self._learn(driver)
+        )
+        if tells_transaction and driver.in_transaction:
+            return  # the application's own recipe began it
+        if has_autocommit and driver.autocommit is False:
+            return  # Python 3.12+ PEP 249 mode: the driver already begins correctly
         cursor = driver.cursor()
         try:
             cursor.execute("BEGIN " + level if level else "BEGIN")
         finally:
             cursor.close()
+
+    def _learn(self, driver: Any) -> tuple[bool, bool]:
+        features = (hasattr(driver, "in_transaction"), hasattr(driver, "autocommit"))
+        self.driver_features[type(driver)] = features
+        return features
 
 
 def uses_sqlite_recipe(engine: Engine) -> bool:

@@ -14,7 +14,7 @@ from ._options import OPTION_NAMES, Mode, Propagation, UnitOptions, unit_options
 from ._origin import Origin, capture
 from ._registry import SessionRegistry, resolve
 from ._retry import next_delay
-from ._unit import Unit, _mismatch, _new_unit, aopen_unit, asettle, open_unit, settle
+from ._unit import UnitOfWork, _mismatch, _new_unit, aopen_unit, asettle, open_unit, settle
 
 __all__ = ["transactional"]
 
@@ -92,9 +92,9 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
         var = registry._var
         attempt = 1
         while True:
-            unit = _new_unit(Unit)
+            unit = _new_unit(UnitOfWork)  # the class of every unit: see UnitOfWork
             unit.opts = opts
-            unit.where = where
+            unit._origin = where
             if open_unit(registry, unit) is None:
                 return fn(*args, **kwargs)
             token = var.set(unit)
@@ -131,9 +131,9 @@ def _async_wrapper(
         var = registry._var
         attempt = 1
         while True:
-            unit = _new_unit(Unit)
+            unit = _new_unit(UnitOfWork)  # the class of every unit: see UnitOfWork
             unit.opts = opts
-            unit.where = where
+            unit._origin = where
             if await aopen_unit(registry, unit) is None:
                 return await fn(*args, **kwargs)
             token = var.set(unit)

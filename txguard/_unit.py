@@ -11,7 +11,6 @@ functions inside SQLAlchemy's greenlet bridge, exactly as ``AsyncSession`` drive
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import sys
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from ._registry import SessionRegistry, resolve
 from ._sessions import FIRST_CHANGE
 
 if TYPE_CHECKING:
+    from contextvars import ContextVar
     from types import CodeType, FrameType, TracebackType
 
 __all__ = ["Unit", "UnitOfWork", "open_unit", "settle", "unit_of_work"]
@@ -80,30 +80,51 @@ class Unit:
 
     A unit either owns a transaction (``kind`` ROOT, or SAVEPOINT for a savepoint) and is
     its own ``scope``, or JOINs the scope of an active unit (``owner``). What belongs to
-    the transaction (callbacks, the rollback-only mark) lives on the scope. The rarely set
-    attributes are class-level defaults, so opening a unit stores only what differs.
+    the transaction (callbacks, the rollback-only mark) lives on the scope.
+
+    Units have slots, and ``open_unit`` sets every attribute that is read before it is
+    set elsewhere. An ORM transaction touches so many types that CPython's type-lookup
+    cache misses on nearly every lookup in the type, which a class-level default costs on
+    each read; and an instance dict may lose the fast path when a process creates many
+    objects of a class before one sets a new attribute. Slots have neither problem.
     """
 
-    kind: int = ROOT
-    mode: Mode = _BEGIN_ONCE
-    owner: Unit | None = None
-    parent: Unit | None = None  # the scope a savepoint was taken in
-    registry: SessionRegistry | None = None  # set on commit-as-you-go units, which need it
-    transaction: SessionTransaction | None = None
-    transactional = True
-    isolation_level: str | None = None
-    callbacks: tuple[Callback, ...] | list[Callback] = _NO_CALLBACKS
-    rollback_only = False
-    rollback_cause: BaseException | None = None
-    rollback_site: Origin | None = None
-    rollback_unit: Origin | None = None
-    committing = False
+    __slots__ = (
+        "opts", "_origin", "_code", "_offset", "kind", "mode", "owner", "parent",
+        "registry", "transaction", "transactional", "isolation_level", "callbacks",
+        "rollback_only", "rollback_cause", "rollback_site", "rollback_unit", "committing",
+        "session", "sync", "base",
+    )
 
     opts: UnitOptions
-    where: Origin
+    _origin: Origin | None  # where it was opened; None until asked, when _code is set
+    _code: CodeType
+    _offset: int
+    kind: int
+    mode: Mode
+    owner: Unit | None
+    parent: Unit | None  # the scope a savepoint was taken in
+    registry: SessionRegistry  # set on commit-as-you-go units, which need it
+    transaction: SessionTransaction | None
+    transactional: bool
+    isolation_level: str | None
+    callbacks: tuple[Callback, ...] | list[Callback]
+    rollback_only: bool
+    rollback_cause: BaseException | None  # set with rollback_only
+    rollback_site: Origin | None
+    rollback_unit: Origin | None
+    committing: bool
     session: Any
     sync: Session
     base: type[Session]  # the user's session class: the unit calls it, past the guards
+
+    @property
+    def where(self) -> Origin:
+        """Where the unit was opened (a ``with`` block, or a ``@transactional`` function)."""
+        origin = self._origin
+        if origin is None:
+            origin = self._origin = Origin(((self._code, line_of(self._code, self._offset)),))
+        return origin
 
     @property
     def scope(self) -> Unit:
@@ -140,7 +161,7 @@ class Unit:
             self.rollback_site = failure_site(cause)
             self.rollback_unit = unit
 
-    # The user's calls of the session's own methods, routed here by GuardedSession.
+    # The user's calls of the session's own methods, routed here by the session class of the unit (_sessions._guarded_methods).
 
     def session_commit(self) -> None:
         if self.mode is _BEGIN_ONCE:
@@ -151,7 +172,7 @@ class Unit:
                 "unit with propagation='requires_new', or open this unit with "
                 "mode='commit_as_you_go'."
             )
-        current = self.registry._var.get()  # type: ignore[union-attr]
+        current = self.registry._var.get()
         if current is not None and current.scope is not self and current.root is self:
             raise DisciplineError(
                 f"session.commit() inside the savepoint unit opened at {current.where}: the "
@@ -257,6 +278,15 @@ def open_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
     """
     opts = unit.opts
     current = registry._var.get()
+    unit.kind = ROOT
+    unit.owner = None
+    unit.parent = None
+    unit.mode = _BEGIN_ONCE
+    unit.transactional = True
+    unit.isolation_level = None
+    unit.callbacks = _NO_CALLBACKS
+    unit.rollback_only = False
+    unit.committing = False
     if opts.required:
         if current is not None:
             active = current.owner or current
@@ -605,23 +635,16 @@ class UnitOfWork(Unit):
     It is itself the unit its block runs in, so entering one allocates nothing more. Where
     it was created is kept as the code and instruction offset of the caller, and made an
     ``Origin`` only if a message needs it. Each object runs one block.
+
+    ``@transactional`` runs its calls in UnitOfWork objects too (set up by hand, never
+    entered): CPython specialises each attribute access for one class, so ``open_unit``
+    and ``settle`` stay fast only if every unit they see is of the same class.
     """
 
-    _token: Any = None  # None before the block; then its ContextVar token, or a sentinel
-    _origin: Origin | None = None
-    _code: CodeType
-    _offset: int
+    __slots__ = ("_token", "_var")
 
-    @property
-    def where(self) -> Origin:
-        origin = self._origin
-        if origin is None:
-            origin = self._origin = Origin(((self._code, line_of(self._code, self._offset)),))
-        return origin
-
-    @where.setter
-    def where(self, origin: Origin) -> None:
-        self._origin = origin
+    _token: Any  # None before the block; then its ContextVar token, or a sentinel
+    _var: ContextVar[Unit | None]  # the registry's stack it was pushed on
 
     def _registry_for(self, want_async: bool) -> SessionRegistry:
         registry = self.opts.registry or resolve(None)
@@ -642,7 +665,8 @@ class UnitOfWork(Unit):
         if opened is None:
             self._token = _OUTSIDE
             return None
-        self._token = registry._var.set(self)
+        var = self._var = registry._var
+        self._token = var.set(self)
         return self.session
 
     def _pop(self) -> bool:
@@ -653,7 +677,7 @@ class UnitOfWork(Unit):
         self._token = _DONE
         if token is _OUTSIDE:
             return False
-        token.var.reset(token)
+        self._var.reset(token)
         return True
 
     # The sync methods inline _registry_for, _push and _pop: every call costs on the hot path.
@@ -665,7 +689,8 @@ class UnitOfWork(Unit):
         if open_unit(registry, self) is None:
             self._token = _OUTSIDE
             return None
-        self._token = registry._var.set(self)
+        var = self._var = registry._var
+        self._token = var.set(self)
         return self.session
 
     def __exit__(
@@ -675,11 +700,11 @@ class UnitOfWork(Unit):
         tb: TracebackType | None,
     ) -> None:
         token = self._token
-        if token.__class__ is not _Token:  # not entered, done, or a `never` block
+        if token is None or token is _DONE or token is _OUTSIDE:
             self._pop()
             return
         self._token = _DONE
-        token.var.reset(token)
+        self._var.reset(token)
         finish, error = settle(self, exc)
         if finish is not None:
             finish.deliver(in_flight=error is not None)
@@ -705,7 +730,6 @@ class UnitOfWork(Unit):
             raise error
 
 
-_Token: Final = contextvars.Token
 _OUTSIDE: Final = object()  # the token of a `never` block, which runs without a unit
 _DONE: Final = object()  # the token of a block that has ended
 
@@ -714,8 +738,10 @@ def new_unit_of_work(opts: UnitOptions, frame: FrameType) -> UnitOfWork:
     """Make the UnitOfWork that ``frame`` (the caller's) asked for."""
     unit = _new_unit(UnitOfWork)
     unit.opts = opts
+    unit._token = None
     code = frame.f_code
     if _user_files.get(code.co_filename):
+        unit._origin = None
         unit._code = code
         unit._offset = frame.f_lasti
     else:
