@@ -122,6 +122,19 @@ def test_a_unit_object_is_single_use(registry: txguard.SessionRegistry) -> None:
                 pass
 
 
+def test_a_unit_object_is_opened_where_its_block_is_entered(
+    registry: txguard.SessionRegistry, engine: sa.Engine
+) -> None:
+    """A unit made on one line and entered on another names the `with` line in messages."""
+    unit = txguard.unit_of_work()
+    line = this_line() + 2
+    with pytest.raises(txguard.DisciplineError, match=rf"opened at .*test_units.py:{line}"):
+        with unit as session:
+            session.add(Item(name="a"))
+            session.commit()
+    assert names(engine) == []
+
+
 def test_a_unit_object_runs_one_block(registry: txguard.SessionRegistry) -> None:
     """Entering a unit_of_work() object again after its block ended raises DisciplineError."""
     unit = txguard.unit_of_work()

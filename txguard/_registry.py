@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import sys
 import functools
 import itertools
 from collections.abc import Callable
@@ -35,6 +34,7 @@ __all__ = [
 ]
 
 _ids = itertools.count(1)
+_new_object = object.__new__
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -110,7 +110,10 @@ class SessionRegistry:
     def unit_of_work(self, **options: Any) -> UnitOfWork:
         """Open a unit of work on this registry (see ``txguard.unit_of_work``)."""
         opts = (not options and self._unit_defaults) or _unit.registry_options(self, options)
-        return _unit.new_unit_of_work(opts, sys._getframe(1))
+        unit: UnitOfWork = _new_object(_unit.UnitOfWork)
+        unit.opts = opts
+        unit._token = None
+        return unit
 
     @overload
     def transactional(self, fn: Callable[P, R], /) -> Callable[P, R]: ...

@@ -633,8 +633,8 @@ class UnitOfWork(Unit):
     """A unit of work as a context manager: ``with`` for sync, ``async with`` for async.
 
     It is itself the unit its block runs in, so entering one allocates nothing more. Where
-    it was created is kept as the code and instruction offset of the caller, and made an
-    ``Origin`` only if a message needs it. Each object runs one block.
+    its block was entered is kept as the code and instruction offset of the caller, and
+    made an ``Origin`` only if a message needs it. Each object runs one block.
 
     ``@transactional`` runs its calls in UnitOfWork objects too (set up by hand, never
     entered): CPython specialises each attribute access for one class, so ``open_unit``
@@ -656,10 +656,18 @@ class UnitOfWork(Unit):
         if registry.is_async is not want_async:
             raise ConfigurationError(_mismatch(registry, "async with" if want_async else "with"))
         raise DisciplineError(
-            f"The unit_of_work() created at {self.where} is "
+            f"The unit_of_work() entered at {self.where} is "
             f"{'done' if self._token is _DONE else 'already in use'}: each object runs one "
             "`with` block; create a new one for each block."
         )
+
+    def _opened_at(self, frame: FrameType) -> None:
+        """Remember the caller's line (kept as code and offset if it is the user's)."""
+        code = frame.f_code
+        if _user_files.get(code.co_filename):
+            self._origin, self._code, self._offset = None, code, frame.f_lasti
+        else:
+            self._origin = caller_origin(frame)
 
     def _push(self, registry: SessionRegistry, opened: Unit | None) -> Any:
         if opened is None:
@@ -680,12 +688,19 @@ class UnitOfWork(Unit):
         self._var.reset(token)
         return True
 
-    # The sync methods inline _registry_for, _push and _pop: every call costs on the hot path.
+    # The sync methods inline _registry_for, _opened_at, _push and _pop: every call costs
+    # on the hot path.
 
     def __enter__(self) -> Any:
         registry = self.opts.registry or resolve(None)
         if registry.is_async or self._token is not None:
             self._refuse(registry, want_async=False)
+        frame = _getframe(1)
+        code = frame.f_code
+        if _user_files.get(code.co_filename):
+            self._origin, self._code, self._offset = None, code, frame.f_lasti
+        else:
+            self._origin = caller_origin(frame)
         if open_unit(registry, self) is None:
             self._token = _OUTSIDE
             return None
@@ -713,6 +728,7 @@ class UnitOfWork(Unit):
 
     async def __aenter__(self) -> Any:
         registry = self._registry_for(want_async=True)
+        self._opened_at(_getframe(1))
         return self._push(registry, await aopen_unit(registry, self))
 
     async def __aexit__(
@@ -732,21 +748,6 @@ class UnitOfWork(Unit):
 
 _OUTSIDE: Final = object()  # the token of a `never` block, which runs without a unit
 _DONE: Final = object()  # the token of a block that has ended
-
-
-def new_unit_of_work(opts: UnitOptions, frame: FrameType) -> UnitOfWork:
-    """Make the UnitOfWork that ``frame`` (the caller's) asked for."""
-    unit = _new_unit(UnitOfWork)
-    unit.opts = opts
-    unit._token = None
-    code = frame.f_code
-    if _user_files.get(code.co_filename):
-        unit._origin = None
-        unit._code = code
-        unit._offset = frame.f_lasti
-    else:
-        unit._origin = caller_origin(frame)
-    return unit
 
 
 def _mismatch(registry: SessionRegistry, statement: str) -> str:
@@ -806,7 +807,10 @@ def unit_of_work(
             durable=durable,
             registry=registry,
         )
-    return new_unit_of_work(opts, _getframe(1))
+    unit = _new_unit(UnitOfWork)
+    unit.opts = opts
+    unit._token = None
+    return unit
 
 
 def default_options(registry: SessionRegistry) -> UnitOptions:
