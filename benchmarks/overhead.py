@@ -111,12 +111,19 @@ def report(cases: list[Case]) -> list[tuple[str, str, float, float | None]]:
     return ratios
 
 
-def unit_cases(engine: sa.Engine, label: str, registry: txguard.SessionRegistry) -> list[Case]:
-    """The sync rows on one engine: bare units, nested joins, savepoints, Core connections."""
+def hand_written_select(engine: sa.Engine) -> Callable[[], None]:
+    """The baseline of the SELECT 1 rows: one transaction written with SQLAlchemy alone."""
 
-    def raw_select() -> None:
+    def select() -> None:
         with Session(engine) as s, s.begin():
             s.execute(SELECT_1)
+
+    return select
+
+
+def unit_cases(engine: sa.Engine, label: str, registry: txguard.SessionRegistry) -> list[Case]:
+    """The sync rows on one engine: bare units, nested joins, savepoints, Core connections."""
+    raw_select = hand_written_select(engine)
 
     @registry.transactional
     def tx_select() -> None:
@@ -273,9 +280,7 @@ def scale_threads(engine: sa.Engine, registry: txguard.SessionRegistry, counts: 
     def tx() -> None:
         registry.current_session().execute(SELECT_1)
 
-    def raw() -> None:
-        with Session(engine) as s, s.begin():
-            s.execute(SELECT_1)
+    raw = hand_written_select(engine)
 
     def run(fn: Callable[[], None], threads: int) -> float:
         barrier = threading.Barrier(threads + 1)
@@ -452,14 +457,7 @@ def sqlite_begin_case(engine: sa.Engine) -> Case:
     (whose driver sends no BEGIN before a SELECT, and whose savepoints are not safe).
     """
     plain = sa.create_engine("sqlite://")
-
-    def plain_select() -> None:
-        with Session(plain) as s, s.begin():
-            s.execute(SELECT_1)
-
-    def recipe_select() -> None:
-        with Session(engine) as s, s.begin():
-            s.execute(SELECT_1)
+    plain_select, recipe_select = hand_written_select(plain), hand_written_select(engine)
 
     return Case(
         "SQLite memory, SELECT 1, hand-written code on txguard's engine",
