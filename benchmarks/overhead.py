@@ -4,7 +4,8 @@ Run with `make bench` (or `python benchmarks/overhead.py --quick`). Variants of 
 timed in interleaved rounds (A B C, C B A, ...) so that drift of the machine hits them
 alike; each round times a batch of transactions. We report the median and the min-max of
 the per-transaction time, and the ratio to the row's baseline: the median over rounds of
-the variant's time divided by the baseline's in the same round.
+the variant's time divided by the baseline's in the same round. Rows run in several fresh
+processes (see pool_processes); "per process" gives the min-max of each process's own ratio.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Case:
     budget: float | None
     variants: dict[str, Callable[[], None]]
     results: dict[str, list[float]] = field(default_factory=dict)
+    layouts: dict[str, list[float]] = field(default_factory=dict)  # the ratio in each process
     finish: Callable[[], None] | None = None  # undo process-wide machinery after the row
 
 
@@ -86,15 +88,19 @@ def ratio(case: Case, name: str) -> float:
     Pairing each round with its own baseline cancels the machine's slow drift (and the
     bursts of a shared host) that a ratio of two medians would keep.
     """
-    base = case.results[next(iter(case.variants))]
-    return statistics.median(t / b for t, b in zip(case.results[name], base))
+    return paired_ratio(case.results[next(iter(case.variants))], case.results[name])
+
+
+def paired_ratio(base: list[float], samples: list[float]) -> float:
+    return statistics.median(t / b for t, b in zip(samples, base))
 
 
 def report(cases: list[Case]) -> list[tuple[str, str, float, float | None]]:
     """Print the table; return (row, variant, ratio, budget) for every non-baseline variant."""
     ratios = []
-    print(f"| {'row':<44} | {'variant':<26} | {'median µs':>9} | {'min–max µs':>15} | {'ratio':>6} | budget |")
-    print(f"|{'-' * 46}|{'-' * 28}|{'-' * 11}|{'-' * 17}|{'-' * 8}|--------|")
+    print(f"| {'row':<44} | {'variant':<26} | {'median µs':>9} | {'min–max µs':>15} | {'ratio':>6} "
+          f"| {'per process':>11} | budget |")
+    print(f"|{'-' * 46}|{'-' * 28}|{'-' * 11}|{'-' * 17}|{'-' * 8}|{'-' * 13}|--------|")
     for case in cases:
         names = list(case.variants)
         for name in names:
@@ -102,9 +108,12 @@ def report(cases: list[Case]) -> list[tuple[str, str, float, float | None]]:
             median = statistics.median(samples)
             paired = ratio(case, name)
             budget = "" if name == names[0] or case.budget is None else f"≤ {case.budget:.2f}"
+            layouts = case.layouts.get(name, [])
+            spread = f"{min(layouts):.3f}–{max(layouts):.3f}" if len(layouts) > 1 else ""
             print(
                 f"| {case.title if name == names[0] else '':<44} | {name:<26} | {median * 1e6:9.1f} | "
-                f"{min(samples) * 1e6:6.1f}–{max(samples) * 1e6:<8.1f} | {paired:6.3f} | {budget:<6} |"
+                f"{min(samples) * 1e6:6.1f}–{max(samples) * 1e6:<8.1f} | {paired:6.3f} | {spread:>11} "
+                f"| {budget:<6} |"
             )
             if name != names[0]:
                 ratios.append((case.title, name, paired, case.budget))
@@ -347,10 +356,11 @@ def chart(cases: list[Case], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per process")
     parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--processes", type=int, default=3,
-                        help="run the ratio rows in this many fresh processes and pool their rounds")
+    parser.add_argument("--processes", type=int, default=12,
+                        help="run the ratio rows in this many fresh processes (hash seeds 1, 2, ...) "
+                             "and pool their rounds")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, one process, for a smoke run")
     parser.add_argument("--no-postgresql", action="store_true")
     parser.add_argument("--no-scale", action="store_true")
@@ -409,22 +419,28 @@ def main(argv: list[str] | None = None) -> int:
 def pool_processes(cases: list[Case], processes: int, argv: list[str]) -> None:
     """Run every ratio row in ``processes`` fresh interpreters and pool their rounds.
 
-    One process has its own hash seed and memory layout, which shifts a row's ratio by
-    up to ±1% for its whole life: more rounds in the same process cannot average that out,
-    more processes do. Rounds stay paired with the baseline of their own process.
+    Where a process's strings and types land in memory (which its hash seed decides) sets
+    which attribute lookups collide in CPython's type cache, and that shifts a row by a
+    few percent for the process's whole life: more rounds in one process cannot average it
+    out, more processes do. Process n runs with PYTHONHASHSEED=n, so a rerun draws the same
+    layouts; rounds stay paired with the baseline of their own process.
     """
     for case in cases:
         case.results = {name: [] for name in case.variants}
+        case.layouts = {name: [] for name in case.variants}
     for number in range(1, processes + 1):
         print(f"process {number} of {processes} ...", file=sys.stderr, flush=True)
         done = subprocess.run(
             [sys.executable, __file__, *argv, "--worker", "--no-scale"],
             capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(number)},
         )
         measured = json.loads(done.stdout.splitlines()[-1])  # after any notes the rows print
         for case in cases:
+            base = measured[case.title][next(iter(case.variants))]
             for name, samples in measured[case.title].items():
                 case.results[name].extend(samples)
+                case.layouts[name].append(paired_ratio(base, samples))
 
 
 def pin_to_one_cpu() -> Callable[[], None]:
