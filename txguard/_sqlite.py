@@ -13,7 +13,8 @@ a DBAPI transaction, a no-op for SQLite) that sends BEGIN on the driver connecti
 driver is left in its legacy mode: once a transaction is open it adds no BEGIN of its own,
 and its COMMIT and ROLLBACK work as before. A driver ``isolation_level`` of None means
 autocommit (SQLAlchemy's ``AUTOCOMMIT``, or an application's own BEGIN recipe), and gets
-no BEGIN, nor does a connection already in a transaction; ``IMMEDIATE`` or ``EXCLUSIVE`` is honoured as ``BEGIN IMMEDIATE`` and so on.
+no BEGIN, nor does a connection already in a transaction; ``IMMEDIATE`` or ``EXCLUSIVE``
+is honoured as ``BEGIN IMMEDIATE`` and so on.
 """
 
 from __future__ import annotations
