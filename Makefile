@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test misuse bench typecheck clean
+.PHONY: demo test misuse bench bench-instructions typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/overhead.py
+
+bench-instructions: $(STAMP)
+	$(PY) benchmarks/instructions.py
 
 clean:
 	rm -rf $(VENV) .coverage .pytest_cache .mypy_cache *.egg-info
