@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m mypy
 	$(PY) -m coverage erase
 	$(PY) -m coverage run -m pytest $(PYTEST_ARGS)
-	$(PY) -m coverage report --fail-under=90
+	$(PY) -m coverage report $(if $(PYTEST_ARGS),,--fail-under=90)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
