@@ -40,23 +40,24 @@ def describe(value: object) -> str:
     return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
-def option_value(value: object) -> str:
-    """Show an option's value: a word (``'begin-once'``), number or class as is, else its type.
+def option_value(value: object, names: bool = False) -> str:
+    """Show an option's value: a number, class or enum as is, anything else by its type.
 
-    Options take names, numbers and exception classes; showing a wrong one helps, and a
-    word of that shape is no URL or token. Anything else (a URL string, an engine, an
-    exception) is shown as ``<a str>``.
+    With ``names=True`` (an option whose values are names, such as ``mode=``) a string of
+    word characters (``'begin-once'``) is shown too: it is a mistyped name, no URL or
+    token. A string given to any other option is shown as ``<a str>``.
     """
     if isinstance(value, list):
-        return f"[{', '.join(map(option_value, value))}]"
+        return f"[{', '.join(option_value(v, names) for v in value)}]"
     if isinstance(value, tuple):
-        return f"({', '.join(map(option_value, value))}{',' if len(value) == 1 else ''})"
+        inner = ", ".join(option_value(v, names) for v in value)
+        return f"({inner}{',' if len(value) == 1 else ''})"
     if isinstance(value, type):
         return value.__qualname__
     if (
         value is None
         or isinstance(value, (bool, int, float, enum.Enum))
-        or (isinstance(value, str) and _WORD.fullmatch(value))
+        or (names and isinstance(value, str) and _WORD.fullmatch(value))
     ):
         return repr(value)
     return f"<{describe(value)}>"

@@ -62,7 +62,7 @@ def choice(name: str, value: object, enum_type: type[_E]) -> _E:
             pass
     allowed = ", ".join(repr(m.value) for m in enum_type)
     raise ConfigurationError(
-        f"{name}={option_value(value)} is not valid; use one of {allowed} "
+        f"{name}={option_value(value, names=True)} is not valid; use one of {allowed} "
         f"(or txguard.{enum_type.__name__}.<NAME>)."
     )
 
@@ -102,7 +102,8 @@ def _isolation(value: object) -> str | None:
             )
     allowed = ", ".join(repr(level) for level in ISOLATION_LEVELS)
     raise ConfigurationError(
-        f"isolation_level={option_value(value)} is not valid; use None or one of {allowed}."
+        f"isolation_level={option_value(value, names=True)} is not valid; use None or one of "
+        f"{allowed}."
     )
 
 
@@ -265,7 +266,7 @@ def validate_guard_level(name: str, value: object, allowed: tuple[str, ...]) -> 
     if isinstance(value, str) and value in allowed:
         return value
     raise ConfigurationError(
-        f"{name}={option_value(value)} is not valid; use one of "
+        f"{name}={option_value(value, names=True)} is not valid; use one of "
         + ", ".join(repr(a) for a in allowed) + "."
     )
 
