@@ -129,7 +129,7 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
             token = var.set(unit)
             try:
                 result = fn(*args, **kwargs) if kwargs else fn(*args)
-                if result is not None and inspect.isawaitable(result):
+                if result is not None and hasattr(type(result), "__await__"):  # an Awaitable
                     _refuse_awaitable(fn, result, unit)
             except BaseException as exc:
                 var.reset(token)
