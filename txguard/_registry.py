@@ -27,11 +27,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SessionRegistry",
+    "check_registry",
     "configure",
     "current_session",
     "default_registry",
     "in_transaction",
-    "check_registry",
     "resolve",
 ]
 
