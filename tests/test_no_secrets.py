@@ -618,3 +618,27 @@ def test_refused_option_values_are_named_by_type(call: str) -> None:
     with pytest.raises(txguard.ConfigurationError) as info:
         OBJECT_OPTIONS[call]()
     assert_clean(str(info.value))
+
+
+class _Webhook:
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def __repr__(self) -> str:
+        return f"_Webhook(secret={self.secret!r})"
+
+    def __call__(self) -> None:
+        raise RuntimeError("the hook is down")
+
+
+def test_failing_callable_object_is_logged_by_its_class_name(
+    sqlite_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A callable object that fails as a callback is logged by its class, not its own repr."""
+    registry = txguard.SessionRegistry(sqlite_engine)
+    caplog.set_level(logging.ERROR, logger="txguard")
+    with registry.unit_of_work():
+        txguard.on_commit(_Webhook(SECRET), robust=True, registry=registry)
+    (record,) = caplog.records
+    assert "tests.test_no_secrets._Webhook" in record.getMessage()
+    assert_clean(record.getMessage())
