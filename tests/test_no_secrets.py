@@ -642,3 +642,12 @@ def test_failing_callable_object_is_logged_by_its_class_name(
     (record,) = caplog.records
     assert "tests.test_no_secrets._Webhook" in record.getMessage()
     assert_clean(record.getMessage())
+
+
+def test_url_object_instead_of_an_engine_is_named_by_type() -> None:
+    """A sqlalchemy URL object (whose repr keeps its query string) is named by type too."""
+    url = sa.engine.make_url(f"postgresql+psycopg://app@db.example/app?password={SECRET}")
+    with pytest.raises(txguard.ConfigurationError) as info:
+        txguard.SessionRegistry(url)  # type: ignore[arg-type]
+    assert "on a URL;" in str(info.value)
+    assert_clean(str(info.value))

@@ -37,7 +37,7 @@ def describe(value: object) -> str:
     if isinstance(value, type):
         return f"the class {value.__qualname__}"
     name = type(value).__name__
-    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+    return f"{'an' if name[:1] in 'aeiouAEIO' else 'a'} {name}"  # "a URL", "an int"
 
 
 def option_value(value: object, names: bool = False) -> str:
