@@ -219,3 +219,176 @@ def test_commit_as_you_go_cannot_be_nested() -> None:
     """mode='commit_as_you_go' with propagation='nested' is refused: a savepoint has one owner."""
     with pytest.raises(txguard.ConfigurationError, match="mode='begin_once'"):
         txguard.unit_of_work(mode="commit_as_you_go", propagation="nested")
+
+
+# Confusing or silent input (issue 13, section 5): each is refused with the fix, up front.
+
+
+NOT_REGISTRIES = ["default", ENGINE, sessionmaker(ENGINE), 0]
+REGISTRY_CALLS: dict[str, Callable[[Any], object]] = {
+    "on_commit": lambda r: txguard.on_commit(lambda: None, registry=r),
+    "on_rollback": lambda r: txguard.on_rollback(lambda: None, registry=r),
+    "current_session": lambda r: txguard.current_session(registry=r),
+    "in_transaction": lambda r: txguard.in_transaction(registry=r),
+    "rollback_after": lambda r: _rollback_after()(ENGINE, registry=r),
+    "rollback_after without bind": lambda r: _rollback_after()(registry=r),
+}
+
+
+def _rollback_after() -> Callable[..., object]:
+    from txguard.testing import rollback_after
+
+    return rollback_after
+
+
+@pytest.mark.parametrize("value", NOT_REGISTRIES, ids=lambda v: type(v).__name__)
+@pytest.mark.parametrize("call", REGISTRY_CALLS)
+def test_functions_taking_registry_refuse_what_is_not_one(call: str, value: Any) -> None:
+    """Every function with registry= refuses a wrong one by name, not with an AttributeError."""
+    txguard.configure(ENGINE)
+    _check(lambda: REGISTRY_CALLS[call](value), "registry", REGISTRY)
+
+
+def test_transactional_names_a_partial_of_a_generator_function() -> None:
+    """@transactional on a functools.partial of a generator function refuses it by its name."""
+    import functools
+
+    def rows(limit: int) -> Any:
+        yield from range(limit)
+
+    with pytest.raises(txguard.ConfigurationError, match="generator function .*rows"):
+        txguard.transactional(functools.partial(rows, 3))
+
+
+def test_transactional_refuses_a_class() -> None:
+    """@transactional on a class is refused: its unit would end when the object is built."""
+
+    class Service:
+        pass
+
+    with pytest.raises(txguard.ConfigurationError, match="class .*Service.*methods"):
+        txguard.transactional(Service)
+
+
+async def test_transactional_runs_an_async_callable_object_in_an_async_unit(
+    async_db: Any,
+) -> None:
+    """An object whose __call__ is async def is wrapped as a coroutine function: it commits after it."""
+    import inspect
+
+    from tests.models import Item
+
+    registry = txguard.SessionRegistry(async_db.engine)
+
+    class AddItem:
+        async def __call__(self, name: str) -> str:
+            txguard.current_session(registry).add(Item(name=name))
+            return name
+
+    add_item = registry.transactional(AddItem())
+    assert inspect.iscoroutinefunction(add_item)
+    assert await add_item("ada") == "ada"
+    with async_db.sync.connect() as conn:
+        assert conn.execute(sa.select(Item.name)).scalars().all() == ["ada"]
+
+
+def _returns_a_coroutine(registry: txguard.SessionRegistry, **options: Any) -> Callable[[], Any]:
+    from tests.models import Item
+
+    async def later() -> None:
+        pass
+
+    @registry.transactional(**options)
+    def work() -> Any:
+        txguard.current_session(registry).add(Item(name="written"))
+        return later()
+
+    return work
+
+
+@pytest.mark.parametrize("options", [{}, {"rollback_for": KeyError}, {"no_rollback_for": ValueError}])
+def test_plain_function_returning_a_coroutine_is_rolled_back(
+    engine: sa.Engine, options: dict[str, Any]
+) -> None:
+    """A sync @transactional function that returns a coroutine rolls back and raises, whatever its rules."""
+    from tests.models import Item
+
+    registry = txguard.SessionRegistry(engine)
+    with pytest.raises(txguard.ConfigurationError, match="returned a coroutine.*async def"):
+        _returns_a_coroutine(registry, **options)()
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Item.name)).all() == []
+
+
+def test_plain_function_returning_a_coroutine_dooms_the_unit_it_joined(engine: sa.Engine) -> None:
+    """Caught by its caller, the refused coroutine still rolls back the transaction it joined."""
+    from tests.models import Item
+
+    registry = txguard.SessionRegistry(engine)
+    work = _returns_a_coroutine(registry)
+    with pytest.raises(txguard.UnexpectedRollbackError), registry.unit_of_work():
+        try:
+            work()
+        except txguard.ConfigurationError:
+            pass
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Item.name)).all() == []
+
+
+@pytest.mark.parametrize("value", ["no", 1, None, 0.0])
+def test_leak_detector_refuses_a_capture_stack_that_is_not_a_bool(value: Any) -> None:
+    """LeakDetector(capture_stack=...) takes True or False: "no" would read as true."""
+    _check(lambda: txguard.LeakDetector(capture_stack=value), "capture_stack", FLAG)
+
+
+@pytest.mark.parametrize("backoff", [1e308, 86400.5, 10**400], ids=["1e308", "a day and a bit", "10**400"])
+def test_transactional_refuses_a_backoff_too_long_to_sleep(backoff: Any) -> None:
+    """A base backoff above a day is refused when decorating, not by time.sleep at the first retry."""
+    _check(lambda: txguard.transactional(retries=1, backoff=backoff), "backoff", BACKOFF)
+
+
+def test_transactional_accepts_a_backoff_of_a_day() -> None:
+    """The longest base backoff, a day, is accepted."""
+    txguard.transactional(retries=1, backoff=86400)
+
+
+class TenantSession(Session):
+    def __init__(self, *args: Any, tenant: str = "", **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.tenant = tenant
+
+
+SESSION_BINDS: dict[str, Callable[..., txguard.SessionRegistry]] = {
+    "engine": lambda **kw: txguard.SessionRegistry(ENGINE, **kw),
+    "sessionmaker": lambda **kw: txguard.SessionRegistry(sessionmaker(ENGINE, **kw)),
+    "configure": lambda **kw: txguard.configure(ENGINE, **kw),
+    "subclass": lambda **kw: txguard.SessionRegistry(
+        sessionmaker(ENGINE, class_=TenantSession), **kw
+    ),
+    "async engine": lambda **kw: txguard.SessionRegistry(_async_engine(), **kw),
+}
+
+
+def _async_engine() -> Any:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    return create_async_engine("sqlite+aiosqlite://")
+
+
+@pytest.mark.parametrize("bind", SESSION_BINDS)
+def test_registry_refuses_an_unknown_session_option(bind: str) -> None:
+    """A mistyped session option fails when the registry is built, listing the valid ones."""
+    with pytest.raises(txguard.ConfigurationError) as info:
+        SESSION_BINDS[bind](expire_on_comit=False)
+    message = str(info.value)
+    assert "'expire_on_comit'" in message
+    for name in ("expire_on_commit", "autoflush", "join_transaction_mode", "info"):
+        assert name in message
+
+
+@pytest.mark.parametrize("bind", SESSION_BINDS)
+def test_registry_accepts_the_session_options(bind: str) -> None:
+    """Every option the session class takes (its own, and its bases') is accepted."""
+    extra = {"tenant": "acme"} if bind == "subclass" else {}
+    registry = SESSION_BINDS[bind](expire_on_commit=False, autoflush=False, info={}, **extra)
+    assert isinstance(registry, txguard.SessionRegistry)

@@ -452,3 +452,202 @@ def test_leak_report_has_no_values(engine: sa.Engine) -> None:
     assert_clean(str(info.value))
     for leak in info.value.leaks:
         assert_clean(f"{leak}\n{leak!r}")
+
+
+# What the user passes in (issue 13, section 5): URLs, engines, callbacks, exceptions.
+
+
+URL = f"postgresql+psycopg://app:{SECRET}@db.example/app"
+URL_CALLS: dict[str, Callable[[], object]] = {
+    "SessionRegistry": lambda: txguard.SessionRegistry(URL),  # type: ignore[arg-type]
+    "configure": lambda: txguard.configure(URL),  # type: ignore[arg-type]
+    "connect": lambda: txguard.connect(URL),
+    "rollback_after": lambda: txguard.testing.rollback_after(URL),
+}
+
+
+@pytest.mark.parametrize("call", URL_CALLS)
+def test_url_string_instead_of_an_engine_is_named_by_type(call: str) -> None:
+    """A URL string passed where an engine belongs is called "a str", never echoed, with the fix."""
+    import txguard.testing  # noqa: F401 - the rollback_after case
+
+    with pytest.raises(txguard.ConfigurationError) as info:
+        URL_CALLS[call]()
+    message = str(info.value)
+    assert "a str" in message
+    assert "create_engine(url)" in message
+    assert_clean(message)
+
+
+def test_engine_with_a_password_in_its_query_string_is_shown_without_it() -> None:
+    """A registry's repr, and messages quoting it, show the engine's URL without its query."""
+    engine = sa.create_engine(f"postgresql+psycopg://app@db.example/app?password={SECRET}")
+    registry = txguard.SessionRegistry(engine)
+    assert "Engine(postgresql+psycopg://app@db.example/app)" in repr(registry)
+    assert_clean(repr(registry))
+    with pytest.raises(txguard.ConfigurationError) as info:
+        asyncio.run(registry.unit_of_work().__aenter__())
+    assert "hands out sync Sessions" in str(info.value)
+    assert_clean(str(info.value))
+
+
+def test_sessionmaker_info_is_not_shown_by_the_registry() -> None:
+    """A registry on a sessionmaker names its engine, not the options (info=) it holds."""
+    from sqlalchemy.orm import sessionmaker
+
+    maker = sessionmaker(sa.create_engine("sqlite://"), info={"api_token": SECRET})
+    registry = txguard.SessionRegistry(maker)
+    assert "sessionmaker(bind=Engine(sqlite://))" in repr(registry)
+    assert_clean(repr(registry))
+
+
+def test_raw_cursor_driver_error_is_named_without_its_text(secrets: sa.Engine, backend: str) -> None:
+    """A driver error from a raw DBAPI cursor, which SQLAlchemy never wraps, is named by class."""
+    registry = txguard.SessionRegistry(secrets)
+    with pytest.raises(txguard.UnexpectedRollbackError) as info:
+        with registry.unit_of_work():
+            try:
+                with registry.unit_of_work() as joined:
+                    cursor = joined.connection().connection.cursor()
+                    cursor.execute(f"INSERT INTO txg_secrets (token) VALUES ('{SECRET}')")
+            except Exception:
+                pass
+    cause = info.value.__cause__
+    assert cause is not None and not isinstance(cause, sa.exc.SQLAlchemyError)
+    if backend != "sqlite":
+        assert FRAGMENT in str(cause)  # the driver does echo the value...
+    assert type(cause).__name__ in str(info.value)
+    assert_clean(str(info.value))  # ...txguard does not
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_raw_cursor_driver_error_is_named_with_its_sqlstate(secrets: sa.Engine, backend: str) -> None:
+    """Where the driver reports a SQLSTATE (psycopg), the message names it: a code, not a value."""
+    registry = txguard.SessionRegistry(secrets)
+    with pytest.raises(txguard.UnexpectedRollbackError) as info:
+        with registry.unit_of_work():
+            try:
+                with registry.unit_of_work() as joined:
+                    cursor = joined.connection().connection.cursor()
+                    cursor.execute(f"INSERT INTO txg_secrets (token) VALUES ('{SECRET}')")
+            except Exception:
+                pass
+    assert "UniqueViolation (SQLSTATE 23505)" in str(info.value)
+
+
+def test_application_exception_text_is_not_quoted(sqlite_engine: sa.Engine) -> None:
+    """UnexpectedRollbackError names a caught application exception by its type only."""
+    registry = txguard.SessionRegistry(sqlite_engine)
+    with pytest.raises(txguard.UnexpectedRollbackError) as info:
+        with registry.unit_of_work():
+            try:
+                with registry.unit_of_work():
+                    raise PermissionError(f"token {SECRET} was revoked")
+            except PermissionError:
+                pass
+    assert "with PermissionError, which was caught" in str(info.value)
+    assert_clean(str(info.value))
+
+
+def _notify(token: str) -> None:
+    raise RuntimeError("the mail server is down")
+
+
+def test_failing_partial_callback_is_logged_by_its_function_name(
+    sqlite_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A robust callback that fails is logged by its function's name, not the partial's repr."""
+    import functools
+
+    registry = txguard.SessionRegistry(sqlite_engine)
+    caplog.set_level(logging.ERROR, logger="txguard")
+    with registry.unit_of_work():
+        txguard.on_commit(functools.partial(_notify, token=SECRET), robust=True, registry=registry)
+    (record,) = caplog.records
+    assert "tests.test_no_secrets._notify" in record.getMessage()
+    assert_clean(record.getMessage())
+
+
+def test_failing_rollback_callback_is_logged_by_its_name(
+    sqlite_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An on_rollback callback failing while an error is in flight is logged by name too."""
+    import functools
+
+    registry = txguard.SessionRegistry(sqlite_engine)
+    caplog.set_level(logging.ERROR, logger="txguard")
+    with pytest.raises(KeyError), registry.unit_of_work():
+        txguard.on_rollback(functools.partial(_notify, token=SECRET), registry=registry)
+        raise KeyError("boom")
+    (record,) = caplog.records
+    assert "on_rollback callback tests.test_no_secrets._notify failed" in record.getMessage()
+    assert_clean(record.getMessage())
+
+
+def test_captured_callback_failure_is_logged_by_its_name(caplog: pytest.LogCaptureFixture) -> None:
+    """capture_on_commit(execute=True) logs a failing robust callback by name as well."""
+    import functools
+
+    from txguard.testing import capture_on_commit
+
+    caplog.set_level(logging.ERROR, logger="txguard")
+    with capture_on_commit(execute=True):
+        txguard.on_commit(
+            functools.partial(_notify, token=SECRET),
+            robust=True,
+            registry=txguard.SessionRegistry(sa.create_engine("sqlite://")),
+        )
+    (record,) = caplog.records
+    assert "tests.test_no_secrets._notify" in record.getMessage()
+    assert_clean(record.getMessage())
+
+
+OBJECT_OPTIONS: dict[str, Callable[[], object]] = {
+    "registry": lambda: txguard.unit_of_work(registry=URL),  # type: ignore[arg-type]
+    "rollback_for": lambda: txguard.unit_of_work(rollback_for=ValueError(SECRET)),  # type: ignore[arg-type]
+    "retry_on": lambda: txguard.transactional(retry_on=SECRET),
+    "backoff": lambda: txguard.transactional(backoff=SECRET),  # type: ignore[arg-type]
+    "on_commit": lambda: txguard.on_commit(URL),  # type: ignore[arg-type]
+    "connect registry": lambda: txguard.connect(sa.create_engine("sqlite://"), registry=URL),  # type: ignore[arg-type]
+}
+
+
+@pytest.mark.parametrize("call", OBJECT_OPTIONS)
+def test_refused_option_values_are_named_by_type(call: str) -> None:
+    """An option refused because it is an object of the wrong kind is named by its type."""
+    with pytest.raises(txguard.ConfigurationError) as info:
+        OBJECT_OPTIONS[call]()
+    assert_clean(str(info.value))
+
+
+class _Webhook:
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def __repr__(self) -> str:
+        return f"_Webhook(secret={self.secret!r})"
+
+    def __call__(self) -> None:
+        raise RuntimeError("the hook is down")
+
+
+def test_failing_callable_object_is_logged_by_its_class_name(
+    sqlite_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A callable object that fails as a callback is logged by its class, not its own repr."""
+    registry = txguard.SessionRegistry(sqlite_engine)
+    caplog.set_level(logging.ERROR, logger="txguard")
+    with registry.unit_of_work():
+        txguard.on_commit(_Webhook(SECRET), robust=True, registry=registry)
+    (record,) = caplog.records
+    assert "tests.test_no_secrets._Webhook" in record.getMessage()
+    assert_clean(record.getMessage())
+
+
+def test_url_object_instead_of_an_engine_is_named_by_type() -> None:
+    """A sqlalchemy URL object (whose repr keeps its query string) is named by type too."""
+    url = sa.engine.make_url(f"postgresql+psycopg://app@db.example/app?password={SECRET}")
+    with pytest.raises(txguard.ConfigurationError) as info:
+        txguard.SessionRegistry(url)  # type: ignore[arg-type]
+    assert "on a URL;" in str(info.value)
+    assert_clean(str(info.value))

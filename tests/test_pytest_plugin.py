@@ -618,3 +618,18 @@ def test_mixed_begin_guard_is_uninstalled_after_the_run(inner: pytest.Pytester) 
     inner.makepyfile(test_mixed=MIXED)
     inner.runpytest("--txguard-mixed-begin=error").assert_outcomes(passed=1)
     inner.runpytest("-s").stdout.fnmatch_lines(["*raised InvalidRequestError*"])
+
+
+@pytest.mark.parametrize(
+    ("setting", "allowed"),
+    [("txguard_leaks=FAIL", "off, warn, fail"), ("txguard_mixed_begin=Error", "off, warn, error")],
+)
+def test_ini_values_are_as_strict_as_the_command_line(
+    inner: pytest.Pytester, setting: str, allowed: str
+) -> None:
+    """-o txguard_leaks=FAIL is refused as --txguard-leaks=FAIL is: the levels are lower-case words."""
+    inner.makepyfile(test_leaky=LEAKY)
+    result = inner.runpytest("-o", setting)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    name, value = setting.split("=")
+    result.stderr.fnmatch_lines([f"*{name} = '{value}' * not valid; use one of: {allowed}.*"])

@@ -9,10 +9,11 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection, RootTransaction
 from sqlalchemy.util import greenlet_spawn
 
+from ._describe import describe
 from ._errors import ConfigurationError, DisciplineError, UncommittedWorkWarning
 from ._options import Mode, _isolation, choice
 from ._origin import Origin, caller_origin, capture, shorten_sql, warn_at_user
-from ._registry import SessionRegistry, resolve
+from ._registry import SessionRegistry, check_registry, resolve
 from ._sessions import is_write_sql
 from ._unit import run_to_completion
 
@@ -128,7 +129,8 @@ class ConnectionUnit:
     def __enter__(self) -> Connection:
         if not isinstance(self._engine, Engine):
             raise ConfigurationError(
-                f"{self._engine!r} is an AsyncEngine: use `async with txguard.connect(...)`."
+                f"{describe(self._engine)} is an AsyncEngine: use "
+                "`async with txguard.connect(...)`."
             )
         self._held = _open(self._engine, self._mode, self._isolation_level, self._where)
         return self._held.conn
@@ -150,7 +152,9 @@ class ConnectionUnit:
 
         engine = self._engine
         if not isinstance(engine, AsyncEngine):
-            raise ConfigurationError(f"{engine!r} is a sync Engine: use `with txguard.connect(...)`.")
+            raise ConfigurationError(
+                f"{describe(engine)} is a sync Engine: use `with txguard.connect(...)`."
+            )
         self._held = await greenlet_spawn(
             _open, engine.sync_engine, self._mode, self._isolation_level, self._where
         )
@@ -190,11 +194,7 @@ def connect(
     """
     checked_mode = mode if mode is _BEGIN_ONCE else choice("mode", mode, Mode)
     level = None if isolation_level is None else _isolation(isolation_level)
-    if registry is not None and not isinstance(registry, SessionRegistry):
-        raise ConfigurationError(
-            f"registry={registry!r} is not valid; pass a txguard.SessionRegistry, or None "
-            "for the default registry set by txguard.configure()."
-        )
+    check_registry(registry)
     if engine is None:
         engine = resolve(registry).core_engine()
     elif not isinstance(engine, Engine):
@@ -202,6 +202,7 @@ def connect(
 
         if not isinstance(engine, AsyncEngine):
             raise ConfigurationError(
-                f"txguard.connect() needs an Engine or AsyncEngine, not {engine!r}."
+                f"txguard.connect() needs an Engine or AsyncEngine, not {describe(engine)}; "
+                "pass create_engine(url) or create_async_engine(url)."
             )
     return ConnectionUnit(engine, checked_mode, level, caller_origin(sys._getframe(1)))

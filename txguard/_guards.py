@@ -27,6 +27,7 @@ from sqlalchemy.pool import Pool
 from . import _guard_connections as connections
 from . import _guard_records as shared
 from . import _guard_sessions as sessions
+from ._describe import option_value
 from ._errors import (
     ConfigurationError,
     LeakedConnectionWarning,
@@ -109,8 +110,8 @@ def _threshold(value: object) -> float | None:
     ):
         return float(value)
     raise ConfigurationError(
-        f"long_transaction={value!r} is not valid; use a number of seconds > 0, or None "
-        "to turn the guard off."
+        f"long_transaction={option_value(value)} is not valid; use a number of seconds > 0, "
+        "or None to turn the guard off."
     )
 
 

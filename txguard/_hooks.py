@@ -6,6 +6,7 @@ import contextvars
 import inspect
 from collections.abc import Callable
 
+from ._describe import describe, option_value
 from ._errors import ConfigurationError
 from ._registry import SessionRegistry, resolve
 from ._unit import ON_COMMIT, ON_ROLLBACK, Callback, run_callbacks
@@ -23,7 +24,9 @@ capturing_callbacks: contextvars.ContextVar[list[Callback] | None] = contextvars
 
 def _check(name: str, fn: object) -> None:
     if not callable(fn):
-        raise ConfigurationError(f"{name}() needs a callable, not {fn!r}; pass the function itself.")
+        raise ConfigurationError(
+            f"{name}() needs a callable, not {describe(fn)}; pass the function itself."
+        )
     if inspect.iscoroutinefunction(fn) or inspect.iscoroutine(fn):
         raise ConfigurationError(
             f"{name}() takes a plain callable, not a coroutine function: nothing would await "
@@ -44,7 +47,7 @@ def on_commit(
     """
     _check("on_commit", fn)
     if not isinstance(robust, bool):
-        raise ConfigurationError(f"robust={robust!r} is not valid; use True or False.")
+        raise ConfigurationError(f"robust={option_value(robust)} is not valid; use True or False.")
     unit = resolve(registry)._var.get()
     if unit is None or not (unit.scope.transactional or unit.sync.in_transaction()):
         run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)

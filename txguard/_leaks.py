@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.pool import Pool
 
 from ._errors import LeakError
+from ._options import _flag
 from ._origin import Origin, _short_path, _user_files, is_user_frame, line_of, parent_greenlet
 
 if TYPE_CHECKING:
@@ -390,7 +391,7 @@ class LeakDetector:
     """
 
     def __init__(self, capture_stack: bool = True) -> None:
-        self.capture_stack = capture_stack
+        self.capture_stack = _flag("capture_stack", capture_stack)  # "no" would be true
         self._start = 0
         self._stop: int | None = None
         self._collected: list[_ConnectionSeen] = []

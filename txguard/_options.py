@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, TypeVar
 
+from ._describe import option_value
 from ._errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -62,14 +62,16 @@ def choice(name: str, value: object, enum_type: type[_E]) -> _E:
             pass
     allowed = ", ".join(repr(m.value) for m in enum_type)
     raise ConfigurationError(
-        f"{name}={value!r} is not valid; use one of {allowed} "
+        f"{name}={option_value(value, names=True)} is not valid; use one of {allowed} "
         f"(or txguard.{enum_type.__name__}.<NAME>)."
     )
 
 
 def _flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ConfigurationError(f"{name}={value!r} is not valid; use True or False.")
+        raise ConfigurationError(
+            f"{name}={option_value(value)} is not valid; use True or False."
+        )
     return value
 
 
@@ -79,8 +81,8 @@ def exception_types(name: str, value: object) -> tuple[type[BaseException], ...]
     for item in items:
         if not (isinstance(item, type) and issubclass(item, BaseException)):
             raise ConfigurationError(
-                f"{name}={value!r} is not valid; use an exception class or a tuple of "
-                f"exception classes, e.g. {name}=(ValueError, KeyError)."
+                f"{name}={option_value(value)} is not valid; use an exception class or a "
+                f"tuple of exception classes, e.g. {name}=(ValueError, KeyError)."
             )
     return items
 
@@ -99,13 +101,17 @@ def _isolation(value: object) -> str | None:
                 "engine.execution_options(isolation_level='AUTOCOMMIT') outside txguard."
             )
     allowed = ", ".join(repr(level) for level in ISOLATION_LEVELS)
-    raise ConfigurationError(f"isolation_level={value!r} is not valid; use None or one of {allowed}.")
+    raise ConfigurationError(
+        f"isolation_level={option_value(value, names=True)} is not valid; use None or one of "
+        f"{allowed}."
+    )
 
 
 def _retries(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigurationError(
-            f"retries={value!r} is not valid; use a whole number >= 0 (0 turns retries off)."
+            f"retries={option_value(value)} is not valid; use a whole number >= 0 (0 turns "
+            "retries off)."
         )
     return value
 
@@ -119,9 +125,14 @@ def _retry_on(value: object) -> Callable[[BaseException], bool] | None:
     if callable(value):
         return value
     raise ConfigurationError(
-        f"retry_on={value!r} is not valid; use an exception class, a tuple of them, or a "
-        "predicate taking the exception and returning True to retry."
+        f"retry_on={option_value(value)} is not valid; use an exception class, a tuple of "
+        "them, or a predicate taking the exception and returning True to retry."
     )
+
+
+MAX_BACKOFF: Final = 86400.0
+"""A day: a longer base delay is surely a mistake, and a much longer one (``1e308``) makes
+``time.sleep`` fail at the first retry."""
 
 
 def _backoff(value: object) -> Callable[[int], float] | float:
@@ -130,13 +141,13 @@ def _backoff(value: object) -> Callable[[int], float] | float:
     if (
         not isinstance(value, bool)
         and isinstance(value, (int, float))
-        and math.isfinite(value)
-        and value >= 0
+        and 0 <= value <= MAX_BACKOFF  # refuses NaN and infinities too
     ):
         return float(value)
     raise ConfigurationError(
-        f"backoff={value!r} is not valid; use the base delay in seconds (a number >= 0) or "
-        "a function taking the attempt number (1, 2, ...) and returning seconds to sleep."
+        f"backoff={option_value(value)} is not valid; use the base delay in seconds (a number "
+        f">= 0, at most {MAX_BACKOFF:.0f}: a day) or a function taking the attempt number "
+        "(1, 2, ...) and returning seconds to sleep."
     )
 
 
@@ -212,7 +223,7 @@ def unit_options(
     backoff: object = 0.05,
 ) -> UnitOptions:
     """Validate every option and return them frozen; raise ConfigurationError naming the fix."""
-    from ._registry import SessionRegistry
+    from ._registry import check_registry
 
     opts = UnitOptions.__new__(UnitOptions)
     opts.mode = choice("mode", mode, Mode)
@@ -222,12 +233,7 @@ def unit_options(
     opts.rollback_for = exception_types("rollback_for", rollback_for)
     opts.no_rollback_for = exception_types("no_rollback_for", no_rollback_for)
     opts.durable = _flag("durable", durable)
-    if registry is not None and not isinstance(registry, SessionRegistry):
-        raise ConfigurationError(
-            f"registry={registry!r} is not valid; pass a txguard.SessionRegistry, or None "
-            "for the default registry set by txguard.configure()."
-        )
-    opts.registry = registry
+    opts.registry = check_registry(registry)
     opts.retries = _retries(retries)
     opts.retry_on = _retry_on(retry_on)
     opts.backoff = _backoff(backoff)
@@ -260,7 +266,8 @@ def validate_guard_level(name: str, value: object, allowed: tuple[str, ...]) -> 
     if isinstance(value, str) and value in allowed:
         return value
     raise ConfigurationError(
-        f"{name}={value!r} is not valid; use one of " + ", ".join(repr(a) for a in allowed) + "."
+        f"{name}={option_value(value, names=True)} is not valid; use one of "
+        + ", ".join(repr(a) for a in allowed) + "."
     )
 
 

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import _sessions
+from ._describe import describe, option_value
 from ._errors import ConfigurationError, TransactionRequiredError
 from ._sqlite import install_sqlite_transactions
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SessionRegistry",
+    "check_registry",
     "configure",
     "current_session",
     "default_registry",
@@ -53,6 +55,7 @@ class SessionRegistry:
         self._bind = bind
         self._session_options = session_options
         self.is_async, self.engines, self._base = _sessions.describe_bind(bind, session_options)
+        _sessions.check_session_options(self._base)
         self.base_class = self._base.sync_class
         for engine in self.engines:
             install_sqlite_transactions(engine)
@@ -62,7 +65,7 @@ class SessionRegistry:
 
     def __repr__(self) -> str:
         kind = "async" if self.is_async else "sync"
-        return f"<txguard.SessionRegistry ({kind}) bind={self._bind!r}>"
+        return f"<txguard.SessionRegistry ({kind}) bind={describe(self._bind)}>"
 
     @property
     def engine(self) -> Engine | None:
@@ -194,10 +197,27 @@ def default_registry() -> SessionRegistry:
 def resolve(registry: SessionRegistry | None) -> SessionRegistry:
     """Return ``registry``, or the default one when it is None."""
     if registry is not None:
-        return registry
+        if isinstance(registry, SessionRegistry):
+            return registry
+        raise _not_a_registry(registry)
     if _default is None:
         return default_registry()
     return _default
+
+
+def check_registry(registry: object) -> SessionRegistry | None:
+    """Return ``registry`` if it is a SessionRegistry or None; refuse anything else."""
+    if registry is None or isinstance(registry, SessionRegistry):
+        return registry
+    raise _not_a_registry(registry)
+
+
+def _not_a_registry(value: object) -> ConfigurationError:
+    # A wrong registry= would otherwise fail deep inside txguard, as an AttributeError.
+    return ConfigurationError(
+        f"registry={option_value(value)} is not valid; pass a txguard.SessionRegistry, or "
+        "None for the default registry set by txguard.configure()."
+    )
 
 
 def _reset_default_for_tests() -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Final
 
 from sqlalchemy.exc import DBAPIError
 
+from ._describe import option_value
 from ._errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -96,8 +97,8 @@ def backoff_delay(backoff: float | Callable[[int], float], attempt: int) -> floa
             or value < 0
         ):
             raise ConfigurationError(
-                f"backoff({attempt}) returned {value!r}; the backoff function must return "
-                "a finite number of seconds >= 0."
+                f"backoff({attempt}) returned {option_value(value)}; the backoff function must "
+                "return a finite number of seconds >= 0."
             )
         return float(value)
     ceiling = min(max(BACKOFF_CAP, backoff), backoff * 2.0 ** min(attempt - 1, _MAX_DOUBLINGS))

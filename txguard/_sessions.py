@@ -13,20 +13,23 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, sessionmaker
 from sqlalchemy.sql.elements import TextClause
 
+from ._describe import describe
 from ._errors import ConfigurationError, ReadOnlyTransactionError
 from ._origin import capture, shorten_sql
 
 if TYPE_CHECKING:
     from ._unit import Unit
 
-__all__ = ["describe_bind", "build_factory", "FIRST_CHANGE", "is_write_sql"]
+__all__ = [
+    "describe_bind", "check_session_options", "build_factory", "FIRST_CHANGE", "is_write_sql"
+]
 
 FIRST_CHANGE = "txguard.first_uncommitted_change"
 _WRITE_KEYWORDS = frozenset(
@@ -62,9 +65,54 @@ def describe_bind(bind: Any, options: dict[str, Any]) -> tuple[bool, list[Engine
         sync_class = kw.pop("sync_session_class", None) or bind.class_.sync_session_class
         return True, _engines_of(kw), Base(True, bind.class_, sync_class, kw)
     raise ConfigurationError(
-        f"Cannot build a txguard registry on {bind!r}; pass an Engine, a sessionmaker, an "
-        "AsyncEngine or an async_sessionmaker, e.g. txguard.configure(create_engine(url))."
+        f"Cannot build a txguard registry on {describe(bind)}; pass an Engine, a sessionmaker, "
+        "an AsyncEngine or an async_sessionmaker, e.g. txguard.configure(create_engine(url))."
     )
+
+
+def check_session_options(base: Base) -> None:
+    """Refuse keywords the session class does not take, at once rather than at the first unit.
+
+    The keywords are the registry's own and those of the sessionmaker it was given. A
+    class whose ``__init__`` takes ``**kwargs`` passes them on: to its base class, or, for
+    an AsyncSession, to its sync session class. If the last one does, anything goes.
+    """
+    classes = (base.async_class, base.sync_class) if base.is_async else (base.sync_class,)
+    known: set[str] = set()
+    for cls in classes:
+        names, passes_on = _init_keywords(cls)
+        known |= names
+        if not passes_on:
+            break
+    else:
+        return
+    unknown = sorted(set(base.kw) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"Unknown session option(s) {', '.join(map(repr, unknown))} (given to the "
+            f"SessionRegistry or its sessionmaker); {base.sync_class.__name__} takes "
+            f"{', '.join(sorted(known))}."
+        )
+
+
+def _init_keywords(cls: type) -> tuple[set[str], bool]:
+    """Return the keywords ``cls(...)`` takes by name, and whether it takes ``**kwargs``."""
+    names: set[str] = set()
+    for klass in cls.__mro__[:-1]:  # object's __init__ takes nothing
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        try:
+            params = list(inspect.signature(init).parameters.values())[1:]  # after self
+        except (TypeError, ValueError):  # pragma: no cover - an __init__ without a signature
+            return names, True
+        names.update(p.name for p in params if p.kind in _BY_NAME)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return names, False
+    return names, True
+
+
+_BY_NAME: Final = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 def _engines_of(kw: dict[str, Any]) -> list[Engine]:

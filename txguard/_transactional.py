@@ -7,8 +7,9 @@ import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, NoReturn, ParamSpec, TypeVar, overload
 
+from ._describe import describe, name_of
 from ._errors import ConfigurationError
 from ._options import OPTION_NAMES, Mode, Propagation, UnitOptions, unit_options
 from ._origin import Origin, capture
@@ -69,19 +70,47 @@ def _decorate(fn: Any, opts: UnitOptions, decorated_at: Origin) -> Any:
         return type(fn)(_decorate(fn.__func__, opts, decorated_at))
     if not callable(fn):
         raise ConfigurationError(
-            f"@transactional needs a function, not {fn!r}; put it directly above a def."
+            f"@transactional needs a function, not {describe(fn)}; put it directly above a def."
+        )
+    if isinstance(fn, type):
+        raise ConfigurationError(
+            f"@transactional needs a function, not {describe(fn)}: the unit would end when "
+            "the object is built. Decorate its methods instead."
         )
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
         raise ConfigurationError(
-            f"@transactional cannot wrap the generator function {fn.__qualname__}: its body "
+            f"@transactional cannot wrap the generator function {name_of(fn)}: its body "
             "runs after the call returns, outside the unit. Return a list, or open "
             "`with txguard.unit_of_work():` inside the generator."
         )
     code = getattr(fn, "__code__", None)
     where = Origin.of_code(code) if code is not None else decorated_at
-    if inspect.iscoroutinefunction(fn):
+    # An object whose __call__ is `async def` is a coroutine function too (as for tenacity).
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(type(fn), "__call__", None)
+    ):
         return functools.wraps(fn)(_async_wrapper(fn, opts, where))
     return functools.wraps(fn)(_sync_wrapper(fn, opts, where))
+
+
+def _refuse_awaitable(fn: Callable[..., Any], result: Any, unit: UnitOfWork) -> NoReturn:
+    """Raise for the awaitable a plain function returned: its work would run after the commit.
+
+    The unit's transaction is marked rollback-only, so it rolls back whatever the
+    function's ``rollback_for`` rules say about the error, and so does a unit it joined.
+    """
+    if inspect.iscoroutine(result):
+        result.close()  # it will never run: spare the "never awaited" warning
+    error = ConfigurationError(
+        f"{name_of(fn)} is decorated with @transactional as a plain function but returned "
+        f"{describe(result)}, whose work would run after the unit ended; the unit was rolled "
+        "back. Make it an `async def` (on an async registry), or await the work inside it."
+    )
+    try:
+        raise error
+    except ConfigurationError:
+        unit.scope.mark_rollback_only(error, unit.where)  # with its traceback, for the site
+        raise
 
 
 def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> Callable[..., Any]:
@@ -100,6 +129,8 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
             token = var.set(unit)
             try:
                 result = fn(*args, **kwargs) if kwargs else fn(*args)
+                if result is not None and hasattr(type(result), "__await__"):  # an Awaitable
+                    _refuse_awaitable(fn, result, unit)
             except BaseException as exc:
                 var.reset(token)
                 finish, error = settle(unit, exc)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util import greenlet_spawn
 
+from ._describe import name_of
 from ._errors import (
     ConfigurationError,
     DisciplineError,
@@ -260,8 +261,8 @@ def run_callbacks(callbacks: list[Callback], committed: bool, in_flight: bool) -
             if not (cb.robust or in_flight):
                 raise
             logger.error(
-                "txguard: %s callback %r failed", "on_commit" if committed else "on_rollback",
-                cb.fn, exc_info=True,
+                "txguard: %s callback %s failed", "on_commit" if committed else "on_rollback",
+                name_of(cb.fn), exc_info=True,
             )
 
 
@@ -590,17 +591,21 @@ def failure_site(exc: BaseException) -> Origin:
 
 
 def describe_exception(exc: BaseException) -> str:
-    """Name an exception without quoting SQL parameters (DB errors may echo them)."""
-    from sqlalchemy.exc import DBAPIError, StatementError
+    """Name an exception by its type, never by its text.
+
+    Any exception's text may hold values: a database error echoes the row it refused
+    (``Key (email)=(...)``), an application's quotes its arguments. A DBAPIError is named
+    with the driver's exception class; a driver's own exception (raised through a raw
+    cursor, which SQLAlchemy never wraps) with the SQLSTATE the driver reports, if any.
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    from ._retry import _sqlstate
 
     if isinstance(exc, DBAPIError):
         return f"{type(exc).__name__} ({type(exc.orig).__name__} from the database)"
-    if isinstance(exc, StatementError):
-        return type(exc).__name__
-    text = str(exc)
-    if len(text) > 120:
-        text = text[:119] + "…"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    code = _sqlstate(exc)
+    return f"{type(exc).__name__} (SQLSTATE {code})" if code else type(exc).__name__
 
 
 def unexpected_rollback(scope: Unit) -> UnexpectedRollbackError:

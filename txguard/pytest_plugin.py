@@ -83,8 +83,8 @@ def _setting(config: pytest.Config, name: str, allowed: tuple[str, ...]) -> str:
     if value is not None:
         return str(value)
     raw = config.getini(name)
-    text = str(raw).strip().lower() if raw else "off"
-    if text not in allowed:
+    text = str(raw).strip() if raw else "off"
+    if text not in allowed:  # as strict as the command line's choices=, and install()
         raise pytest.UsageError(
             f"{name} = {raw!r} in the ini file is not valid; use one of: {', '.join(allowed)}."
         )

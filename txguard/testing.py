@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 from sqlalchemy.engine import Connection
 
+from ._describe import describe, name_of, option_value
 from ._errors import ConfigurationError, DisciplineError
 from ._hooks import capturing, capturing_callbacks
-from ._registry import SessionRegistry, default_registry
+from ._registry import SessionRegistry, check_registry, default_registry
 from ._sqlite import install_sqlite_transactions
 
 if TYPE_CHECKING:
@@ -56,8 +57,9 @@ class RollbackAfter:
             )
         if want_async is not _is_async(self._engine):
             raise ConfigurationError(
-                f"rollback_after({self._engine!r}) needs `async with` for an AsyncEngine or "
-                "an async registry, and a plain `with` for an Engine or a sync registry."
+                f"rollback_after({describe(self._engine)}) needs `async with` for an "
+                "AsyncEngine or an async registry, and a plain `with` for an Engine or a sync "
+                "registry."
             )
 
     def _bind(self, connection: Any) -> None:
@@ -170,6 +172,7 @@ def rollback_after(
     the code under test creates itself must be given the yielded connection, as
     ``Session(bind=conn, join_transaction_mode="create_savepoint")``.
     """
+    check_registry(registry)
     if bind is None:
         bind = registry if registry is not None else default_registry()
     if isinstance(bind, SessionRegistry):
@@ -182,7 +185,7 @@ def rollback_after(
         return RollbackAfter(bind, registry if registry is not None else _default_for(bind))
     raise ConfigurationError(
         f"rollback_after() needs an Engine, an AsyncEngine or a txguard.SessionRegistry, "
-        f"not {bind!r}."
+        f"not {describe(bind)}; pass e.g. create_engine(url)."
     )
 
 
@@ -241,7 +244,7 @@ def _run(callback: Callback) -> None:
     except Exception:
         if not callback.robust:
             raise
-        logger.error("txguard: on_commit callback %r failed", callback.fn, exc_info=True)
+        logger.error("txguard: on_commit callback %s failed", name_of(callback.fn), exc_info=True)
 
 
 def capture_on_commit(execute: bool = False) -> _Capture:
@@ -253,5 +256,7 @@ def capture_on_commit(execute: bool = False) -> _Capture:
     Callbacks registered in a transaction that rolls back are not captured.
     """
     if not isinstance(execute, bool):
-        raise ConfigurationError(f"execute={execute!r} is not valid; use True or False.")
+        raise ConfigurationError(
+            f"execute={option_value(execute)} is not valid; use True or False."
+        )
     return _Capture(execute)

@@ -1,0 +1,277 @@
+"""Every ```python block of README.md runs as written, on SQLite, so no snippet can drift.
+
+How the blocks are run:
+
+- A block belongs to the section of the nearest heading above it. The blocks of one
+  section run in order in one namespace, as the README reads (a later block may use what
+  an earlier one defined); each section starts afresh.
+- The namespace starts with the application the README talks about (``APP`` below): an
+  ``engine`` and an ``async_engine`` on the SQLite file ``app.db`` in a temporary working
+  directory, with the tables of the models ``User``, ``Order`` and ``Line`` and the Core
+  tables ``accounts`` and ``audit``, and the application's functions the snippets call
+  (``notify``, ``reserve_stock``, ``create_user``, ...). The default registry is configured
+  on ``engine`` before each section, as an application does at startup.
+- A block with a top-level ``await`` / ``async with`` runs in an event loop (as in
+  ``python -m asyncio``); async engines it creates are disposed in that loop.
+- A comment line ``# SomeError: ...`` or ``# SomeWarning: ...`` naming a txguard exception
+  or warning says what the block shows: the block must raise or emit it.
+- ``<!-- not-run: reason -->`` on the line before a block skips it, with the reason. Keep
+  such marks for snippets that truly cannot run here.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import inspect
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.pool import NullPool
+
+import txguard
+from txguard import _registry
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+_SHOWS = re.compile(r"^# ([A-Za-z]+(?:Error|Warning)):", re.MULTILINE)
+_NOT_RUN = re.compile(r"<!--\s*not-run:\s*(.+?)\s*-->")
+
+
+@dataclass
+class Block:
+    line: int  # of its first line of code in README.md
+    code: str
+    not_run: str | None
+
+
+@dataclass
+class Section:
+    heading: str
+    blocks: list[Block] = field(default_factory=list)
+
+
+def readme_sections() -> list[Section]:
+    """Split README.md into its sections' ```python blocks (other fences are skipped whole)."""
+    sections = [Section("(top)")]
+    fence: str | None = None  # the fence line's language while inside one
+    indent = 0
+    body: list[str] = []
+    mark: str | None = None
+    previous = ""
+    for number, line in enumerate(README.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if fence is not None:
+            if stripped == "```":
+                if fence == "python":
+                    code = "\n".join(body)
+                    sections[-1].blocks.append(Block(number - len(body), code, mark))
+                fence, body, mark = None, [], None
+            elif fence == "python":
+                body.append(line[indent:])
+        elif stripped.startswith("```"):
+            fence = stripped[3:].strip()
+            indent = len(line) - len(line.lstrip())
+            found = _NOT_RUN.search(previous)
+            mark = found.group(1) if found else None
+        elif line.startswith("#"):
+            sections.append(Section(line.lstrip("#").strip()))
+        if stripped:
+            previous = stripped
+    return [section for section in sections if section.blocks]
+
+
+# The application the README's snippets stand for.
+
+
+class AppBase(DeclarativeBase):
+    pass
+
+
+class User(AppBase):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(50))
+
+
+class Order(AppBase):
+    __tablename__ = "orders"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int]
+    lines: Mapped[list[Line]] = relationship()
+
+
+class Line(AppBase):
+    __tablename__ = "order_lines"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    order_id: Mapped[int] = mapped_column(sa.ForeignKey("orders.id"))
+    sku: Mapped[str] = mapped_column(sa.String(20))
+    quantity: Mapped[int]
+
+
+accounts = sa.Table(
+    "accounts",
+    AppBase.metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("balance", sa.Integer),
+)
+audit = sa.Table(
+    "audit",
+    AppBase.metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("event", sa.String(50)),
+)
+
+
+class Storage:
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+
+    def delete(self, path: str) -> None:
+        self.deleted.append(path)
+
+
+def app_namespace(engine: sa.Engine, async_engine: AsyncEngine) -> dict[str, Any]:
+    """Return the names the README's snippets take as given, with a log of what ran."""
+    ran: list[tuple[str, object]] = []
+
+    @txguard.transactional
+    def reserve_stock(lines: list[Line]) -> None:
+        if any(line.quantity <= 0 for line in lines):
+            raise ValueError("nothing to reserve")
+
+    @txguard.transactional
+    def create_user(name: str) -> User:
+        user = User(name=name)
+        txguard.current_session().add(user)
+        return user
+
+    def send_receipt() -> None:
+        ran.append(("send_receipt", None))
+
+    @txguard.transactional
+    def place_order() -> None:
+        txguard.current_session().add(Order(customer_id=1))
+        txguard.on_commit(send_receipt)
+
+    def run_the_job() -> None:
+        with txguard.unit_of_work() as session:
+            session.execute(sa.select(User.id))
+
+    return {
+        "__name__": "readme",
+        "txguard": txguard,
+        "engine": engine,
+        "async_engine": async_engine,
+        "User": User,
+        "Order": Order,
+        "Line": Line,
+        "accounts": accounts,
+        "audit": audit,
+        "reserve_stock": reserve_stock,
+        "create_user": create_user,
+        "place_order": place_order,
+        "send_receipt": send_receipt,
+        "run_the_job": run_the_job,
+        "notify": lambda order_id: ran.append(("notify", order_id)),
+        "send_welcome_email": lambda user_id: ran.append(("send_welcome_email", user_id)),
+        "refresh_cache": lambda: ran.append(("refresh_cache", None)),
+        "storage": Storage(),
+        "uploaded_path": "uploads/avatar.png",
+        "ran": ran,
+    }
+
+
+@pytest.fixture
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """Yield a fresh application namespace in a temporary working directory."""
+    monkeypatch.chdir(tmp_path)
+    engine = sa.create_engine("sqlite:///app.db")
+    AppBase.metadata.create_all(engine)
+    async_engine = create_async_engine("sqlite+aiosqlite:///app.db", poolclass=NullPool)
+    txguard.configure(engine)
+    try:
+        yield app_namespace(engine, async_engine)
+    finally:
+        txguard.uninstall()
+        _registry._reset_default_for_tests()
+        engine.dispose()
+
+
+def run_block(block: Block, namespace: dict[str, Any]) -> None:
+    """Run one block in ``namespace``; expect what its ``# SomeError:`` comments show."""
+    source = "\n" * (block.line - 1) + block.code  # tracebacks show README.md's line numbers
+    code = compile(source, str(README), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    shown = [getattr(txguard, name) for name in _SHOWS.findall(block.code) if hasattr(txguard, name)]
+    errors = tuple(c for c in shown if issubclass(c, BaseException))
+    warnings_ = tuple(c for c in shown if issubclass(c, Warning))
+
+    def run() -> None:
+        result = eval(code, namespace)  # noqa: S307 - the README's own code
+        if inspect.iscoroutine(result):
+            asyncio.run(_finish(result, namespace))
+
+    if errors:
+        with pytest.raises(errors):
+            run()
+    elif warnings_:
+        with pytest.warns(warnings_):
+            run()
+    else:
+        run()
+
+
+async def _finish(main: Any, namespace: dict[str, Any]) -> None:
+    try:
+        await main
+    finally:
+        for value in list(namespace.values()):
+            if isinstance(value, AsyncEngine):
+                await value.dispose()
+
+
+SECTIONS = readme_sections()
+
+
+@pytest.mark.parametrize("section", SECTIONS, ids=[s.heading for s in SECTIONS])
+def test_readme_section_runs(section: Section, app: dict[str, Any]) -> None:
+    """Each README section's python blocks run in order, showing the errors they say they show."""
+    for block in section.blocks:
+        if block.not_run is not None:
+            continue
+        run_block(block, app)
+
+
+def _section(heading: str) -> Section:
+    (section,) = [s for s in SECTIONS if s.heading == heading]
+    return section
+
+
+def test_headline_example_returns_the_id_and_notifies_after_commit(app: dict[str, Any]) -> None:
+    """The headline's place_order returns the new order's id and notify() gets it after commit."""
+    (block,) = _section("Why").blocks
+    run_block(block, app)
+    place_order: Callable[..., int] = app["place_order"]
+    order_id = place_order(7, [Line(sku="tea", quantity=2)])
+    assert isinstance(order_id, int)
+    assert app["ran"] == [("notify", order_id)]
+    with app["engine"].connect() as conn:
+        assert conn.execute(sa.select(Order.customer_id).where(Order.id == order_id)).scalar() == 7
+        assert conn.execute(sa.select(sa.func.count()).select_from(Line)).scalar() == 1
+
+
+def test_readme_marks_few_blocks_not_run() -> None:
+    """Marks that skip a block stay rare: every other python block of the README runs."""
+    blocks = [block for section in SECTIONS for block in section.blocks]
+    skipped = [block for block in blocks if block.not_run is not None]
+    assert len(blocks) >= 10
+    assert len(skipped) <= 1, [f"README.md:{b.line}: {b.not_run}" for b in skipped]
