@@ -177,3 +177,14 @@ def test_something_that_is_not_a_task_is_refused_at_once() -> None:
     """A plain function fails where it is passed, not after the commit."""
     with pytest.raises(txguard.ConfigurationError, match="needs a Celery task"):
         delay_on_commit(print, "hello")
+
+
+def test_the_celery_example_runs() -> None:
+    """examples/celery_app.py (eager tasks) sends the welcome only for the committed sign-up."""
+    env = {k: v for k, v in os.environ.items() if k != "CELERY_BROKER_URL"}
+    result = subprocess.run(
+        [sys.executable, "examples/celery_app.py"], cwd=ROOT, env=env, capture_output=True,
+        text=True, check=True, timeout=60,
+    )
+    assert result.stdout.count("task: welcome") == 1
+    assert "no task was sent" in result.stdout

@@ -383,3 +383,13 @@ def test_under_waitress_200_requests_from_20_clients_keep_the_data_exact(
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_the_flask_example_runs() -> None:
+    """examples/flask_app.py tells its story: a commit, a 403 rolled back, a failed COMMIT."""
+    result = subprocess.run(
+        [sys.executable, "examples/flask_app.py"], cwd=ROOT, capture_output=True, text=True,
+        check=True, timeout=60,
+    )
+    assert "POST /notes/forbidden -> 403" in result.stdout
+    assert result.stdout.rstrip().endswith("GET /notes -> {'notes': ['hello']}")
