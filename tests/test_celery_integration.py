@@ -136,6 +136,15 @@ def test_outside_any_unit_the_task_is_enqueued_at_once(engine: sa.Engine, db: st
     assert runs_after_the_queue_drains(db) == [("dee", 0)]
 
 
+def test_delay_on_commit_passes_every_keyword_to_the_task(engine: sa.Engine, db: str) -> None:
+    """delay_on_commit has no keyword of its own, so none can clash with the task's."""
+    txguard.configure(engine)
+    with txguard.unit_of_work() as session:
+        session.add(Item(name="kw"))
+        delay_on_commit(record, url=db, label="kw")
+    assert runs_after_the_queue_drains(db) == [("kw", 1)]
+
+
 def test_apply_async_on_commit_passes_celery_options_and_a_registry(
     engine: sa.Engine, db: str, broker: object
 ) -> None:

@@ -26,6 +26,16 @@ flask_testing = pytest.mark.parametrize("testing", [False, True], ids=["producti
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _guards() -> Iterator[None]:
+    """Every test runs with the guards at "error", as the server does."""
+    txguard.install(mixed_begin="error", leaks="warn", cross_thread="error", cross_task="error")
+    try:
+        yield
+    finally:
+        txguard.uninstall()
+
+
 @pytest.fixture
 def app_engine(engine: sa.Engine) -> Iterator[sa.Engine]:
     """The backend's engine with the app's tables (SQLite enforcing its foreign keys)."""

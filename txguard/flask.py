@@ -67,7 +67,7 @@ _OPTIONS: Final = tuple(
 )
 
 
-class ErrorStatus(BaseException):
+class _ErrorStatus(BaseException):
     """Passed to the request's unit when the response has an error status.
 
     Not an ``Exception``, so the unit rolls back whatever ``rollback_for`` selects (an
@@ -126,7 +126,7 @@ class TxGuard:
             if response.status_code < 400:
                 unit.__exit__(None, None, None)  # a failed COMMIT raises: Flask answers 500
             else:
-                _roll_back(unit, ErrorStatus(response.status_code))
+                _roll_back(unit, _ErrorStatus(response.status_code))
         return response
 
     def _failed(self, sender: Flask, exception: Exception, **extra: Any) -> None:
@@ -137,7 +137,7 @@ class TxGuard:
     def _close(self, exc: BaseException | None) -> None:
         unit = _take_unit()
         if unit is not None:
-            _roll_back(unit, ErrorStatus("the request ended without a response"))
+            _roll_back(unit, _ErrorStatus("the request ended without a response"))
 
 
 def _take_unit() -> UnitOfWork | None:
