@@ -1,0 +1,149 @@
+"""Flask integration: one unit of work per request, committed before the response is returned.
+
+    app = Flask(__name__)
+    txguard.flask.TxGuard(app, registry=registry)       # or TxGuard(registry=...).init_app(app)
+
+    @app.post("/orders")
+    def create_order():
+        txguard.current_session().add(Order(...))       # in the view and the services it calls
+        return {"ok": True}, 201
+
+Decisions (Django's ``ATOMIC_REQUESTS`` and pyramid_tm where the SPEC is silent):
+
+- The unit opens in ``before_request`` and ends in ``after_request``, on the final response:
+  a status below 400 commits, 400 and above (``abort(400)``, a returned 409, an error
+  handler's response) rolls back whatever ``rollback_for`` says, as pyramid_tm's commit veto.
+  TxGuard's ``after_request`` runs after the ones registered later (Flask runs them in
+  reverse), so create it before registering your own.
+- An exception that no error handler handles ends the unit at once (Flask's
+  ``got_request_exception``), judged by the unit's ``rollback_for``/``no_rollback_for``
+  (rolled back by default), before the 500 response is made or, under ``TESTING``, the
+  exception propagates: the same outcome in tests and in production. An exception an error
+  handler turns into a response is judged by that response's status.
+- A failed COMMIT raises out of ``after_request``, so Flask answers 500 (or, under
+  ``TESTING``, the test client raises it): the client never gets the success response.
+  ``on_commit`` callbacks run right after the commit, before the response is returned; one
+  that raises gives a 500 too, although the data stays committed (SPEC section 4).
+- ``teardown_request`` closes a unit still open (a ``BaseException``, a failure in Flask
+  itself) by rolling it back: by then the response may be gone, so teardown never commits.
+- Streaming responses are decided at the start, as in Django: the unit commits (or rolls
+  back) when the view returns the response, before the body is produced. A generator that
+  needs the database opens its own ``txguard.unit_of_work()``.
+- Begin once (the default): a view calling ``session.commit()`` gets ``DisciplineError``
+  (a 500; the unit rolls back). Opt into commit-as-you-go for every request with
+  ``TxGuard(app, mode="commit_as_you_go")``, or for one piece of work with
+  ``with txguard.unit_of_work(propagation="requires_new", mode="commit_as_you_go")``.
+- Flask calls views synchronously, so the registry must be a sync one (an ``Engine`` or a
+  ``sessionmaker``). ``registry=None`` uses the default registry (``txguard.configure``),
+  looked up at each request.
+
+Flask-SQLAlchemy: build the registry on its engine and session class inside the app context,
+and use ``txguard.current_session()`` in views (``db.session`` stays Flask-SQLAlchemy's own
+session, outside the unit)::
+
+    with app.app_context():
+        registry = txguard.SessionRegistry(
+            sessionmaker(db.engine, class_=flask_sqlalchemy.session.Session, db=db)
+        )
+    TxGuard(app, registry=registry)
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Final
+
+from flask import Flask, Response, got_request_exception, request
+
+import txguard
+from txguard import ConfigurationError, SessionRegistry, UnitOfWork
+
+__all__ = ["TxGuard"]
+
+_KEY: Final = "txguard"
+_UNIT: Final = "txguard.unit"  # the request's unit, in the WSGI environ (one per request)
+_OPTIONS: Final = tuple(
+    name for name in inspect.signature(txguard.unit_of_work).parameters if name != "registry"
+)
+
+
+class _ErrorStatus(BaseException):
+    """Passed to the request's unit when the response has an error status.
+
+    Not an ``Exception``, so the unit rolls back whatever ``rollback_for`` selects (an
+    exception that is not an ``Exception`` always rolls a unit back).
+    """
+
+
+class TxGuard:
+    """Run each request of a Flask app in one unit of work (see the module docstring).
+
+    ``unit_options`` are those of ``txguard.unit_of_work`` (``mode``, ``read_only``,
+    ``isolation_level``, ...), checked here, once.
+    """
+
+    def __init__(
+        self, app: Flask | None = None, registry: SessionRegistry | None = None, **unit_options: Any
+    ) -> None:
+        unknown = sorted(set(unit_options) - set(_OPTIONS))
+        if unknown:
+            raise ConfigurationError(
+                f"TxGuard() got unknown option(s) {', '.join(map(repr, unknown))}; it takes "
+                f"registry= and the options of txguard.unit_of_work(): {', '.join(_OPTIONS)}."
+            )
+        txguard.unit_of_work(registry=registry, **unit_options)  # validates every value
+        if registry is not None and registry.is_async:
+            raise ConfigurationError(
+                f"TxGuard got the async registry {registry!r}, but Flask calls views "
+                "synchronously: build the registry on a sync Engine or sessionmaker."
+            )
+        self.registry = registry
+        self.unit_options = unit_options
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Register the request hooks on ``app``; its state lives in ``app.extensions``."""
+        if _KEY in app.extensions:
+            raise ConfigurationError(
+                f"The Flask app {app.name!r} already has a txguard.flask.TxGuard; call "
+                "init_app() once per app."
+            )
+        app.extensions[_KEY] = self
+        app.before_request(self._begin)
+        app.after_request(self._end)
+        app.teardown_request(self._close)
+        got_request_exception.connect(self._failed, app, weak=False)
+
+    def _begin(self) -> None:
+        unit = txguard.unit_of_work(registry=self.registry, **self.unit_options)
+        unit.__enter__()
+        request.environ[_UNIT] = unit
+
+    def _end(self, response: Response) -> Response:
+        unit = _take_unit()
+        if unit is not None:
+            if response.status_code < 400:
+                unit.__exit__(None, None, None)  # a failed COMMIT raises: Flask answers 500
+            else:
+                _roll_back(unit, _ErrorStatus(response.status_code))
+        return response
+
+    def _failed(self, sender: Flask, exception: Exception, **extra: Any) -> None:
+        unit = _take_unit()
+        if unit is not None:
+            unit.__exit__(type(exception), exception, exception.__traceback__)
+
+    def _close(self, exc: BaseException | None) -> None:
+        unit = _take_unit()
+        if unit is not None:
+            _roll_back(unit, _ErrorStatus("the request ended without a response"))
+
+
+def _take_unit() -> UnitOfWork | None:
+    unit: UnitOfWork | None = request.environ.pop(_UNIT, None)
+    return unit
+
+
+def _roll_back(unit: UnitOfWork, reason: BaseException) -> None:
+    unit.__exit__(type(reason), reason, reason.__traceback__)
