@@ -17,7 +17,7 @@ import txguard
 from tests.conftest import AsyncDatabase
 from tests.helpers import names, this_line
 from tests.models import Item
-from txguard._unit import adopt
+from txguard import _unit
 
 T = TypeVar("T")
 
@@ -303,7 +303,7 @@ def test_adopted_unit_is_current_in_the_adopting_thread(
     def worker() -> None:
         unit = registry._var.get()
         assert unit is not None
-        adopt(unit)
+        _unit.adopt(unit)
         add("worker")
 
     with txguard.unit_of_work() as session:
