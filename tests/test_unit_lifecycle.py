@@ -428,3 +428,19 @@ async def test_async_connect_object_entered_while_its_block_runs_is_refused(
         with pytest.raises(txguard.DisciplineError, match="already in use"):
             await block.__aenter__()
     assert names(async_db.sync) == ["outer"]
+
+
+async def test_unit_that_joined_an_abandoned_generators_unit_raises_when_it_ends_first(
+    async_registry: txguard.SessionRegistry, async_db: AsyncDatabase
+) -> None:
+    """A unit that joined a generator's unit before the loop finalised it raises DisciplineError at exit, and nothing is committed."""
+    closed = asyncio.Event()
+    async for _ in item_rows(closed):
+        break
+    line = this_line() + 2
+    with pytest.raises(txguard.DisciplineError, match=rf":{line} in .* ran in the transaction"):
+        async with txguard.unit_of_work() as session:
+            await asyncio.wait_for(closed.wait(), 10)
+            session.add(Item(name="lost"))
+            await session.flush()
+    await assert_a_later_unit_commits_on_its_own(async_db)

@@ -149,16 +149,9 @@ class SessionRegistry:
         return decorator if fn is None else decorator(fn)
 
     def current_unit(self) -> Unit | None:
-        """Return the unit this thread's code runs in, or None (see ``usable``)."""
+        """Return the unit this thread's code runs in, or None (see ``live``)."""
         unit = self._var.get()
-        if unit is None:
-            return None
-        ident = _get_ident()
-        while not usable(unit, ident):
-            unit = unit.previous
-            if unit is None:
-                return None
-        return unit
+        return None if unit is None else live(unit)
 
     def current_session(self) -> Session | AsyncSession:
         """Return the session of the current unit of work of this registry."""
@@ -188,6 +181,19 @@ class SessionRegistry:
         """Open a disciplined Core connection (see ``txguard.connect``)."""
         unit: ConnectionUnit = _api().connect(engine, registry=self, **options)
         return unit
+
+
+def live(unit: Unit) -> Unit | None:
+    """Return the innermost unit of the stack that ``unit`` tops which this thread may use.
+
+    Follows each unit's link to the unit that was current when it was opened, past ended
+    units and units of other threads (see ``usable``); None when there is none.
+    """
+    ident = _get_ident()
+    current: Unit | None = unit
+    while current is not None and not usable(current, ident):
+        current = current.previous
+    return current
 
 
 def usable(unit: Unit, ident: int) -> bool:

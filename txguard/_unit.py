@@ -30,7 +30,7 @@ from ._errors import (
 )
 from ._options import OPTION_NAMES, PLAIN_SESSION, Mode, Propagation, UnitOptions, unit_options
 from ._origin import Origin, _is_library, _user_files, caller_origin, line_of, warn_at_user
-from ._registry import SessionRegistry, UnitState, resolve
+from ._registry import SessionRegistry, UnitState, live, resolve
 from ._sessions import FIRST_CHANGE
 
 if TYPE_CHECKING:
@@ -288,7 +288,9 @@ def open_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
     The common case (``required``) is decided here; ``_decide`` handles the others.
     """
     opts = unit.opts
-    current = registry.current_unit()
+    current = registry._var.get()
+    if current is not None:
+        current = live(current)
     unit.previous = current
     unit.thread = _get_ident()
     unit.kind = ROOT
@@ -697,6 +699,33 @@ def _orphan(unit: Unit, inner: list[Unit]) -> DisciplineError:
     return error
 
 
+def _outlived(unit: Unit) -> DisciplineError | None:
+    """Check that the units ``unit`` runs in are still active; if one ended first (its
+    block ended in another context: an async generator finalised by the event loop),
+    discard what ``unit`` did since and return the error its exit raises."""
+    scope = unit.owner or unit.parent
+    while scope is not None and scope.state is _ACTIVE:
+        scope = scope.owner or scope.parent
+    if scope is None:
+        return None
+    error = DisciplineError(
+        f"The unit opened at {unit.where} ran in the transaction of the unit opened at "
+        f"{scope.where}, which ended first, in another context (an async generator closed "
+        "by the event loop, or a block exited in another task or thread): what it did "
+        "after that was not committed, and has been rolled back. Let the outer unit end "
+        "after the units inside it, e.g. exhaust or aclose() the generator first."
+    )
+    root = unit.root
+    if root.state is _ACTIVE:
+        root.mark_rollback_only(error, unit.where)
+    else:
+        try:
+            root.base.close(root.sync)  # what autobegan on the closed session since
+        except Exception:
+            logger.warning("txguard: closing the session failed", exc_info=True)
+    return error
+
+
 def _settled_inner(outcome: tuple[Finish | None, BaseException | None], error: DisciplineError) -> None:
     finish, inner_error = outcome
     if finish is not None:
@@ -714,7 +743,8 @@ def end(unit: UnitOfWork, exc: BaseException | None) -> tuple[Finish | None, Bas
     """
     inner = _pop(unit)
     if not inner:
-        return settle(unit, exc)
+        error = _outlived(unit) if unit.kind else None
+        return settle(unit, exc) if error is None else (None, error)
     error = _orphan(unit, inner)
     for u in inner:
         _settled_inner(settle(u, error), error)
@@ -728,7 +758,10 @@ async def aend(
     """End an async unit's block: ``end`` with ``asettle``."""
     inner = _pop(unit)
     if not inner:
-        return await asettle(unit, exc)
+        error = await greenlet_spawn(_outlived, unit) if unit.kind else None
+        if error is None:
+            return await asettle(unit, exc)
+        return None, error
     error = _orphan(unit, inner)
     for u in inner:
         _settled_inner(await asettle(u, error), error)
@@ -824,7 +857,7 @@ class UnitOfWork(Unit):
             self._exit_inactive(exc)
             return
         var = self._var
-        if var.get() is self:  # the top of this context's stack: in order
+        if var.get() is self and not self.kind:  # an owner on top of this context's stack
             self.state = _ENDED
             try:
                 var.reset(self._token)
