@@ -1,4 +1,4 @@
-"""Units that end in another thread, another context or out of order still settle, and stay no one's current unit."""
+"""Units that end in another thread, context or order still settle, and stay no one's current unit."""
 
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def test_unit_left_open_by_an_out_of_order_exit_lets_its_own_exception_through(
 def test_transactional_function_leaving_a_unit_open_rolls_back(
     registry: txguard.SessionRegistry, engine: sa.Engine
 ) -> None:
-    """A @transactional function that returns with a unit still open inside it raises DisciplineError and commits nothing."""
+    """A @transactional function returning with a unit open inside it raises DisciplineError; nothing commits."""
     stack = contextlib.ExitStack()
 
     @txguard.transactional
@@ -392,7 +392,7 @@ def abandon_a_generator_until_loop_shutdown(url: sa.URL) -> tuple[int, list[str]
 
 
 async def test_async_generator_closed_by_shutdown_asyncgens_settles(async_db: AsyncDatabase) -> None:
-    """loop.shutdown_asyncgens() closes an abandoned generator's unit in its own task: it rolls back, returns its connection, and the consumer's context keeps no unit."""
+    """loop.shutdown_asyncgens() rolls an abandoned generator's unit back, and its consumer's context keeps none."""
     url = async_db.engine.url
     checked_out, seen = await asyncio.to_thread(abandon_a_generator_until_loop_shutdown, url)
     assert checked_out == 0
@@ -433,7 +433,7 @@ async def test_async_connect_object_entered_while_its_block_runs_is_refused(
 async def test_unit_that_joined_an_abandoned_generators_unit_raises_when_it_ends_first(
     async_registry: txguard.SessionRegistry, async_db: AsyncDatabase
 ) -> None:
-    """A unit that joined a generator's unit before the loop finalised it raises DisciplineError at exit, and nothing is committed."""
+    """A unit that joined a generator's unit before the loop closed it raises DisciplineError; nothing commits."""
     closed = asyncio.Event()
     async for _ in item_rows(closed):
         break

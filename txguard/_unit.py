@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from contextvars import ContextVar, Token
     from types import CodeType, TracebackType
 
-__all__ = ["Unit", "UnitOfWork", "adopt", "aend", "end", "open_unit", "push", "settle", "unit_of_work"]
+__all__ = [
+    "Unit", "UnitOfWork", "adopt", "aend", "end", "open_unit", "push", "settle", "unit_of_work",
+]
 
 logger = logging.getLogger("txguard")
 
@@ -726,7 +728,9 @@ def _outlived(unit: Unit) -> DisciplineError | None:
     return error
 
 
-def _settled_inner(outcome: tuple[Finish | None, BaseException | None], error: DisciplineError) -> None:
+def _settled_inner(
+    outcome: tuple[Finish | None, BaseException | None], error: DisciplineError
+) -> None:
     finish, inner_error = outcome
     if finish is not None:
         finish.deliver(in_flight=True)
@@ -812,9 +816,8 @@ class UnitOfWork(Unit):
         """Exit a block that ran without a unit, or whose unit an outer unit's exit ended."""
         state = self.state
         if state is _READY or state is _ENDED:
-            raise DisciplineError(
-                f"This unit_of_work() was exited {'twice' if state is _ENDED else 'without being entered'}."
-            )
+            how = "twice" if state is _ENDED else "without being entered"
+            raise DisciplineError(f"This unit_of_work() was exited {how}.")
         self.state = _ENDED
         if state is _ORPHANED and exc is None:
             raise DisciplineError(
