@@ -126,12 +126,21 @@ class ConnectionUnit:
         self._where = where
         self._held: _Held | None = None
 
+    def _refuse_reentry(self) -> None:
+        if self._held is not None:
+            raise DisciplineError(
+                f"The txguard.connect() object created at {self._where} is already in use: "
+                "its block has not ended, and entering it again would drop that block's "
+                "connection. Call txguard.connect() once for each block."
+            )
+
     def __enter__(self) -> Connection:
         if not isinstance(self._engine, Engine):
             raise ConfigurationError(
                 f"{describe(self._engine)} is an AsyncEngine: use "
                 "`async with txguard.connect(...)`."
             )
+        self._refuse_reentry()
         self._held = _open(self._engine, self._mode, self._isolation_level, self._where)
         return self._held.conn
 
@@ -155,6 +164,7 @@ class ConnectionUnit:
             raise ConfigurationError(
                 f"{describe(engine)} is a sync Engine: use `with txguard.connect(...)`."
             )
+        self._refuse_reentry()
         self._held = await greenlet_spawn(
             _open, engine.sync_engine, self._mode, self._isolation_level, self._where
         )

@@ -48,7 +48,7 @@ def on_commit(
     _check("on_commit", fn)
     if not isinstance(robust, bool):
         raise ConfigurationError(f"robust={option_value(robust)} is not valid; use True or False.")
-    unit = resolve(registry)._var.get()
+    unit = resolve(registry).current_unit()
     if unit is None or not (unit.scope.transactional or unit.sync.in_transaction()):
         run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)
         return
@@ -63,7 +63,7 @@ def on_rollback(fn: Callable[[], object], *, registry: SessionRegistry | None = 
     transaction there is nothing to roll back and ``fn`` never runs.
     """
     _check("on_rollback", fn)
-    unit = resolve(registry)._var.get()
+    unit = resolve(registry).current_unit()
     if unit is None:
         return
     unit.scope.add_callback(Callback(fn, ON_ROLLBACK, False))

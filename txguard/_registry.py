@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextvars
+import enum
 import functools
 import itertools
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, Union, overload
 
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SessionRegistry",
+    "UnitState",
     "check_registry",
     "configure",
     "current_session",
@@ -37,15 +40,34 @@ __all__ = [
 
 _ids = itertools.count(1)
 _new_object = object.__new__
+_get_ident = threading.get_ident
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class UnitState(enum.Enum):
+    """Where a unit of work is in its life; only an ACTIVE unit can be current."""
+
+    READY = "ready"  # created; its block has not begun
+    ACTIVE = "active"  # its block runs in the unit
+    OUTSIDE = "outside"  # its block runs without a unit (propagation="never" outside any)
+    ORPHANED = "orphaned"  # rolled back because a unit around it ended first; not exited yet
+    ENDED = "ended"  # its block has exited
+
+
+_ACTIVE = UnitState.ACTIVE
 
 
 class SessionRegistry:
     """Hand out sessions for units of work and remember, per context, which unit is current.
 
-    Each registry keeps its stack of active units in its own ``ContextVar``: a new thread
-    starts with none, and an asyncio task sees the units of the task that created it.
+    Each registry keeps its stack of active units in its own ``ContextVar``; the value is
+    the innermost unit, and each unit links to the one that was current when it was
+    opened. A unit can end where its ``ContextVar`` token cannot be reset (another thread,
+    another copy of the context), so a context may still hold an ended unit: the lookup
+    skips it, and units that belong to another thread, by following those links. So a new
+    thread starts with none, even one running in a copy of another thread's context, and
+    an asyncio task sees the units of the task that created it.
     """
 
     def __init__(self, bind: Bind, **session_options: Any) -> None:
@@ -115,7 +137,7 @@ class SessionRegistry:
         opts = (not options and self._unit_defaults) or _unit.registry_options(self, options)
         unit: UnitOfWork = _new_object(_unit.UnitOfWork)
         unit.opts = opts
-        unit._token = None
+        unit.state = UnitState.READY
         return unit
 
     @overload
@@ -129,9 +151,14 @@ class SessionRegistry:
         decorator = _api().transactional(registry=self, **options)
         return decorator if fn is None else decorator(fn)
 
+    def current_unit(self) -> Unit | None:
+        """Return the unit this thread's code runs in, or None (see ``live``)."""
+        unit = self._var.get()
+        return None if unit is None else live(unit)
+
     def current_session(self) -> Session | AsyncSession:
         """Return the session of the current unit of work of this registry."""
-        unit = self._var.get()
+        unit = self.current_unit()
         if unit is None:
             raise TransactionRequiredError(
                 "No unit of work is active, so there is no current session. Open one with "
@@ -142,7 +169,7 @@ class SessionRegistry:
 
     def in_transaction(self) -> bool:
         """Say whether the current unit's session has an active transaction."""
-        unit = self._var.get()
+        unit = self.current_unit()
         return unit is not None and unit.sync.in_transaction()
 
     def on_commit(self, fn: Callable[[], object], *, robust: bool = False) -> None:
@@ -157,6 +184,36 @@ class SessionRegistry:
         """Open a disciplined Core connection (see ``txguard.connect``)."""
         unit: ConnectionUnit = _api().connect(engine, registry=self, **options)
         return unit
+
+
+def live(unit: Unit) -> Unit | None:
+    """Return the innermost unit of the stack that ``unit`` tops which this thread may use.
+
+    Follows each unit's link to the unit that was current when it was opened, past ended
+    units and units of other threads (see ``usable``); None when there is none.
+    """
+    ident = _get_ident()
+    current: Unit | None = unit
+    while current is not None and not usable(current, ident):
+        current = current.previous
+    return current
+
+
+def usable(unit: Unit, ident: int) -> bool:
+    """Say whether code in thread ``ident`` may use ``unit``: the thread owns it (see
+    ``_unit.adopt``), and it and every unit whose transaction it runs in are active.
+
+    The owner thread is the one that opened the unit: a thread that inherits a copy of
+    another thread's context must not share that thread's Session.
+    """
+    if unit.thread != ident:
+        return False
+    scope: Unit | None = unit
+    while scope is not None:
+        if scope.state is not _ACTIVE:
+            return False
+        scope = scope.owner or scope.parent
+    return True
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from ._options import OPTION_NAMES, Mode, Propagation, UnitOptions, unit_options
 from ._origin import Origin, capture
 from ._registry import SessionRegistry, resolve
 from ._retry import next_delay
-from ._unit import UnitOfWork, _mismatch, _new_unit, aopen_unit, asettle, open_unit, settle
+from ._unit import UnitOfWork, _mismatch, _new_unit, aend, aopen_unit, end, open_unit, push
 
 __all__ = ["transactional"]
 
@@ -118,7 +118,6 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
         registry = opts.registry or resolve(None)
         if registry.is_async:
             raise ConfigurationError(_mismatch(registry, "def"))
-        var = registry._var
         attempt = 1
         while True:
             unit = _new_unit(UnitOfWork)  # the class of every unit: see UnitOfWork
@@ -126,17 +125,15 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
             unit._origin = where
             if open_unit(registry, unit) is None:
                 return fn(*args, **kwargs)
-            token = var.set(unit)
+            push(registry, unit)
             try:
                 result = fn(*args, **kwargs) if kwargs else fn(*args)
                 if result is not None and hasattr(type(result), "__await__"):  # an Awaitable
                     _refuse_awaitable(fn, result, unit)
             except BaseException as exc:
-                var.reset(token)
-                finish, error = settle(unit, exc)
+                finish, error = end(unit, exc)
             else:
-                var.reset(token)
-                finish, error = settle(unit, None)
+                finish, error = end(unit, None)
                 if error is None:
                     if finish is not None:
                         finish.deliver(in_flight=False)
@@ -159,7 +156,6 @@ def _async_wrapper(
         registry = opts.registry or resolve(None)
         if not registry.is_async:
             raise ConfigurationError(_mismatch(registry, "async def"))
-        var = registry._var
         attempt = 1
         while True:
             unit = _new_unit(UnitOfWork)  # the class of every unit: see UnitOfWork
@@ -167,15 +163,13 @@ def _async_wrapper(
             unit._origin = where
             if await aopen_unit(registry, unit) is None:
                 return await fn(*args, **kwargs)
-            token = var.set(unit)
+            push(registry, unit)
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as exc:
-                var.reset(token)
-                finish, error = await asettle(unit, exc)
+                finish, error = await aend(unit, exc)
             else:
-                var.reset(token)
-                finish, error = await asettle(unit, None)
+                finish, error = await aend(unit, None)
                 if error is None:
                     if finish is not None:
                         finish.deliver(in_flight=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -30,14 +31,16 @@ from ._errors import (
 )
 from ._options import OPTION_NAMES, PLAIN_SESSION, Mode, Propagation, UnitOptions, unit_options
 from ._origin import Origin, _is_library, _user_files, caller_origin, line_of, warn_at_user
-from ._registry import SessionRegistry, resolve
+from ._registry import SessionRegistry, UnitState, live, resolve
 from ._sessions import FIRST_CHANGE
 
 if TYPE_CHECKING:
-    from contextvars import ContextVar
+    from contextvars import ContextVar, Token
     from types import CodeType, TracebackType
 
-__all__ = ["Unit", "UnitOfWork", "open_unit", "settle", "unit_of_work"]
+__all__ = [
+    "Unit", "UnitOfWork", "adopt", "aend", "end", "open_unit", "push", "settle", "unit_of_work",
+]
 
 logger = logging.getLogger("txguard")
 
@@ -59,6 +62,12 @@ _NESTED: Final = Propagation.NESTED
 _MANDATORY: Final = Propagation.MANDATORY
 _NEVER: Final = Propagation.NEVER
 _SUPPORTS: Final = Propagation.SUPPORTS
+_READY: Final = UnitState.READY
+_ACTIVE: Final = UnitState.ACTIVE
+_OUTSIDE: Final = UnitState.OUTSIDE
+_ORPHANED: Final = UnitState.ORPHANED
+_ENDED: Final = UnitState.ENDED
+_get_ident: Final = threading.get_ident
 _T = TypeVar("_T")
 
 
@@ -94,7 +103,7 @@ class Unit:
         "opts", "_origin", "_code", "_offset", "kind", "mode", "owner", "parent",
         "registry", "transaction", "transactional", "isolation_level", "callbacks",
         "rollback_only", "rollback_cause", "rollback_site", "rollback_unit", "committing",
-        "session", "sync", "base",
+        "session", "sync", "base", "state", "previous", "thread", "ended_by",
     )
 
     opts: UnitOptions
@@ -118,6 +127,10 @@ class Unit:
     session: Any
     sync: Session
     base: type[Session]  # the user's session class: the unit calls it, past the guards
+    state: UnitState
+    previous: Unit | None  # the unit that was current when it was opened
+    thread: int  # the ident of the thread that may use it (see adopt)
+    ended_by: Unit | None  # set when it is ORPHANED: the unit around it that ended first
 
     @property
     def where(self) -> Origin:
@@ -173,7 +186,7 @@ class Unit:
                 "unit with propagation='requires_new', or open this unit with "
                 "mode='commit_as_you_go'."
             )
-        current = self.registry._var.get()
+        current = self.registry.current_unit()
         if current is not None and current.scope is not self and current.root is self:
             raise DisciplineError(
                 f"session.commit() inside the savepoint unit opened at {current.where}: the "
@@ -279,6 +292,10 @@ def open_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
     """
     opts = unit.opts
     current = registry._var.get()
+    if current is not None:
+        current = live(current)
+    unit.previous = current
+    unit.thread = _get_ident()
     unit.kind = ROOT
     unit.owner = None
     unit.parent = None
@@ -631,6 +648,136 @@ def _deactivated(scope: Unit) -> UnexpectedRollbackError:
     )
 
 
+# Entering and leaving the registry's stack.
+
+
+def push(registry: SessionRegistry, unit: UnitOfWork) -> None:
+    """Make ``unit``, just opened by ``open_unit``, the current unit of this context."""
+    var = unit._var = registry._var
+    unit._token = var.set(unit)
+    unit.state = _ACTIVE
+
+
+def adopt(unit: Unit) -> None:
+    """Make the calling thread the one that may use ``unit`` and sees it as current.
+
+    A unit belongs to the thread that opened it (a thread running in a copy of its context
+    must not share its Session). This is the explicit hand-over, for code that runs the
+    rest of a unit's block in another thread strictly after the first one stopped using it.
+    """
+    unit.thread = _get_ident()
+
+
+def _pop(unit: UnitOfWork) -> list[Unit]:
+    """Mark ``unit`` ended and take it off this context's stack, wherever it was entered.
+
+    Returns the units entered inside it that are still active in this context, innermost
+    first: non-empty only for an out-of-order exit. Where its token cannot be reset (it
+    was entered in another context), the value stays, and the lookup skips it.
+    """
+    unit.state = _ENDED
+    var = unit._var
+    top = var.get()
+    try:
+        var.reset(unit._token)
+    except ValueError:  # the token was created in another context
+        pass
+    inner: list[Unit] = []
+    while top is not None and top is not unit:
+        if top.state is _ACTIVE:
+            inner.append(top)
+        top = top.previous
+    return inner if top is unit else []
+
+
+def _orphan(unit: Unit, inner: list[Unit]) -> DisciplineError:
+    """Make ``unit`` and the units still open inside it roll back; return the error to raise."""
+    error = DisciplineError(
+        f"The unit opened at {unit.where} ended before the unit(s) entered inside it, at "
+        f"{', '.join(str(u.where) for u in reversed(inner))}, which had not ended yet: "
+        "units must end innermost first. They were all rolled back. Exit the inner "
+        "unit(s) first (an ExitStack does, in reverse order of entry)."
+    )
+    for u in inner:
+        u.state = _ORPHANED
+        u.ended_by = unit
+        u.scope.mark_rollback_only(error, u.where)
+    unit.scope.mark_rollback_only(error, unit.where)
+    return error
+
+
+def _outlived(unit: Unit) -> DisciplineError | None:
+    """Check that the units ``unit`` runs in are still active; if one ended first (its
+    block ended in another context: an async generator finalised by the event loop),
+    discard what ``unit`` did since and return the error its exit raises."""
+    scope = unit.owner or unit.parent
+    while scope is not None and scope.state is _ACTIVE:
+        scope = scope.owner or scope.parent
+    if scope is None:
+        return None
+    error = DisciplineError(
+        f"The unit opened at {unit.where} ran in the transaction of the unit opened at "
+        f"{scope.where}, which ended first, in another context (an async generator closed "
+        "by the event loop, or a block exited in another task or thread): what it did "
+        "after that was not committed, and has been rolled back. Let the outer unit end "
+        "after the units inside it, e.g. exhaust or aclose() the generator first."
+    )
+    root = unit.root
+    if root.state is _ACTIVE:
+        root.mark_rollback_only(error, unit.where)
+    else:
+        try:
+            root.base.close(root.sync)  # what autobegan on the closed session since
+        except Exception:
+            logger.warning("txguard: closing the session failed", exc_info=True)
+    return error
+
+
+def _settled_inner(
+    outcome: tuple[Finish | None, BaseException | None], error: DisciplineError
+) -> None:
+    finish, inner_error = outcome
+    if finish is not None:
+        finish.deliver(in_flight=True)
+    if inner_error is not None and inner_error is not error:
+        logger.warning(
+            "txguard: rolling back a unit left open failed too: %s", describe_exception(inner_error)
+        )
+
+
+def end(unit: UnitOfWork, exc: BaseException | None) -> tuple[Finish | None, BaseException | None]:
+    """End ``unit``'s block (``exc`` escaped it, if any): leave the stack, then ``settle``.
+
+    Units left open inside it are rolled back first, and the result is a DisciplineError.
+    """
+    inner = _pop(unit)
+    if not inner:
+        error = _outlived(unit) if unit.kind else None
+        return settle(unit, exc) if error is None else (None, error)
+    error = _orphan(unit, inner)
+    for u in inner:
+        _settled_inner(settle(u, error), error)
+    finish, _ = settle(unit, exc if exc is not None else error)
+    return finish, error
+
+
+async def aend(
+    unit: UnitOfWork, exc: BaseException | None
+) -> tuple[Finish | None, BaseException | None]:
+    """End an async unit's block: ``end`` with ``asettle``."""
+    inner = _pop(unit)
+    if not inner:
+        error = await greenlet_spawn(_outlived, unit) if unit.kind else None
+        if error is None:
+            return await asettle(unit, exc)
+        return None, error
+    error = _orphan(unit, inner)
+    for u in inner:
+        _settled_inner(await asettle(u, error), error)
+    finish, _ = await asettle(unit, exc if exc is not None else error)
+    return finish, error
+
+
 # The context manager.
 
 
@@ -639,7 +786,11 @@ class UnitOfWork(Unit):
 
     It is itself the unit its block runs in, so entering one allocates nothing more. Where
     its block was entered is kept as the code and instruction offset of the caller, and
-    made an ``Origin`` only if a message needs it. Each object runs one block.
+    made an ``Origin`` only if a message needs it. Each object runs one block (``state``).
+
+    Its block may end in another thread or another copy of the context than the one it
+    began in (a web framework's thread-pool generator dependency, an async generator the
+    event loop finalises in a new task): it settles there all the same.
 
     ``@transactional`` runs its calls in UnitOfWork objects too (set up by hand, never
     entered): CPython specialises each attribute access for one class, so ``open_unit``
@@ -648,12 +799,12 @@ class UnitOfWork(Unit):
 
     __slots__ = ("_token", "_var")
 
-    _token: Any  # None before the block; then its ContextVar token, or a sentinel
+    _token: Token[Unit | None]  # set with state ACTIVE: the registry's stack before it
     _var: ContextVar[Unit | None]  # the registry's stack it was pushed on
 
     def _registry_for(self, want_async: bool) -> SessionRegistry:
         registry = self.opts.registry or resolve(None)
-        if registry.is_async is not want_async or self._token is not None:
+        if registry.is_async is not want_async or self.state is not _READY:
             self._refuse(registry, want_async)
         return registry
 
@@ -662,36 +813,33 @@ class UnitOfWork(Unit):
             raise ConfigurationError(_mismatch(registry, "async with" if want_async else "with"))
         raise DisciplineError(
             f"The unit_of_work() entered at {self.where} is "
-            f"{'done' if self._token is _DONE else 'already in use'}: each object runs one "
+            f"{'done' if self.state is _ENDED else 'already in use'}: each object runs one "
             "`with` block; create a new one for each block."
         )
 
-    def _push(self, registry: SessionRegistry, opened: Unit | None) -> Any:
-        if opened is None:
-            self._token = _OUTSIDE
-            return None
-        var = self._var = registry._var
-        self._token = var.set(self)
-        return self.session
+    def _exit_inactive(self, exc: BaseException | None) -> None:
+        """Exit a block that ran without a unit, or whose unit an outer unit's exit ended."""
+        state = self.state
+        if state is _READY or state is _ENDED:
+            how = "twice" if state is _ENDED else "without being entered"
+            raise DisciplineError(f"This unit_of_work() was exited {how}.")
+        self.state = _ENDED
+        if state is _ORPHANED and exc is None:
+            raise DisciplineError(
+                f"The unit opened at {self.where} was rolled back, its work not committed: the "
+                f"unit opened at {self.ended_by.where if self.ended_by else '?'}, which it was "
+                "entered inside, ended before it (and raised DisciplineError). Exit units "
+                "innermost first."
+            )
 
-    def _pop(self) -> bool:
-        """Leave the block; say whether there is a unit to settle."""
-        token = self._token
-        if token is None or token is _DONE:
-            raise DisciplineError("This unit_of_work() was exited without being entered.")
-        self._token = _DONE
-        if token is _OUTSIDE:
-            return False
-        self._var.reset(token)
-        return True
-
-    # The sync methods inline _registry_for, _push and _pop, and caller_origin's fast path
-    # (keeping code and offset on the unit instead of in an Origin): every call and
-    # allocation costs on the hot path. The async ones, whose units cost ~400 µs, do not.
+    # The sync methods inline _registry_for, push and the common case of end, and
+    # caller_origin's fast path (keeping code and offset on the unit instead of in an
+    # Origin): every call and allocation costs on the hot path. The async ones, whose
+    # units cost ~400 µs, do not.
 
     def __enter__(self) -> Any:
         registry = self.opts.registry or resolve(None)
-        if registry.is_async or self._token is not None:
+        if registry.is_async or self.state is not _READY:
             self._refuse(registry, want_async=False)
         frame = _getframe(1)
         code = frame.f_code
@@ -700,10 +848,11 @@ class UnitOfWork(Unit):
         else:
             self._origin = caller_origin(frame)
         if open_unit(registry, self) is None:
-            self._token = _OUTSIDE
+            self.state = _OUTSIDE
             return None
         var = self._var = registry._var
         self._token = var.set(self)
+        self.state = _ACTIVE
         return self.session
 
     def __exit__(
@@ -712,13 +861,19 @@ class UnitOfWork(Unit):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        token = self._token
-        if token is None or token is _DONE or token is _OUTSIDE:
-            self._pop()
+        if self.state is not _ACTIVE:
+            self._exit_inactive(exc)
             return
-        self._token = _DONE
-        self._var.reset(token)
-        finish, error = settle(self, exc)
+        var = self._var
+        if var.get() is self and not self.kind:  # an owner on top of this context's stack
+            self.state = _ENDED
+            try:
+                var.reset(self._token)
+            except ValueError:  # a copy of the context it was entered in
+                pass
+            finish, error = settle(self, exc)
+        else:
+            finish, error = end(self, exc)
         if finish is not None:
             finish.deliver(in_flight=error is not None)
         if error is not None and error is not exc:
@@ -727,7 +882,11 @@ class UnitOfWork(Unit):
     async def __aenter__(self) -> Any:
         registry = self._registry_for(want_async=True)
         self._origin = caller_origin(_getframe(1))
-        return self._push(registry, await aopen_unit(registry, self))
+        if await aopen_unit(registry, self) is None:
+            self.state = _OUTSIDE
+            return None
+        push(registry, self)
+        return self.session
 
     async def __aexit__(
         self,
@@ -735,17 +894,14 @@ class UnitOfWork(Unit):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._pop():
+        if self.state is not _ACTIVE:
+            self._exit_inactive(exc)
             return
-        finish, error = await asettle(self, exc)
+        finish, error = await aend(self, exc)
         if finish is not None:
             finish.deliver(in_flight=error is not None)
         if error is not None and error is not exc:
             raise error
-
-
-_OUTSIDE: Final = object()  # the token of a `never` block, which runs without a unit
-_DONE: Final = object()  # the token of a block that has ended
 
 
 def _mismatch(registry: SessionRegistry, statement: str) -> str:
@@ -807,7 +963,7 @@ def unit_of_work(
         )
     unit = _new_unit(UnitOfWork)
     unit.opts = opts
-    unit._token = None
+    unit.state = _READY
     return unit
 
 
