@@ -74,22 +74,33 @@ class SessionRecord(Record):
 
     __slots__ = (
         "where", "autobegun", "sql", "thread", "began", "warned", "active", "task", "gen",
-        "__weakref__",
+        "transaction", "__weakref__",
     )
 
     owner = "Session"
 
     active: bool
+    transaction: SessionTransaction | None  # while active: the one its Session must hold
     task: weakref.ref[asyncio.Task[Any]] | None
     gen: int  # shared.generation when it began: records from before an uninstall() are stale
 
     def is_open(self) -> bool:
-        return self.active
+        """Say whether the Session still holds the transaction.
+
+        Not only whether after_transaction_end was seen: SQLAlchemy skips that event when
+        returning the connection raises (a cancelled task, Ctrl-C) after the COMMIT or
+        ROLLBACK, although the Session let go of its transaction first.
+        """
+        transaction = self.transaction
+        if not self.active or transaction is None:
+            return False
+        session = transaction.session
+        return session is not None and session.get_transaction() is transaction
 
     def __del__(self) -> None:
-        # The transaction is gone. Unless after_transaction_end saw it end, its Session was
+        # The transaction is gone. Unless its Session had let go of it, the Session was
         # garbage-collected with the transaction still open.
-        if self.active:
+        if self.is_open():
             _leaked(self)
 
 
@@ -184,6 +195,7 @@ def on_transaction_create(session: Session, transaction: SessionTransaction) -> 
     record.sql = sql
     record.autobegun = how is _AUTOBEGIN
     record.active = True
+    record.transaction = transaction
     record.thread = get_ident()
     record.task = None
     record.gen = shared.generation
@@ -206,6 +218,7 @@ def on_transaction_end(session: Session, transaction: SessionTransaction) -> Non
     if record is None or not record.active:
         return
     record.active = False
+    record.transaction = None
     if watch_age and open_transactions.pop(id(record), None) is not None:
         if monotonic() - record.began >= age_threshold:
             log_end(record)

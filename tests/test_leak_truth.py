@@ -1,0 +1,140 @@
+"""The leak guard and the leak detector tell the truth: no false leak, no missed leak, no trace."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+import txguard
+import txguard._registry  # noqa: F401  (conftest's reset reaches for it; txguard loads lazily)
+from tests.conftest import AsyncDatabase
+from tests.helpers import names
+from tests.models import Item
+
+SELECT_1 = sa.text("SELECT 1")
+
+
+@pytest.fixture(autouse=True)
+def _uninstall() -> Iterator[None]:
+    yield
+    txguard.uninstall()
+
+
+@pytest.fixture
+def reported() -> Iterator[list[str]]:
+    """Collect every txguard finding: warnings, and errors raised in finalizers."""
+    seen: list[str] = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda args: seen.append(f"{type(args.exc_value).__name__}: {args.exc_value}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield seen
+    sys.unraisablehook = previous
+    seen.extend(f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, txguard.TxGuardWarning))
+
+
+@contextmanager
+def interrupting_next_reset(target: object, interrupt: Callable[[], None]) -> Iterator[None]:
+    """Call ``interrupt`` when the next connection goes back to ``target``'s pool (once).
+
+    The pool logs the interruption with its traceback; the log is switched off meanwhile, as
+    pytest's log capture would keep that traceback, and every object in it, to the test's end.
+    """
+    calls: list[None] = []
+
+    def reset(dbapi_connection: object, record: object, state: object) -> None:
+        if not calls:
+            calls.append(None)
+            interrupt()
+
+    event.listen(target, "reset", reset)
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+        event.remove(target, "reset", reset)
+    assert calls, "the interruption did not happen"
+
+
+def raise_(exc: BaseException) -> Callable[[], None]:
+    def interrupt() -> None:
+        raise exc
+
+    return interrupt
+
+
+# 1. An interrupted return of the connection after a successful COMMIT.
+
+
+def commit_interrupted(session: Session, exc: BaseException) -> None:
+    """Commit ``session`` while the return of its connection raises ``exc``; drop ``exc``."""
+    with interrupting_next_reset(session.get_bind(), raise_(exc)):
+        try:
+            session.commit()
+        except type(exc):
+            pass
+
+
+def test_commit_whose_connection_return_is_interrupted_is_no_leak(
+    engine: sa.Engine, reported: list[str]
+) -> None:
+    """A Session committed and interrupted while handing back its connection was no leak."""
+    txguard.install(leaks="error")
+    session = Session(engine)
+    session.add(Item(name="kept"))
+    commit_interrupted(session, KeyboardInterrupt())
+    del session
+    gc.collect()
+    assert reported == []
+    assert names(engine) == ["kept"]
+
+
+def test_next_transaction_after_an_interrupted_return_is_no_leak(
+    engine: sa.Engine, reported: list[str]
+) -> None:
+    """The same live Session beginning its next transaction reports nothing either."""
+    txguard.install(leaks="error")
+    with Session(engine) as session:
+        session.add(Item(name="kept"))
+        commit_interrupted(session, KeyboardInterrupt())
+        assert session.scalars(sa.select(Item.name)).all() == ["kept"]
+        gc.collect()
+    assert reported == []
+
+
+async def test_async_commit_cancelled_while_returning_its_connection_is_no_leak(
+    async_db: AsyncDatabase, reported: list[str]
+) -> None:
+    """An AsyncSession whose task is cancelled while it returns its connection was no leak."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    txguard.install(leaks="error")
+
+    async def commit() -> None:
+        session = AsyncSession(async_db.engine)
+        session.add(Item(name="kept"))
+        await session.flush()
+        task = asyncio.current_task()
+        assert task is not None
+        # The reset's ROLLBACK is the next await after the COMMIT: the task is cancelled there.
+        with interrupting_next_reset(async_db.engine.sync_engine, task.cancel):
+            await session.commit()
+
+    child = asyncio.create_task(commit())
+    await asyncio.wait([child])
+    assert child.cancelled()
+    del child
+    gc.collect()
+    assert reported == []
+    assert names(async_db.sync) == ["kept"]
