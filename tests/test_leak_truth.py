@@ -30,17 +30,27 @@ def _uninstall() -> Iterator[None]:
     txguard.uninstall()
 
 
-@pytest.fixture
-def reported() -> Iterator[list[str]]:
-    """Collect every txguard finding: warnings, and errors raised in finalizers."""
+@contextmanager
+def findings() -> Iterator[list[str]]:
+    """Collect what txguard reports in the block, then after a garbage collection.
+
+    Warnings are recorded, and errors raised in finalizers (leaks at "error") too.
+    """
     seen: list[str] = []
     previous = sys.unraisablehook
     sys.unraisablehook = lambda args: seen.append(f"{type(args.exc_value).__name__}: {args.exc_value}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield seen
-    sys.unraisablehook = previous
-    seen.extend(f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, txguard.TxGuardWarning))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield seen
+            gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    seen.extend(
+        f"{w.category.__name__}: {w.message}"
+        for w in caught
+        if issubclass(w.category, txguard.TxGuardWarning)
+    )
 
 
 @contextmanager
@@ -86,26 +96,22 @@ def commit_interrupted(session: Session, exc: BaseException) -> None:
             pass
 
 
-def test_commit_whose_connection_return_is_interrupted_is_no_leak(
-    engine: sa.Engine, reported: list[str]
-) -> None:
+def test_commit_whose_connection_return_is_interrupted_is_no_leak(engine: sa.Engine) -> None:
     """A Session committed and interrupted while handing back its connection was no leak."""
     txguard.install(leaks="error")
-    session = Session(engine)
-    session.add(Item(name="kept"))
-    commit_interrupted(session, KeyboardInterrupt())
-    del session
-    gc.collect()
+    with findings() as reported:
+        session = Session(engine)
+        session.add(Item(name="kept"))
+        commit_interrupted(session, KeyboardInterrupt())
+        del session
     assert reported == []
     assert names(engine) == ["kept"]
 
 
-def test_next_transaction_after_an_interrupted_return_is_no_leak(
-    engine: sa.Engine, reported: list[str]
-) -> None:
+def test_next_transaction_after_an_interrupted_return_is_no_leak(engine: sa.Engine) -> None:
     """The same live Session beginning its next transaction reports nothing either."""
     txguard.install(leaks="error")
-    with Session(engine) as session:
+    with findings() as reported, Session(engine) as session:
         session.add(Item(name="kept"))
         commit_interrupted(session, KeyboardInterrupt())
         assert session.scalars(sa.select(Item.name)).all() == ["kept"]
@@ -114,7 +120,7 @@ def test_next_transaction_after_an_interrupted_return_is_no_leak(
 
 
 async def test_async_commit_cancelled_while_returning_its_connection_is_no_leak(
-    async_db: AsyncDatabase, reported: list[str]
+    async_db: AsyncDatabase,
 ) -> None:
     """An AsyncSession whose task is cancelled while it returns its connection was no leak."""
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -131,10 +137,26 @@ async def test_async_commit_cancelled_while_returning_its_connection_is_no_leak(
         with interrupting_next_reset(async_db.engine.sync_engine, task.cancel):
             await session.commit()
 
-    child = asyncio.create_task(commit())
-    await asyncio.wait([child])
-    assert child.cancelled()
-    del child
-    gc.collect()
+    with findings() as reported:
+        child = asyncio.create_task(commit())
+        await asyncio.wait([child])
+        assert child.cancelled()
+        del child
     assert reported == []
     assert names(async_db.sync) == ["kept"]
+
+
+# 2. Every guard "off", then installed again.
+
+
+def test_session_closed_while_every_guard_was_off_is_no_leak(engine: sa.Engine) -> None:
+    """A Session closed while install() had every guard off is not reported after a re-install."""
+    with findings() as reported:
+        txguard.install(leaks="warn")
+        session = Session(engine)
+        session.execute(SELECT_1)
+        txguard.install(mixed_begin="off", leaks="off", cross_thread="off", cross_task="off")
+        session.close()
+        txguard.install(leaks="warn")
+        del session
+    assert reported == []

@@ -70,6 +70,9 @@ def install(
     )
     with _lock:
         old = shared.settings
+        listeners = _wanted_listeners(new)
+        if old is not None and not listeners:
+            shared.generation += 1  # as uninstall(): records made before may miss their end
         if old is not None and old.leaks != OFF and new.leaks == OFF:
             shared.leak_generation += 1
         if new.long_transaction is None:
@@ -79,7 +82,7 @@ def install(
         sessions.watch_tasks = new.cross_task != OFF
         sessions.watch_age = new.long_transaction is not None
         sessions.age_threshold = new.long_transaction or 0.0
-        _attach(_wanted_listeners(new), _wanted_patches(new))
+        _attach(listeners, _wanted_patches(new))
         _show_leak_warnings(new.leaks == WARN)
         _run_sweeper(new.long_transaction)
 
