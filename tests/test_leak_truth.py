@@ -160,3 +160,43 @@ def test_session_closed_while_every_guard_was_off_is_no_leak(engine: sa.Engine) 
         txguard.install(leaks="warn")
         del session
     assert reported == []
+
+
+# 7. No trace in what the application can see.
+
+
+def test_pooled_connection_info_holds_only_the_applications_keys(engine: sa.Engine) -> None:
+    """With every guard on, a pooled connection's .info holds what the application put there."""
+    txguard.install(mixed_begin="error", leaks="error", cross_thread="error", cross_task="error", long_transaction=60)
+    with engine.connect() as conn:
+        conn.info["foo"] = "bar"
+        conn.execute(SELECT_1)
+        with conn.begin_nested():
+            assert conn.info == {"foo": "bar"}
+        conn.commit()
+        assert conn.info == {"foo": "bar"}
+        conn.info.clear()
+    with engine.connect() as conn:
+        assert conn.info == {}
+
+
+def test_no_trace_in_info_survives_uninstall_with_leaks_off(engine: sa.Engine) -> None:
+    """With leaks="off" a begin leaves nothing in .info, before or after uninstall()."""
+    txguard.install(leaks="off", long_transaction=60)
+    with engine.connect() as conn:
+        with conn.begin():
+            conn.execute(SELECT_1)
+        txguard.uninstall()
+        assert conn.info == {}
+        assert conn.connection.info == {}
+
+
+def test_commit_as_you_go_session_info_stays_the_applications(engine: sa.Engine) -> None:
+    """A commit-as-you-go unit tracks its uncommitted changes without writing to session.info."""
+    txguard.configure(engine)
+    with pytest.warns(txguard.UncommittedWorkWarning, match="first made at"):
+        with txguard.unit_of_work(mode="commit_as_you_go") as session:
+            session.add(Item(name="lost"))
+            session.flush()
+            assert session.info == {}
+    assert names(engine) == []

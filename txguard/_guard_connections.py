@@ -3,8 +3,9 @@
 ConnectionEvents are not used: one listener on them makes SQLAlchemy dispatch events at
 every statement of every connection, about 16 µs per unit of work (over 20 % of a
 ``SELECT 1`` unit on SQLite). PoolEvents cost next to nothing, so ``checkout``/``checkin``/
-``detach`` follow each pooled connection's life, and the record lives in the pool
-record's ``info`` dictionary, which ``Connection.info`` also reaches. ``Connection.begin``
+``detach`` follow each pooled connection's life. The record is kept in ``_records``, keyed
+weakly by the pool's record of the connection (or by a detached connection itself), never
+in an ``info`` dictionary the application and SQLAlchemy can see. ``Connection.begin``
 has no "before" event, so the mixed-begin check wraps it (see ``_guards``); the wrapper
 also notes where each transaction began.
 
@@ -30,9 +31,7 @@ from ._errors import LeakedConnectionWarning
 from ._guard_records import OFF, Record, log_end, open_transactions, report_late, report_mixed_begin
 from ._origin import Origin, _is_library_frame, capture
 
-__all__ = ["KEY", "begin", "on_checkin", "on_checkout", "on_detach"]
-
-KEY: Final = "txguard.guard"
+__all__ = ["begin", "forget", "on_checkin", "on_checkout", "on_detach"]
 
 # Where the frames that tell who began a transaction come from.
 _SESSION_FILE: Final = SessionTransaction.__init__.__code__.co_filename
@@ -67,6 +66,22 @@ class ConnectionRecord(Record, weakref.ref):  # type: ignore[type-arg]
         ref = self.tx
         transaction = None if ref is None else ref()
         return transaction is not None and transaction.is_active
+
+
+# The record of each checked-out connection, by the pool's record of it (a detached
+# connection has none: by the connection itself).
+_records: weakref.WeakKeyDictionary[Any, ConnectionRecord] = weakref.WeakKeyDictionary()
+
+
+def _key(fairy: Any) -> Any:
+    record = fairy._connection_record
+    return fairy if record is None else record
+
+
+def forget() -> None:
+    """Drop every record (uninstall()): what they describe is no longer followed."""
+    _records.clear()
+    _tx_records.clear()
 
 
 def _new_record(fairy: Any, opened: Origin | None) -> ConnectionRecord:
@@ -139,7 +154,7 @@ def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy:
         while caller is not None and _is_library_frame(caller):
             caller = caller.f_back
     opened = capture(1) if caller is None else Origin(((caller.f_code, caller.f_lineno),))
-    connection_record.info[KEY] = _new_record(connection_proxy, opened)
+    _records[connection_record] = _new_record(connection_proxy, opened)
 
 
 # How many frames above on_checkout Engine.connect() ran last time (0: not known yet).
@@ -148,7 +163,7 @@ _CONNECT_CODE: Final = Engine.connect.__code__
 
 
 def on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
-    record = connection_record.info.pop(KEY, None)
+    record = _records.pop(connection_record, None)
     if record is None:
         return
     if record() is None:
@@ -158,7 +173,7 @@ def on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
 
 
 def on_detach(dbapi_connection: Any, connection_record: Any) -> None:
-    record = connection_record.info.pop(KEY, None)
+    record = _records.pop(connection_record, None)
     if record is not None:
         record.returned = True
 
@@ -192,11 +207,11 @@ def _note_begin(
     conn: Connection, transaction: RootTransaction, caller: FrameType | None, long: bool
 ) -> None:
     fairy = conn.connection
-    info = fairy.info
-    record = info.get(KEY)
+    key = _key(fairy)
+    record = _records.get(key)
     if record is None or record() is not fairy:
         record = _new_record(fairy, None)  # checked out before install(), or leaks are off
-        info[KEY] = record
+        _records[key] = record
     # Connection._autobegin() calls begin() when a statement runs with no transaction.
     autobegun = (
         caller is not None
@@ -251,7 +266,7 @@ def _transaction_gone(ref: weakref.ref[RootTransaction]) -> None:
 
 
 def _mixed_begin(conn: Connection, current: RootTransaction, level: str) -> None:
-    record = conn.info.get(KEY)
+    record = _records.get(_key(conn.connection))
     if record is not None and record.tx is not None and record.tx() is current:
         described = record.describe()
         autobegun = record.autobegun

@@ -98,7 +98,7 @@ def uninstall() -> None:
         shared.generation += 1
         shared.leak_generation += 1
         shared.open_transactions.clear()
-        connections._tx_records.clear()
+        connections.forget()
 
 
 def _threshold(value: object) -> float | None:
