@@ -162,6 +162,56 @@ def test_session_closed_while_every_guard_was_off_is_no_leak(engine: sa.Engine) 
     assert reported == []
 
 
+# 3. Messages that say what leaked.
+
+
+def test_leaked_raw_connection_is_named_raw_and_told_to_close(engine: sa.Engine) -> None:
+    """A raw pool checkout collected unreturned is reported as one, with close() as the fix."""
+    txguard.install(leaks="warn")
+    with findings() as reported:
+        engine.raw_connection().cursor().close()
+    [message] = reported
+    assert message.startswith("LeakedConnectionWarning: A raw DBAPI connection checked out of the pool at ")
+    assert "(engine.raw_connection() or pool.connect())" in message
+    assert "finally: raw.close()" in message
+    assert "engine.connect()" not in message
+    assert engine.pool.checkedout() == 0
+
+
+def test_leaked_pool_checkout_is_named_raw(engine: sa.Engine) -> None:
+    """A connection taken from the pool itself (pool.connect()) is a raw checkout too."""
+    txguard.install(leaks="warn")
+    with findings() as reported:
+        engine.pool.connect()
+    [message] = reported
+    assert "A raw DBAPI connection checked out of the pool at " in message
+
+
+def test_leaked_session_on_a_callers_connection_does_not_claim_a_pooled_connection(
+    engine: sa.Engine,
+) -> None:
+    """A Session bound to a caller's Connection is not said to have had a pooled connection."""
+    txguard.install(leaks="warn")
+    with engine.connect() as conn:
+        with findings() as reported:
+            Session(bind=conn).execute(SELECT_1)
+        conn.rollback()
+    [message] = reported
+    assert "LeakedSessionWarning" in message
+    assert "pooled connection" not in message
+    assert "It worked on a Connection it was given (Session(bind=conn))" in message
+
+
+def test_leaked_session_without_a_statement_says_it_held_no_connection(engine: sa.Engine) -> None:
+    """A Session dropped with only pending objects is said to have held no connection yet."""
+    txguard.install(leaks="warn")
+    with findings() as reported:
+        Session(engine).add(Item(name="lost"))
+    [message] = reported
+    assert "it held no connection yet" in message
+    assert "pooled connection" not in message
+
+
 # 7. No trace in what the application can see.
 
 

@@ -618,3 +618,36 @@ def test_mixed_begin_guard_is_uninstalled_after_the_run(inner: pytest.Pytester) 
     inner.makepyfile(test_mixed=MIXED)
     inner.runpytest("--txguard-mixed-begin=error").assert_outcomes(passed=1)
     inner.runpytest("-s").stdout.fnmatch_lines(["*raised InvalidRequestError*"])
+
+
+# The leak report under pytest-xdist.
+
+
+def test_leak_stack_under_xdist_shows_only_the_users_frames(inner: pytest.Pytester) -> None:
+    """Under pytest-xdist a leak's stack lists the test's frames, not xdist's or execnet's."""
+    inner.makepyfile(
+        test_xdist="""
+        import sqlalchemy as sa
+        from sqlalchemy.orm import Session
+
+        def open_one(engine):
+            session = Session(engine)
+            session.execute(sa.text("SELECT 1"))
+            return session
+
+        def test_leaks(engine, keep):
+            keep(open_one(engine))
+        """
+    )
+    result = inner.runpytest("-p", "xdist", "-n", "1", "--txguard-leaks=fail")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "  - a Session opened at test_xdist.py:6 in open_one() *",
+            "    test_xdist.py:6 in open_one()",
+            "    test_xdist.py:10 in test_leaks()",
+            "Close each one where it is opened*",
+        ],
+        consecutive=True,
+    )
+    assert "execnet" not in result.stdout.str()

@@ -52,12 +52,14 @@ class ConnectionRecord(Record, weakref.ref):  # type: ignore[type-arg]
     """A weak reference to a checked-out pooled connection, with its current transaction."""
 
     __slots__ = (
-        "where", "autobegun", "sql", "thread", "began", "warned", "opened", "returned", "tx", "gen"
+        "where", "autobegun", "sql", "thread", "began", "warned", "opened", "raw", "returned",
+        "tx", "gen",
     )
 
     owner = "Connection"
 
     opened: Origin | None
+    raw: bool  # checked out of the pool directly (engine.raw_connection(), pool.connect())
     returned: bool
     tx: weakref.ref[RootTransaction] | None
     gen: int
@@ -84,9 +86,10 @@ def forget() -> None:
     _tx_records.clear()
 
 
-def _new_record(fairy: Any, opened: Origin | None) -> ConnectionRecord:
+def _new_record(fairy: Any, opened: Origin | None, raw: bool = False) -> ConnectionRecord:
     record = ConnectionRecord(fairy, _connection_gone)
     record.opened = opened
+    record.raw = raw
     record.returned = False
     record.tx = None
     record.gen = shared.leak_generation
@@ -108,15 +111,27 @@ def _connection_gone(record: ConnectionRecord) -> None:
     opened = record.opened
     if opened is None or cfg is None or cfg.leaks == OFF or record.gen != shared.leak_generation:
         return  # not followed from its checkout: whether it was returned is unknown
+    if record.raw:
+        what = (
+            f"A raw DBAPI connection checked out of the pool at {opened} "
+            "(engine.raw_connection() or pool.connect())"
+        )
+        fix = (
+            "Give every raw connection back with its close() method, in a `finally:` "
+            "block: `raw = engine.raw_connection()`, then `try: ... finally: raw.close()`."
+        )
+    else:
+        what = f"A Connection opened at {opened}"
+        fix = (
+            "Close every Connection: `with engine.connect() as conn:` (or `with "
+            "engine.begin() as conn:`), or conn.close() in a `finally:` block."
+        )
     last = f" Its last transaction was {record.describe()}." if record.origin is not None else ""
     report_late(
         cfg.leaks,
         LeakedConnectionWarning,
-        f"A Connection opened at {opened} was garbage-collected while still checked out "
-        "of the pool; SQLAlchemy reset it (rolling back any open transaction) and took it "
-        f"back.{last} Close every "
-        "Connection: `with engine.connect() as conn:` (or `with engine.begin() as conn:`), "
-        "or conn.close() in a `finally:` block.",
+        f"{what} was garbage-collected while still checked out of the pool; SQLAlchemy "
+        f"reset it (rolling back any open transaction) and took it back.{last} {fix}",
         opened,
     )
 
@@ -125,7 +140,11 @@ def _connection_gone(record: ConnectionRecord) -> None:
 
 
 def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
-    """Record where a connection was checked out, unless a Session is checking it out."""
+    """Record where a connection was checked out, unless a Session is checking it out.
+
+    A checkout with no Connection around it (``engine.raw_connection()``, ``pool.connect()``)
+    is a raw one: its user gives it back with ``close()``, and the report says so.
+    """
     # Engine.connect() sits at the same depth above us at every checkout (the stack between
     # is SQLAlchemy's own), and sys._getframe(depth) makes a frame object for that one frame
     # only; so look there first, check it, and search again if SQLAlchemy took another path.
@@ -141,10 +160,15 @@ def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy:
     connect: FrameType | None = None
     frame: FrameType | None = sys._getframe(1)
     depth = 1
+    raw = True
     while frame is not None and depth < 40:
-        if frame.f_code is _CONNECT_CODE:
+        code = frame.f_code
+        if code is _CONNECT_CODE:
             connect, _connect_depth = frame, depth
+            raw = False
             break
+        if code is _RECONNECT_CODE:  # an invalidated Connection reconnecting
+            raw = False
         frame = frame.f_back
         depth += 1
     caller = sys._getframe(1) if connect is None else connect.f_back
@@ -154,12 +178,13 @@ def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy:
         while caller is not None and _is_library_frame(caller):
             caller = caller.f_back
     opened = capture(1) if caller is None else Origin(((caller.f_code, caller.f_lineno),))
-    _records[connection_record] = _new_record(connection_proxy, opened)
+    _records[connection_record] = _new_record(connection_proxy, opened, raw)
 
 
 # How many frames above on_checkout Engine.connect() ran last time (0: not known yet).
 _connect_depth = 0
 _CONNECT_CODE: Final = Engine.connect.__code__
+_RECONNECT_CODE: Final = Connection._revalidate_connection.__code__
 
 
 def on_checkin(dbapi_connection: Any, connection_record: Any) -> None:

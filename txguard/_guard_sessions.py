@@ -112,12 +112,28 @@ def _leaked(record: SessionRecord) -> None:
         cfg.leaks,
         LeakedSessionWarning,
         f"A Session was garbage-collected while its transaction, {record.describe()}, was "
-        "still open: nobody committed, rolled back or closed it, so its work was silently "
-        "discarded, and the pooled connection it held (if a statement had run) went back "
-        "only because the garbage collector found it. Close every Session: `with "
-        "Session(engine) as session:`, `with sessionmaker.begin() as session:`, or "
-        "session.close() in a `finally:` block.",
+        f"still open: nobody committed, rolled back or closed it{_what_was_lost(record)} "
+        "Close every Session: `with Session(engine) as session:`, `with "
+        "sessionmaker.begin() as session:`, or session.close() in a `finally:` block.",
         record.origin,
+    )
+
+
+def _what_was_lost(record: SessionRecord) -> str:
+    """Say what became of a leaked Session's work and connection (the end of a sentence)."""
+    transaction = record.transaction
+    held = [] if transaction is None else list(transaction._connections.values())
+    if not held:
+        return ", so its work was silently discarded (it held no connection yet)."
+    if any(autoclose for _, _, _, autoclose in held):
+        return (
+            ", so its work was silently discarded, and the pooled connection it held went "
+            "back only because the garbage collector found it."
+        )
+    return (
+        ". It worked on a Connection it was given (Session(bind=conn)), which is not its to "
+        "give back: what it did stays in that Connection's transaction until the "
+        "Connection's owner commits or rolls back."
     )
 
 
