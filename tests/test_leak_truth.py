@@ -212,6 +212,44 @@ def test_leaked_session_without_a_statement_says_it_held_no_connection(engine: s
     assert "pooled connection" not in message
 
 
+# 4. StaticPool: one DBAPI connection, handed to every checkout.
+
+
+@pytest.fixture
+def static_engine() -> Iterator[sa.Engine]:
+    """Yield the usual in-memory SQLite test engine: one connection for everyone."""
+    engine = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)
+    yield engine
+    engine.dispose()
+
+
+def test_detector_sees_a_connection_left_open_on_a_static_pool(static_engine: sa.Engine) -> None:
+    """A Connection left open stays a leak after another one was opened and closed."""
+    with txguard.LeakDetector() as detector:
+        left = static_engine.connect()
+        with static_engine.connect() as other:
+            other.execute(SELECT_1)
+        try:
+            [leak] = detector.open_resources()
+            assert leak.kind == "connection"
+            assert leak.resource is left.connection
+        finally:
+            left.close()
+    assert detector.open_resources() == []
+
+
+def test_detector_forgets_closed_connections_on_a_static_pool(static_engine: sa.Engine) -> None:
+    """Connections closed on a static pool, in any order, are not leaks."""
+    with txguard.LeakDetector() as detector:
+        first = static_engine.connect()
+        second = static_engine.connect()
+        first.close()
+        second.close()
+        with Session(static_engine) as session:
+            session.execute(SELECT_1)
+    assert detector.leaks() == []
+
+
 # 7. No trace in what the application can see.
 
 

@@ -651,3 +651,27 @@ def test_leak_stack_under_xdist_shows_only_the_users_frames(inner: pytest.Pytest
         consecutive=True,
     )
     assert "execnet" not in result.stdout.str()
+
+
+# StaticPool, the usual in-memory SQLite test engine.
+
+
+def test_connection_left_open_on_a_static_pool_fails_the_test(inner: pytest.Pytester) -> None:
+    """A connection left open on a StaticPool is caught although others were opened and closed."""
+    inner.makepyfile(
+        test_static="""
+        import sqlalchemy as sa
+
+        ENGINE = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)
+
+        def test_leaks(keep):
+            keep(ENGINE.connect())
+            with ENGINE.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        """
+    )
+    result = inner.runpytest("--txguard-leaks=fail")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["  - a pooled sqlite connection checked out at test_static.py:6 in test_leaks() *"]
+    )

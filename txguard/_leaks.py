@@ -8,9 +8,12 @@ weak references only, numbers every opening, and records where it happened. Whet
 something is still open is decided when a detector is asked, so a detector reports the
 openings of its own window and nothing that was closed meanwhile.
 
-A pooled connection whose owner was garbage-collected without being closed is returned
-to the pool by SQLAlchemy's finalizer; the tracker sees that check-in arrive for a
-connection object that no longer exists and keeps it as a *collected* leak, so a report
+A pooled connection is open while its connection object is alive and still checked out
+(it has a pool record); that is read from the object when a detector is asked, not from
+the order of events, since a ``StaticPool`` hands one pool record to every checkout at
+once. A pooled connection whose owner was garbage-collected without being closed is
+returned to the pool by SQLAlchemy's finalizer; the tracker sees that check-in arrive for
+a connection object that no longer exists and keeps it as a *collected* leak, so a report
 does not depend on when the garbage collector happened to run.
 """
 
@@ -145,7 +148,11 @@ class _Tracker:
     def __init__(self) -> None:
         self.numbers = itertools.count(1)
         self.sessions: dict[int, _SessionSeen] = {}
-        self.connections: dict[int, _ConnectionSeen] = {}
+        # Per pool record, the checkouts made of it that may still be open (several at
+        # once on a StaticPool).
+        self.connections: weakref.WeakKeyDictionary[Any, list[_ConnectionSeen]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.collected: list[_ConnectionSeen] = []
         self.running: list[LeakDetector] = []
         self.limit = 1
@@ -190,10 +197,14 @@ class _Tracker:
 
     def prune(self) -> None:
         """Forget the sessions and pool connections that no longer exist."""
-        for seen_by_id in (self.sessions, self.connections):
-            for key, seen in seen_by_id.copy().items():
-                if seen[0]() is None and seen_by_id.get(key) is seen:
-                    seen_by_id.pop(key, None)
+        sessions = self.sessions
+        for key, seen in sessions.copy().items():
+            if seen[0]() is None and sessions.get(key) is seen:
+                sessions.pop(key, None)
+        for record, checkouts in list(self.connections.items()):
+            checkouts[:] = [c for c in checkouts if _checked_out(c[0]())]
+            if not checkouts:
+                self.connections.pop(record, None)
         self.prune_at = max(_PRUNE_AT, 2 * len(self.sessions))
 
     def collected_between(self, start: int, stop: int) -> list[_ConnectionSeen]:
@@ -224,14 +235,11 @@ class _Tracker:
                         holds_connection=bool(fairies), resource=session, seq=seq,
                     )
                 )
-        for fairy_ref, origin, opened, seq in self.connections.copy().values():
+        checkouts = [c for cs in list(self.connections.values()) for c in list(cs)]
+        for fairy_ref, origin, opened, seq in checkouts:
             fairy = fairy_ref()
-            if not start <= seq < stop or fairy is None or id(fairy) in held:
+            if not start <= seq < stop or id(fairy) in held or not _checked_out(fairy):
                 continue
-            record = getattr(fairy, "_connection_record", None)
-            current = None if record is None else record.fairy_ref
-            if current is None or current() is not fairy:
-                continue  # checked in, detached, or superseded on a StaticPool
             found.append(
                 Leak(
                     CONNECTION, _origin(origin, depth), now - opened, _describe_connection(fairy),
@@ -337,17 +345,45 @@ def _on_transaction(session: Session, transaction: SessionTransaction) -> None:
             t.prune()
 
 
-def _on_checkout(dbapi_connection: Any, record: Any, fairy: Any) -> None:
-    t = tracker
-    t.connections[id(record)] = (
-        weakref.ref(fairy, _unused), _where(t.limit, _checkout_hints), time.monotonic(), next(t.numbers)
+def _checked_out(fairy: Any) -> bool:
+    """Say whether a pool connection object is alive and still checked out of its pool."""
+    return (
+        fairy is not None
+        and fairy._connection_record is not None
+        and fairy.dbapi_connection is not None
     )
 
 
+def _on_checkout(dbapi_connection: Any, record: Any, fairy: Any) -> None:
+    t = tracker
+    seen = (
+        weakref.ref(fairy, _unused), _where(t.limit, _checkout_hints), time.monotonic(), next(t.numbers)
+    )
+    checkouts = t.connections.get(record)
+    if checkouts is None:
+        t.connections[record] = [seen]
+    else:
+        # What was returned before this checkout is done with (a StaticPool keeps the rest).
+        checkouts[:] = [c for c in checkouts if _checked_out(c[0]())]
+        checkouts.append(seen)
+
+
 def _on_returned(dbapi_connection: Any, record: Any) -> None:
-    seen = tracker.connections.pop(id(record), None)
-    if seen is not None and seen[0]() is None:
-        tracker.collected.append(seen)
+    """Keep as collected each checkout of ``record`` whose object the garbage collector took.
+
+    The checkout being returned is still alive here, and so are the other checkouts of a
+    StaticPool's record: they stay, and whether they are open is read when asked.
+    """
+    checkouts = tracker.connections.get(record)
+    if not checkouts:
+        return
+    alive = []
+    for seen in checkouts:
+        if seen[0]() is None:
+            tracker.collected.append(seen)
+        else:
+            alive.append(seen)
+    checkouts[:] = alive
 
 
 def _connections_of(session: Session) -> list[Any]:
