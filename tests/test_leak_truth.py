@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -248,6 +251,66 @@ def test_detector_forgets_closed_connections_on_a_static_pool(static_engine: sa.
         with Session(static_engine) as session:
             session.execute(SELECT_1)
     assert detector.leaks() == []
+
+
+# 5. The long_transaction sweep in a forked child, and after it died.
+
+
+def long_transaction_warned(engine: sa.Engine, hold: float = 2.0) -> bool:
+    """Hold a transaction open up to ``hold`` seconds; say whether the sweep warned about it."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with Session(engine) as session:
+            session.execute(SELECT_1)
+            deadline = time.monotonic() + hold
+            while time.monotonic() < deadline:
+                if any(issubclass(w.category, txguard.LongTransactionWarning) for w in record):
+                    return True
+                time.sleep(0.01)
+    return False
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_long_transaction_sweep_runs_in_a_forked_child() -> None:
+    """A prefork worker (os.fork() after install()) still gets LongTransactionWarning."""
+    txguard.install(long_transaction=0.05)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            engine = sa.create_engine("sqlite://")
+            os.write(write, b"warned" if long_transaction_warned(engine) else b"silent")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        answer = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert answer == b"warned"
+
+
+def test_install_again_restarts_a_dead_sweep(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """install() with the same threshold starts a new sweep if the old one has died."""
+    txguard.install(long_transaction=0.05)
+
+    def exit_thread(args: object) -> None:
+        raise SystemExit  # a hook that ends the thread it is called in
+
+    monkeypatch.setattr(threading, "excepthook", exit_thread)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", txguard.LongTransactionWarning)  # the sweep's warning raises
+        with Session(engine) as session:
+            session.execute(SELECT_1)
+            sweeper = txguard._guards._sweeper
+            assert sweeper is not None
+            sweeper.join(timeout=5)
+            assert not sweeper.is_alive()
+    monkeypatch.undo()
+    txguard.install(long_transaction=0.05)
+    assert long_transaction_warned(engine)
 
 
 # 7. No trace in what the application can see.

@@ -12,6 +12,7 @@ plain SQLAlchemy behaviour returns. The checks themselves live in ``_guard_sessi
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import warnings
@@ -277,14 +278,29 @@ def _sweep(threshold: float) -> None:
 
 
 def _run_sweeper(threshold: float | None) -> None:
+    """Run one sweep at ``threshold`` (None: none); replace one that has died."""
     global _sweeper
     current = _sweeper
-    if current is not None and (threshold is None or current.threshold != threshold):
+    if current is not None and (
+        threshold is None or current.threshold != threshold or not current.is_alive()
+    ):
         current.stopped.set()
-        if current is not threading.current_thread():
+        if current is not threading.current_thread() and current.is_alive():
             current.join(timeout=5)
         _sweeper = current = None
     if threshold is not None and current is None:
         _sweeper = _Sweeper(threshold)
         _sweeper.start()
+
+
+def _after_fork_in_child() -> None:
+    """Start the sweep again in a forked child (a prefork worker): threads do not survive fork."""
+    global _lock
+    _lock = threading.RLock()  # another thread may have held it at the fork
+    if _sweeper is not None:
+        _run_sweeper(_sweeper.threshold)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
