@@ -6,7 +6,9 @@ import asyncio
 import gc
 import logging
 import os
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -311,6 +313,78 @@ def test_install_again_restarts_a_dead_sweep(engine: sa.Engine, monkeypatch: pyt
     monkeypatch.undo()
     txguard.install(long_transaction=0.05)
     assert long_transaction_warned(engine)
+
+
+# 6. Listeners that something else cleared (SQLAlchemy's own test fixtures do). Clearing
+# them drops every class-level listener of the process, so each case runs in a fresh one.
+
+CLEAR_LISTENERS = """
+import gc, sys, warnings
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.events import SessionEvents
+from sqlalchemy.pool.events import PoolEvents
+import txguard
+
+engine = sa.create_engine(sys.argv[1])
+
+
+def clear_class_level_listeners():
+    SessionEvents._clear()
+    PoolEvents._clear()
+
+
+def leak():
+    session = Session(engine)
+    session.execute(sa.text("SELECT 1"))
+    return session, engine.connect()
+"""
+
+
+def run_isolated(script: str, engine: sa.Engine) -> str:
+    """Run ``script`` (after CLEAR_LISTENERS) in a new interpreter on ``engine``'s database."""
+    url = engine.url.render_as_string(hide_password=False)
+    done = subprocess.run(
+        [sys.executable, "-c", CLEAR_LISTENERS + textwrap.dedent(script), url],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_install_reattaches_listeners_that_were_cleared(engine: sa.Engine) -> None:
+    """install() after the listeners were cleared attaches them again: leaks are reported."""
+    out = run_isolated(
+        """
+        txguard.install(leaks="warn")
+        clear_class_level_listeners()
+        txguard.install(leaks="warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            leak()
+            gc.collect()
+        print(*sorted(w.category.__name__ for w in caught))
+        """,
+        engine,
+    )
+    assert out == "LeakedConnectionWarning LeakedSessionWarning"
+
+
+def test_new_detector_reattaches_listeners_that_were_cleared(engine: sa.Engine) -> None:
+    """A detector started after the listeners were cleared under a running one still sees leaks."""
+    out = run_isolated(
+        """
+        with txguard.LeakDetector():
+            clear_class_level_listeners()
+            with txguard.LeakDetector() as detector:
+                session, conn = leak()
+                print(*[leak.kind for leak in detector.open_resources()])
+                session.close()
+                conn.close()
+        """,
+        engine,
+    )
+    assert out == "session connection"
 
 
 # 7. No trace in what the application can see.

@@ -675,3 +675,30 @@ def test_connection_left_open_on_a_static_pool_fails_the_test(inner: pytest.Pyte
     result.stdout.fnmatch_lines(
         ["  - a pooled sqlite connection checked out at test_static.py:6 in test_leaks() *"]
     )
+
+
+# Listeners cleared by another test (SQLAlchemy's own test fixtures do).
+
+
+def test_leak_check_survives_a_test_that_clears_listeners(inner: pytest.Pytester) -> None:
+    """After a test clears SQLAlchemy's class-level listeners, the next test's leak is caught."""
+    inner.makepyfile(
+        test_cleared="""
+        import sqlalchemy as sa
+        from sqlalchemy.orm import Session
+        from sqlalchemy.orm.events import SessionEvents
+        from sqlalchemy.pool.events import PoolEvents
+
+        def test_clears_listeners():
+            SessionEvents._clear()
+            PoolEvents._clear()
+
+        def test_leaks_a_session(engine, keep):
+            session = Session(engine)
+            session.execute(sa.text("SELECT 1"))
+            keep(session)
+        """
+    )
+    result = inner.runpytest_subprocess("--txguard-leaks=fail")  # clearing is process-wide
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["  - a Session opened at test_cleared.py:12 in test_leaks_a_session() *"])

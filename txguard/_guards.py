@@ -158,20 +158,28 @@ def _wanted_patches(cfg: Settings) -> dict[tuple[type, str], Any]:
 def _attach(
     listeners: set[tuple[type, str, Callable[..., Any]]], patches: dict[tuple[type, str], Any]
 ) -> None:
-    for key in list(_listening - listeners):
-        target, name, fn = key
+    """Make what is attached exactly ``listeners`` and ``patches``.
+
+    What is attached is checked, not remembered: something else may have removed our
+    listeners (SQLAlchemy's own test fixtures clear every class-level listener) or put
+    the original method back, and then they are attached again.
+    """
+    for target, name, fn in _listening - listeners:
         if event.contains(target, name, fn):
             event.remove(target, name, fn)
-        _listening.discard(key)
-    for key in listeners - _listening:
-        target, name, fn = key
-        event.listen(target, name, fn)
-        _listening.add(key)
+    for target, name, fn in listeners:
+        if not event.contains(target, name, fn):
+            event.listen(target, name, fn)
+    _listening.clear()
+    _listening.update(listeners)
     for patch in [p for p in _patched if p not in patches]:
         _unpatch(patch)
     for patch, wrapper in patches.items():
+        cls, name = patch
         if patch not in _patched:
             _patch(patch, wrapper)
+        elif cls.__dict__.get(name) is _patched[patch]:  # the original was put back
+            setattr(cls, name, wrapper)
 
 
 def _patch(key: tuple[type, str], wrapper: Callable[..., Any]) -> None:

@@ -166,11 +166,7 @@ class _Tracker:
     def acquire(self, detector: LeakDetector) -> int:
         """Start listening for ``detector``; return the start of its window."""
         with self.lock:
-            if not self.running:
-                event.listen(Session, "after_transaction_create", _on_transaction)
-                event.listen(Pool, "checkout", _on_checkout)
-                event.listen(Pool, "checkin", _on_returned)
-                event.listen(Pool, "detach", _on_returned)
+            self.listen()
             self.running.append(detector)
             self._set_limit()
             return self.mark()
@@ -182,15 +178,21 @@ class _Tracker:
             mine = self.collected_between(detector._start, stop)
             self.running.remove(detector)
             if not self.running:
-                event.remove(Session, "after_transaction_create", _on_transaction)
-                event.remove(Pool, "checkout", _on_checkout)
-                event.remove(Pool, "checkin", _on_returned)
-                event.remove(Pool, "detach", _on_returned)
+                for target, name, fn in _listeners():
+                    if event.contains(target, name, fn):
+                        event.remove(target, name, fn)
             self._set_limit()
             oldest = min((d._start for d in self.running), default=stop)
             self.collected = [c for c in self.collected if c[3] >= oldest]
             self.prune()
             return stop, mine
+
+    def listen(self) -> None:
+        """Attach each listener that is not attached, also one something else removed
+        (SQLAlchemy's own test fixtures clear every class-level listener)."""
+        for target, name, fn in _listeners():
+            if not event.contains(target, name, fn):
+                event.listen(target, name, fn)
 
     def _set_limit(self) -> None:
         self.limit = STACK_LIMIT if any(d.capture_stack for d in self.running) else 1
@@ -386,6 +388,15 @@ def _on_returned(dbapi_connection: Any, record: Any) -> None:
     checkouts[:] = alive
 
 
+def _listeners() -> tuple[tuple[type, str, Any], ...]:
+    return (
+        (Session, "after_transaction_create", _on_transaction),
+        (Pool, "checkout", _on_checkout),
+        (Pool, "checkin", _on_returned),
+        (Pool, "detach", _on_returned),
+    )
+
+
 def _connections_of(session: Session) -> list[Any]:
     """Return the pool connections that the session's transaction holds."""
     transaction = session.get_transaction()
@@ -473,6 +484,12 @@ class LeakDetector:
     def _mark(self) -> int:
         """Return a position in the detector's window, for ``_leaks_since()``."""
         return tracker.mark()
+
+    def _listen(self) -> None:
+        """While running, attach again the listeners that something else removed."""
+        if self._running:
+            with tracker.lock:
+                tracker.listen()
 
     def _leaks_since(self, since: int | None) -> list[Leak]:
         """Return the leaks of the window, or of its part after ``since`` (from ``_mark()``)."""

@@ -139,6 +139,7 @@ class LeakWatch:
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
+        self.detector._listen()  # an earlier test may have cleared SQLAlchemy's listeners
         self.since = self.detector._mark()
         self.exempt = []
         return (yield)
