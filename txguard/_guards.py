@@ -46,6 +46,10 @@ _listening: set[tuple[type, str, Callable[..., Any]]] = set()
 _patched: dict[tuple[type, str], Any] = {}
 _sweeper: _Sweeper | None = None
 _added_filters: list[tuple[Any, ...]] = []
+# What install() asked for (None: nothing, or uninstall()), and the levels required on top of
+# it by require(); the guards run at the stricter of each.
+_requested: Settings | None = None
+_required: list[Settings] = []
 
 
 def install(
@@ -69,6 +73,66 @@ def install(
         validate_guard_level("cross_task", cross_task, LEVELS),
         _threshold(long_transaction),
     )
+    global _requested
+    with _lock:
+        _requested = new
+        _apply()
+
+
+def uninstall() -> None:
+    """Remove every guard: no listener or patch stays behind (idempotent).
+
+    Levels that txguard's pytest plugin requires for a test run stay until it is over.
+    """
+    global _requested
+    with _lock:
+        _requested = None
+        _apply()
+
+
+def require(levels: Settings) -> Callable[[], None]:
+    """Run the guards at least at ``levels`` until the returned function is called.
+
+    For txguard's pytest plugin: the application's own install() composes with it (the
+    stricter level of each guard wins) and is in force again, as it was, once released.
+    """
+    with _lock:
+        _required.append(levels)
+        _apply()
+
+    def release() -> None:
+        with _lock:
+            if any(entry is levels for entry in _required):
+                _required[:] = [entry for entry in _required if entry is not levels]
+                _apply()
+
+    return release
+
+
+def _apply() -> None:
+    """Put in force the strictest of what install() asked for and require() requires."""
+    layers = [entry for entry in (_requested, *_required) if entry is not None]
+    if not layers:
+        _uninstall()
+        return
+
+    def strictest(name: str) -> str:
+        levels: list[str] = [getattr(entry, name) for entry in layers]
+        return max(levels, key=LEVELS.index)
+
+    thresholds = [entry.long_transaction for entry in layers if entry.long_transaction]
+    _install(
+        Settings(
+            strictest("mixed_begin"),
+            strictest("leaks"),
+            strictest("cross_thread"),
+            strictest("cross_task"),
+            min(thresholds, default=None),
+        )
+    )
+
+
+def _install(new: Settings) -> None:
     with _lock:
         old = shared.settings
         listeners = _wanted_listeners(new)
@@ -88,8 +152,7 @@ def install(
         _run_sweeper(new.long_transaction)
 
 
-def uninstall() -> None:
-    """Remove every guard: no listener or patch stays behind (idempotent)."""
+def _uninstall() -> None:
     with _lock:
         shared.settings = None
         sessions.begin_wrapped = sessions.watch_tasks = sessions.watch_age = False
