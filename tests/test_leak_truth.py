@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 import txguard
 import txguard._registry  # noqa: F401  (conftest's reset reaches for it; txguard loads lazily)
 from tests.conftest import AsyncDatabase
-from tests.helpers import names
+from tests.helpers import names, this_line
 from tests.models import Item
 
 SELECT_1 = sa.text("SELECT 1")
@@ -56,6 +56,12 @@ def findings() -> Iterator[list[str]]:
         for w in caught
         if issubclass(w.category, txguard.TxGuardWarning)
     )
+
+
+def where(line: int, function: str) -> str:
+    """Name a line of this file as txguard's messages do."""
+    code = sys._getframe(1).f_code
+    return str(txguard._origin.Origin(((code, line),))).replace(code.co_name, function)
 
 
 @contextmanager
@@ -215,6 +221,53 @@ def test_leaked_session_without_a_statement_says_it_held_no_connection(engine: s
     [message] = reported
     assert "it held no connection yet" in message
     assert "pooled connection" not in message
+
+
+def make_session(engine: sa.Engine) -> tuple[Session, int]:
+    """Create a Session the way a factory does; return it and the line that created it."""
+    return Session(engine), this_line()
+
+
+def test_leaked_session_names_where_it_was_created_and_where_its_transaction_began(
+    engine: sa.Engine,
+) -> None:
+    """The leak guard's report says where the Session was created and where its transaction began."""
+    txguard.install(leaks="warn")
+    with findings() as reported:
+        session, created = make_session(engine)
+        began = this_line() + 1
+        session.execute(SELECT_1)
+        del session
+    [message] = reported
+    assert f"A Session created at {where(created, 'make_session')} was garbage-collected" in message
+    test = "test_leaked_session_names_where_it_was_created_and_where_its_transaction_began"
+    assert f"autobegun at {where(began, test)}" in message
+
+
+def test_detector_names_where_a_session_was_created(engine: sa.Engine) -> None:
+    """A detector's session leak says where the Session was created, apart from its transaction."""
+    with txguard.LeakDetector() as detector:
+        session, created = make_session(engine)
+        session.execute(SELECT_1)
+        try:
+            [leak] = detector.open_resources()
+            assert leak.created is not None
+            assert (leak.created.filename, leak.created.lineno) == (__file__, created)
+            assert f"(the Session was created at {where(created, 'make_session')})" in str(leak)
+        finally:
+            session.close()
+
+
+def test_session_created_and_begun_on_one_line_is_named_once(engine: sa.Engine) -> None:
+    """A Session whose transaction began where it was created gets no second location."""
+    with txguard.LeakDetector() as detector:
+        session = Session(engine); session.execute(SELECT_1)  # noqa: E702
+        try:
+            [leak] = detector.open_resources()
+            assert leak.created is None
+            assert "created at" not in str(leak)
+        finally:
+            session.close()
 
 
 # 4. StaticPool: one DBAPI connection, handed to every checkout.

@@ -46,6 +46,7 @@ from ._guard_records import (
     report_late,
     report_mixed_begin,
 )
+from ._creation import created_at
 from ._origin import Origin, _is_library, capture, is_user_frame
 
 if TYPE_CHECKING:
@@ -74,13 +75,14 @@ class SessionRecord(Record):
 
     __slots__ = (
         "where", "autobegun", "sql", "thread", "began", "warned", "active", "task", "gen",
-        "transaction", "__weakref__",
+        "transaction", "created", "__weakref__",
     )
 
     owner = "Session"
 
     active: bool
     transaction: SessionTransaction | None  # while active: the one its Session must hold
+    created: Origin | None  # where its Session was created, if the leak guard saw it
     task: weakref.ref[asyncio.Task[Any]] | None
     gen: int  # shared.generation when it began: records from before an uninstall() are stale
 
@@ -108,13 +110,15 @@ def _leaked(record: SessionRecord) -> None:
     cfg = shared.settings
     if cfg is None or cfg.leaks == OFF or record.gen != shared.generation:
         return
+    created = "" if record.created is None else f" created at {record.created}"
     report_late(
         cfg.leaks,
         LeakedSessionWarning,
-        f"A Session was garbage-collected while its transaction, {record.describe()}, was "
-        f"still open: nobody committed, rolled back or closed it{_what_was_lost(record)} "
-        "Close every Session: `with Session(engine) as session:`, `with "
-        "sessionmaker.begin() as session:`, or session.close() in a `finally:` block.",
+        f"A Session{created} was garbage-collected while its transaction, "
+        f"{record.describe()}, was still open: nobody committed, rolled back or closed "
+        f"it{_what_was_lost(record)} Close every Session: `with Session(engine) as "
+        "session:`, `with sessionmaker.begin() as session:`, or session.close() in a "
+        "`finally:` block.",
         record.origin,
     )
 
@@ -212,6 +216,7 @@ def on_transaction_create(session: Session, transaction: SessionTransaction) -> 
     record.autobegun = how is _AUTOBEGIN
     record.active = True
     record.transaction = transaction
+    record.created = created_at(session)
     record.thread = get_ident()
     record.task = None
     record.gen = shared.generation

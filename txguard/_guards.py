@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
 
+from . import _creation as creation
 from . import _guard_connections as connections
 from . import _guard_records as shared
 from . import _guard_sessions as sessions
@@ -148,6 +149,7 @@ def _install(new: Settings) -> None:
         sessions.watch_age = new.long_transaction is not None
         sessions.age_threshold = new.long_transaction or 0.0
         _attach(listeners, _wanted_patches(new))
+        creation.want("guards", new.leaks != OFF)
         _show_leak_warnings(new.leaks == WARN)
         _run_sweeper(new.long_transaction)
 
@@ -157,6 +159,7 @@ def _uninstall() -> None:
         shared.settings = None
         sessions.begin_wrapped = sessions.watch_tasks = sessions.watch_age = False
         _attach(set(), {})
+        creation.want("guards", False)
         _show_leak_warnings(False)
         _run_sweeper(None)
         shared.generation += 1

@@ -31,6 +31,8 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.pool import Pool
 
+from ._creation import created_at
+from ._creation import want as want_creation
 from ._errors import LeakError
 from ._origin import Origin, _short_path, _user_files, is_user_frame, line_of, parent_greenlet
 
@@ -50,7 +52,8 @@ class Leak:
 
     ``kind`` is ``"session"`` or ``"connection"``; ``origin`` is where it was opened (the
     user's file:line first, then a few callers: ``origin.format_stack()``); ``age_s`` is
-    how long ago, in seconds, when the report was made. ``collected`` is true for a
+    how long ago, in seconds, when the report was made. ``created`` is where a Session was
+    created, when that is known and is not its ``origin``. ``collected`` is true for a
     connection that was never closed but was garbage-collected (SQLAlchemy's finalizer
     returned it to the pool). ``resource`` is the Session or pool connection while it is
     alive; the record holds it weakly.
@@ -63,6 +66,7 @@ class Leak:
         "description",
         "collected",
         "holds_connection",
+        "created",
         "_ref",
         "_seq",
     )
@@ -78,6 +82,7 @@ class Leak:
         holds_connection: bool = False,
         resource: object | None = None,
         seq: int = 0,
+        created: Origin | None = None,
     ) -> None:
         self.kind = kind
         self.origin = origin
@@ -85,6 +90,7 @@ class Leak:
         self.description = description
         self.collected = collected
         self.holds_connection = holds_connection
+        self.created = created
         self._ref = None if resource is None else weakref.ref(resource)
         self._seq = seq
 
@@ -119,9 +125,12 @@ class Leak:
         )
 
     def __str__(self) -> str:
-        if len(self.origin.frames) <= 1:
-            return self.summary()
-        return f"{self.summary()}\n{self.origin.format_stack()}"
+        lines = [self.summary()]
+        if self.created is not None:
+            lines.append(f"  (the Session was created at {self.created})")
+        if len(self.origin.frames) > 1:
+            lines.append(self.origin.format_stack())
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         state = "collected" if self.collected else "open"
@@ -167,6 +176,7 @@ class _Tracker:
         """Start listening for ``detector``; return the start of its window."""
         with self.lock:
             self.listen()
+            want_creation("detector", True)
             self.running.append(detector)
             self._set_limit()
             return self.mark()
@@ -181,6 +191,7 @@ class _Tracker:
                 for target, name, fn in _listeners():
                     if event.contains(target, name, fn):
                         event.remove(target, name, fn)
+                want_creation("detector", False)
             self._set_limit()
             oldest = min((d._start for d in self.running), default=stop)
             self.collected = [c for c in self.collected if c[3] >= oldest]
@@ -231,10 +242,15 @@ class _Tracker:
             fairies = _connections_of(session)
             held.update(id(f) for f in fairies)
             if start <= seq < stop:
+                began = _origin(origin, depth)
+                created = created_at(session)
+                if created is not None and created.frames[:1] == began.frames[:1]:
+                    created = None  # created where its transaction began: said once
                 found.append(
                     Leak(
-                        SESSION, _origin(origin, depth), now - opened, _describe_session(session),
+                        SESSION, began, now - opened, _describe_session(session),
                         holds_connection=bool(fairies), resource=session, seq=seq,
+                        created=created,
                     )
                 )
         checkouts = [c for cs in list(self.connections.values()) for c in list(cs)]
