@@ -644,6 +644,7 @@ def test_leak_stack_under_xdist_shows_only_the_users_frames(inner: pytest.Pytest
     result.stdout.fnmatch_lines(
         [
             "  - a Session opened at test_xdist.py:6 in open_one() *",
+            "    (the Session was created at test_xdist.py:5 in open_one())",
             "    test_xdist.py:6 in open_one()",
             "    test_xdist.py:10 in test_leaks()",
             "Close each one where it is opened*",

@@ -70,6 +70,9 @@ def _wrap(original: Callable[..., None]) -> Callable[..., None]:
         ):
             frame = frame.f_back
         if frame is not None:
-            _created[self] = caller_origin(frame)
+            try:
+                _created[self] = caller_origin(frame)
+            except TypeError:  # a subclass that defines __eq__ without __hash__
+                pass
 
     return __init__

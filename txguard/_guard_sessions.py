@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionOrigin
 
 from . import _guard_records as shared
+from ._creation import created_at
 from ._errors import (
     CrossTaskWarning,
     CrossThreadWarning,
@@ -46,7 +47,6 @@ from ._guard_records import (
     report_late,
     report_mixed_begin,
 )
-from ._creation import created_at
 from ._origin import Origin, _is_library, capture, is_user_frame
 
 if TYPE_CHECKING:

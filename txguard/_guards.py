@@ -1,12 +1,15 @@
 """Misuse guards (SPEC section 6): ``txguard.install()`` and ``txguard.uninstall()``.
 
 ``install()`` attaches class-level listeners (SessionEvents on ``Session``, PoolEvents on
-``Pool``) and wraps ``Session.begin`` and ``Connection.begin``, the only two places with
-no event to listen to; every Session, AsyncSession, Connection and AsyncConnection is then
+``Pool``) and wraps ``Session.begin`` and ``Connection.begin`` (and, for the leak guard's
+reports, ``Session.__init__``: see ``_creation``), places with no event to listen to; every
+Session, AsyncSession, Connection and AsyncConnection is then
 watched, whoever made it. Only what the chosen guards need is attached. ``uninstall()``
 removes all of it and puts the original functions back into the class dictionaries, so
-plain SQLAlchemy behaviour returns. The checks themselves live in ``_guard_sessions`` and
-``_guard_connections``; what they share, in ``_guard_records``.
+plain SQLAlchemy behaviour returns. txguard's pytest plugin asks for levels on top of the
+application's own installation with ``require()``: the stricter level of each guard is in
+force. The checks themselves live in ``_guard_sessions`` and ``_guard_connections``; what
+they share, in ``_guard_records``.
 """
 
 from __future__ import annotations
@@ -134,6 +137,7 @@ def _apply() -> None:
 
 
 def _install(new: Settings) -> None:
+    """Put ``new`` in force: attach what its guards need, and only that."""
     with _lock:
         old = shared.settings
         listeners = _wanted_listeners(new)
@@ -155,6 +159,7 @@ def _install(new: Settings) -> None:
 
 
 def _uninstall() -> None:
+    """Detach everything and forget what the guards knew."""
     with _lock:
         shared.settings = None
         sessions.begin_wrapped = sessions.watch_tasks = sessions.watch_age = False
