@@ -3,13 +3,13 @@
 ``install()`` attaches class-level listeners (SessionEvents on ``Session``, PoolEvents on
 ``Pool``) and wraps ``Session.begin`` and ``Connection.begin`` (and, for the leak guard's
 reports, ``Session.__init__``: see ``_creation``), places with no event to listen to; every
-Session, AsyncSession, Connection and AsyncConnection is then
-watched, whoever made it. Only what the chosen guards need is attached. ``uninstall()``
-removes all of it and puts the original functions back into the class dictionaries, so
-plain SQLAlchemy behaviour returns. txguard's pytest plugin asks for levels on top of the
-application's own installation with ``require()``: the stricter level of each guard is in
-force. The checks themselves live in ``_guard_sessions`` and ``_guard_connections``; what
-they share, in ``_guard_records``.
+Session, AsyncSession, Connection and AsyncConnection is then watched, whoever made it.
+Only what the chosen guards need is attached. ``uninstall()`` removes all of it and puts
+the original functions back into the class dictionaries, so plain SQLAlchemy behaviour
+returns. txguard's pytest plugin asks for levels on top of the application's own
+installation with ``require()``: the stricter level of each guard is in force. The checks
+themselves live in ``_guard_sessions`` and ``_guard_connections``; what they share, in
+``_guard_records``.
 """
 
 from __future__ import annotations
