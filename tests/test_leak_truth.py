@@ -440,6 +440,21 @@ def test_new_detector_reattaches_listeners_that_were_cleared(engine: sa.Engine) 
     assert out == "session connection"
 
 
+def test_install_wraps_session_init_again_after_the_original_was_put_back(
+    engine: sa.Engine,
+) -> None:
+    """install() puts back its Session.__init__ wrapper if something restored the original."""
+    txguard.install(leaks="warn")
+    setattr(Session, "__init__", Session.__init__.__wrapped__)  # noqa: B010
+    txguard.install(leaks="warn")
+    with findings() as reported:
+        session, created = make_session(engine)
+        session.execute(SELECT_1)
+        del session
+    [message] = reported
+    assert f"A Session created at {where(created, 'make_session')} was garbage-collected" in message
+
+
 # 7. No trace in what the application can see.
 
 
