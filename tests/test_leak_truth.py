@@ -43,7 +43,9 @@ def findings() -> Iterator[list[str]]:
     """
     seen: list[str] = []
     previous = sys.unraisablehook
-    sys.unraisablehook = lambda args: seen.append(f"{type(args.exc_value).__name__}: {args.exc_value}")
+    sys.unraisablehook = lambda args: seen.append(
+        f"{type(args.exc_value).__name__}: {args.exc_value}"
+    )
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -182,7 +184,9 @@ def test_leaked_raw_connection_is_named_raw_and_told_to_close(engine: sa.Engine)
     with findings() as reported:
         engine.raw_connection().cursor().close()
     [message] = reported
-    assert message.startswith("LeakedConnectionWarning: A raw DBAPI connection checked out of the pool at ")
+    assert message.startswith(
+        "LeakedConnectionWarning: A raw DBAPI connection checked out of the pool at "
+    )
     assert "(engine.raw_connection() or pool.connect())" in message
     assert "finally: raw.close()" in message
     assert "engine.connect()" not in message
@@ -231,7 +235,8 @@ def make_session(engine: sa.Engine) -> tuple[Session, int]:
 def test_leaked_session_names_where_it_was_created_and_where_its_transaction_began(
     engine: sa.Engine,
 ) -> None:
-    """The leak guard's report says where the Session was created and where its transaction began."""
+    """The leak guard's report says where the Session was created and where its transaction
+    began."""
     txguard.install(leaks="warn")
     with findings() as reported:
         session, created = make_session(engine)
@@ -347,7 +352,9 @@ def test_long_transaction_sweep_runs_in_a_forked_child() -> None:
     assert answer == b"warned"
 
 
-def test_install_again_restarts_a_dead_sweep(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_install_again_restarts_a_dead_sweep(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """install() with the same threshold starts a new sweep if the old one has died."""
     txguard.install(long_transaction=0.05)
 
@@ -460,7 +467,10 @@ def test_install_wraps_session_init_again_after_the_original_was_put_back(
 
 def test_pooled_connection_info_holds_only_the_applications_keys(engine: sa.Engine) -> None:
     """With every guard on, a pooled connection's .info holds what the application put there."""
-    txguard.install(mixed_begin="error", leaks="error", cross_thread="error", cross_task="error", long_transaction=60)
+    txguard.install(
+        mixed_begin="error", leaks="error", cross_thread="error", cross_task="error",
+        long_transaction=60,
+    )
     with engine.connect() as conn:
         conn.info["foo"] = "bar"
         conn.execute(SELECT_1)
