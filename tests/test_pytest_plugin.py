@@ -633,3 +633,177 @@ def test_ini_values_are_as_strict_as_the_command_line(
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     name, value = setting.split("=")
     result.stderr.fnmatch_lines([f"*{name} = '{value}' * not valid; use one of: {allowed}.*"])
+
+
+# The leak report under pytest-xdist.
+
+
+def test_leak_stack_under_xdist_shows_only_the_users_frames(inner: pytest.Pytester) -> None:
+    """Under pytest-xdist a leak's stack lists the test's frames, not xdist's or execnet's."""
+    inner.makepyfile(
+        test_xdist="""
+        import sqlalchemy as sa
+        from sqlalchemy.orm import Session
+
+        def open_one(engine):
+            session = Session(engine)
+            session.execute(sa.text("SELECT 1"))
+            return session
+
+        def test_leaks(engine, keep):
+            keep(open_one(engine))
+        """
+    )
+    result = inner.runpytest("-p", "xdist", "-n", "1", "--txguard-leaks=fail")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "  - a Session opened at test_xdist.py:6 in open_one() *",
+            "    (the Session was created at test_xdist.py:5 in open_one())",
+            "    test_xdist.py:6 in open_one()",
+            "    test_xdist.py:10 in test_leaks()",
+            "Close each one where it is opened*",
+        ],
+        consecutive=True,
+    )
+    assert "execnet" not in result.stdout.str()
+
+
+# StaticPool, the usual in-memory SQLite test engine.
+
+
+def test_connection_left_open_on_a_static_pool_fails_the_test(inner: pytest.Pytester) -> None:
+    """A connection left open on a StaticPool is caught although others were opened and closed."""
+    inner.makepyfile(
+        test_static="""
+        import sqlalchemy as sa
+
+        ENGINE = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)
+
+        def test_leaks(keep):
+            keep(ENGINE.connect())
+            with ENGINE.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        """
+    )
+    result = inner.runpytest("--txguard-leaks=fail")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["  - a pooled sqlite connection checked out at test_static.py:6 in test_leaks() *"]
+    )
+
+
+# Listeners cleared by another test (SQLAlchemy's own test fixtures do).
+
+
+def test_leak_check_survives_a_test_that_clears_listeners(inner: pytest.Pytester) -> None:
+    """After a test clears SQLAlchemy's class-level listeners, the next test's leak is caught."""
+    inner.makepyfile(
+        test_cleared="""
+        import sqlalchemy as sa
+        from sqlalchemy.orm import Session
+        from sqlalchemy.orm.events import SessionEvents
+        from sqlalchemy.pool.events import PoolEvents
+
+        def test_clears_listeners():
+            SessionEvents._clear()
+            PoolEvents._clear()
+
+        def test_leaks_a_session(engine, keep):
+            session = Session(engine)
+            session.execute(sa.text("SELECT 1"))
+            keep(session)
+        """
+    )
+    result = inner.runpytest_subprocess("--txguard-leaks=fail")  # clearing is process-wide
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["  - a Session opened at test_cleared.py:12 in test_leaks_a_session() *"])
+
+
+# The plugin's guards compose with the application's own txguard.install().
+
+APP_CONFTEST = CONFTEST + """
+import txguard
+
+txguard.install(cross_task="error")  # the application's own guards
+"""
+
+APP_TESTS = """
+import asyncio
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import txguard
+
+
+@pytest.mark.asyncio
+async def test_cross_task_misuse_still_raises(engine):
+    async_engine = create_async_engine(engine.url.set(drivername="sqlite+aiosqlite"))
+    try:
+        async with AsyncSession(async_engine) as session:
+            await session.execute(sa.text("SELECT 1"))
+
+            async def meddle():
+                await session.execute(sa.text("SELECT 2"))
+
+            child = asyncio.create_task(meddle())
+            while not child.done():  # the owner is still inside its transaction
+                await asyncio.sleep(0.01)
+            assert isinstance(child.exception(), txguard.CrossTaskWarning)
+    finally:
+        await async_engine.dispose()
+
+
+def test_mixed_begin_raises_too(engine):
+    with Session(engine) as session:
+        session.execute(sa.text("SELECT 1"))
+        with pytest.raises(txguard.MixedBeginError):
+            session.begin()
+"""
+
+
+def test_plugin_guards_compose_with_the_applications_install(inner: pytest.Pytester) -> None:
+    """-o txguard_mixed_begin=error adds its guard to the app's install(); the app's is back after."""
+    # Imported here, before the inner run: pytester drops the modules an inner run imports,
+    # and the app's guards, installed by the inner run, outlive it.
+    from txguard import _guard_records, _guards
+
+    inner.makeconftest(APP_CONFTEST)
+    inner.makepyfile(test_app=APP_TESTS)
+    try:
+        result = inner.runpytest("-o", "txguard_mixed_begin=error")
+        result.assert_outcomes(passed=2)
+        assert repr(_guard_records.settings) == repr(
+            _guard_records.Settings("warn", "warn", "warn", "error", None)
+        )
+    finally:
+        _guards.uninstall()
+
+
+def test_applications_later_install_keeps_the_plugins_guard(inner: pytest.Pytester) -> None:
+    """An install() the app makes during the run (a session fixture) keeps the plugin's level."""
+    from txguard import _guard_records
+
+    inner.makeconftest(
+        CONFTEST
+        + """
+import txguard
+
+
+@pytest.fixture(scope="session", autouse=True)
+def guards():
+    txguard.install(cross_task="error")
+    yield
+    txguard.uninstall()
+"""
+    )
+    inner.makepyfile(test_app=APP_TESTS)
+    try:
+        result = inner.runpytest("-o", "txguard_mixed_begin=error")
+        result.assert_outcomes(passed=2)
+        assert _guard_records.settings is None
+    finally:
+        txguard.uninstall()

@@ -3,8 +3,9 @@
 ConnectionEvents are not used: one listener on them makes SQLAlchemy dispatch events at
 every statement of every connection, about 16 µs per unit of work (over 20 % of a
 ``SELECT 1`` unit on SQLite). PoolEvents cost next to nothing, so ``checkout``/``checkin``/
-``detach`` follow each pooled connection's life, and the record lives in the pool
-record's ``info`` dictionary, which ``Connection.info`` also reaches. ``Connection.begin``
+``detach`` follow each pooled connection's life. The record is kept in ``_records``, keyed
+weakly by the pool's record of the connection (or by a detached connection itself), never
+in an ``info`` dictionary the application and SQLAlchemy can see. ``Connection.begin``
 has no "before" event, so the mixed-begin check wraps it (see ``_guards``); the wrapper
 also notes where each transaction began.
 
@@ -30,9 +31,7 @@ from ._errors import LeakedConnectionWarning
 from ._guard_records import OFF, Record, log_end, open_transactions, report_late, report_mixed_begin
 from ._origin import Origin, _is_library_frame, capture
 
-__all__ = ["KEY", "begin", "on_checkin", "on_checkout", "on_detach"]
-
-KEY: Final = "txguard.guard"
+__all__ = ["begin", "forget", "on_checkin", "on_checkout", "on_detach"]
 
 # Where the frames that tell who began a transaction come from.
 _SESSION_FILE: Final = SessionTransaction.__init__.__code__.co_filename
@@ -53,12 +52,14 @@ class ConnectionRecord(Record, weakref.ref):  # type: ignore[type-arg]
     """A weak reference to a checked-out pooled connection, with its current transaction."""
 
     __slots__ = (
-        "where", "autobegun", "sql", "thread", "began", "warned", "opened", "returned", "tx", "gen"
+        "where", "autobegun", "sql", "thread", "began", "warned", "opened", "raw", "returned",
+        "tx", "gen",
     )
 
     owner = "Connection"
 
     opened: Origin | None
+    raw: bool  # checked out of the pool directly (engine.raw_connection(), pool.connect())
     returned: bool
     tx: weakref.ref[RootTransaction] | None
     gen: int
@@ -69,9 +70,26 @@ class ConnectionRecord(Record, weakref.ref):  # type: ignore[type-arg]
         return transaction is not None and transaction.is_active
 
 
-def _new_record(fairy: Any, opened: Origin | None) -> ConnectionRecord:
+# The record of each checked-out connection, by the pool's record of it (a detached
+# connection has none: by the connection itself).
+_records: weakref.WeakKeyDictionary[Any, ConnectionRecord] = weakref.WeakKeyDictionary()
+
+
+def _key(fairy: Any) -> Any:
+    record = fairy._connection_record
+    return fairy if record is None else record
+
+
+def forget() -> None:
+    """Drop every record (uninstall()): what they describe is no longer followed."""
+    _records.clear()
+    _tx_records.clear()
+
+
+def _new_record(fairy: Any, opened: Origin | None, raw: bool = False) -> ConnectionRecord:
     record = ConnectionRecord(fairy, _connection_gone)
     record.opened = opened
+    record.raw = raw
     record.returned = False
     record.tx = None
     record.gen = shared.leak_generation
@@ -93,15 +111,27 @@ def _connection_gone(record: ConnectionRecord) -> None:
     opened = record.opened
     if opened is None or cfg is None or cfg.leaks == OFF or record.gen != shared.leak_generation:
         return  # not followed from its checkout: whether it was returned is unknown
+    if record.raw:
+        what = (
+            f"A raw DBAPI connection checked out of the pool at {opened} "
+            "(engine.raw_connection() or pool.connect())"
+        )
+        fix = (
+            "Give every raw connection back with its close() method, in a `finally:` "
+            "block: `raw = engine.raw_connection()`, then `try: ... finally: raw.close()`."
+        )
+    else:
+        what = f"A Connection opened at {opened}"
+        fix = (
+            "Close every Connection: `with engine.connect() as conn:` (or `with "
+            "engine.begin() as conn:`), or conn.close() in a `finally:` block."
+        )
     last = f" Its last transaction was {record.describe()}." if record.origin is not None else ""
     report_late(
         cfg.leaks,
         LeakedConnectionWarning,
-        f"A Connection opened at {opened} was garbage-collected while still checked out "
-        "of the pool; SQLAlchemy reset it (rolling back any open transaction) and took it "
-        f"back.{last} Close every "
-        "Connection: `with engine.connect() as conn:` (or `with engine.begin() as conn:`), "
-        "or conn.close() in a `finally:` block.",
+        f"{what} was garbage-collected while still checked out of the pool; SQLAlchemy "
+        f"reset it (rolling back any open transaction) and took it back.{last} {fix}",
         opened,
     )
 
@@ -110,7 +140,11 @@ def _connection_gone(record: ConnectionRecord) -> None:
 
 
 def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
-    """Record where a connection was checked out, unless a Session is checking it out."""
+    """Record where a connection was checked out, unless a Session is checking it out.
+
+    A checkout with no Connection around it (``engine.raw_connection()``, ``pool.connect()``)
+    is a raw one: its user gives it back with ``close()``, and the report says so.
+    """
     # Engine.connect() sits at the same depth above us at every checkout (the stack between
     # is SQLAlchemy's own), and sys._getframe(depth) makes a frame object for that one frame
     # only; so look there first, check it, and search again if SQLAlchemy took another path.
@@ -126,10 +160,15 @@ def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy:
     connect: FrameType | None = None
     frame: FrameType | None = sys._getframe(1)
     depth = 1
+    raw = True
     while frame is not None and depth < 40:
-        if frame.f_code is _CONNECT_CODE:
+        code = frame.f_code
+        if code is _CONNECT_CODE:
             connect, _connect_depth = frame, depth
+            raw = False
             break
+        if code is _RECONNECT_CODE:  # an invalidated Connection reconnecting
+            raw = False
         frame = frame.f_back
         depth += 1
     caller = sys._getframe(1) if connect is None else connect.f_back
@@ -139,16 +178,17 @@ def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy:
         while caller is not None and _is_library_frame(caller):
             caller = caller.f_back
     opened = capture(1) if caller is None else Origin(((caller.f_code, caller.f_lineno),))
-    connection_record.info[KEY] = _new_record(connection_proxy, opened)
+    _records[connection_record] = _new_record(connection_proxy, opened, raw)
 
 
 # How many frames above on_checkout Engine.connect() ran last time (0: not known yet).
 _connect_depth = 0
 _CONNECT_CODE: Final = Engine.connect.__code__
+_RECONNECT_CODE: Final = Connection._revalidate_connection.__code__
 
 
 def on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
-    record = connection_record.info.pop(KEY, None)
+    record = _records.pop(connection_record, None)
     if record is None:
         return
     if record() is None:
@@ -158,7 +198,7 @@ def on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
 
 
 def on_detach(dbapi_connection: Any, connection_record: Any) -> None:
-    record = connection_record.info.pop(KEY, None)
+    record = _records.pop(connection_record, None)
     if record is not None:
         record.returned = True
 
@@ -192,11 +232,11 @@ def _note_begin(
     conn: Connection, transaction: RootTransaction, caller: FrameType | None, long: bool
 ) -> None:
     fairy = conn.connection
-    info = fairy.info
-    record = info.get(KEY)
+    key = _key(fairy)
+    record = _records.get(key)
     if record is None or record() is not fairy:
         record = _new_record(fairy, None)  # checked out before install(), or leaks are off
-        info[KEY] = record
+        _records[key] = record
     # Connection._autobegin() calls begin() when a statement runs with no transaction.
     autobegun = (
         caller is not None
@@ -251,7 +291,7 @@ def _transaction_gone(ref: weakref.ref[RootTransaction]) -> None:
 
 
 def _mixed_begin(conn: Connection, current: RootTransaction, level: str) -> None:
-    record = conn.info.get(KEY)
+    record = _records.get(_key(conn.connection))
     if record is not None and record.tx is not None and record.tx() is current:
         described = record.describe()
         autobegun = record.autobegun

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionOrigin
 
 from . import _guard_records as shared
+from ._creation import created_at
 from ._errors import (
     CrossTaskWarning,
     CrossThreadWarning,
@@ -74,22 +75,34 @@ class SessionRecord(Record):
 
     __slots__ = (
         "where", "autobegun", "sql", "thread", "began", "warned", "active", "task", "gen",
-        "__weakref__",
+        "transaction", "created", "__weakref__",
     )
 
     owner = "Session"
 
     active: bool
+    transaction: SessionTransaction | None  # while active: the one its Session must hold
+    created: Origin | None  # where its Session was created, if the leak guard saw it
     task: weakref.ref[asyncio.Task[Any]] | None
     gen: int  # shared.generation when it began: records from before an uninstall() are stale
 
     def is_open(self) -> bool:
-        return self.active
+        """Say whether the Session still holds the transaction.
+
+        Not only whether after_transaction_end was seen: SQLAlchemy skips that event when
+        returning the connection raises (a cancelled task, Ctrl-C) after the COMMIT or
+        ROLLBACK, although the Session let go of its transaction first.
+        """
+        transaction = self.transaction
+        if not self.active or transaction is None:
+            return False
+        session = transaction.session
+        return session is not None and session.get_transaction() is transaction
 
     def __del__(self) -> None:
-        # The transaction is gone. Unless after_transaction_end saw it end, its Session was
+        # The transaction is gone. Unless its Session had let go of it, the Session was
         # garbage-collected with the transaction still open.
-        if self.active:
+        if self.is_open():
             _leaked(self)
 
 
@@ -97,16 +110,34 @@ def _leaked(record: SessionRecord) -> None:
     cfg = shared.settings
     if cfg is None or cfg.leaks == OFF or record.gen != shared.generation:
         return
+    created = "" if record.created is None else f" created at {record.created}"
     report_late(
         cfg.leaks,
         LeakedSessionWarning,
-        f"A Session was garbage-collected while its transaction, {record.describe()}, was "
-        "still open: nobody committed, rolled back or closed it, so its work was silently "
-        "discarded, and the pooled connection it held (if a statement had run) went back "
-        "only because the garbage collector found it. Close every Session: `with "
-        "Session(engine) as session:`, `with sessionmaker.begin() as session:`, or "
-        "session.close() in a `finally:` block.",
+        f"A Session{created} was garbage-collected while its transaction, "
+        f"{record.describe()}, was still open: nobody committed, rolled back or closed "
+        f"it{_what_was_lost(record)} Close every Session: `with Session(engine) as "
+        "session:`, `with sessionmaker.begin() as session:`, or session.close() in a "
+        "`finally:` block.",
         record.origin,
+    )
+
+
+def _what_was_lost(record: SessionRecord) -> str:
+    """Say what became of a leaked Session's work and connection (the end of a sentence)."""
+    transaction = record.transaction
+    held = [] if transaction is None else list(transaction._connections.values())
+    if not held:
+        return ", so its work was silently discarded (it held no connection yet)."
+    if any(autoclose for _, _, _, autoclose in held):
+        return (
+            ", so its work was silently discarded, and the pooled connection it held went "
+            "back only because the garbage collector found it."
+        )
+    return (
+        ". It worked on a Connection it was given (Session(bind=conn)), which is not its to "
+        "give back: what it did stays in that Connection's transaction until the "
+        "Connection's owner commits or rolls back."
     )
 
 
@@ -184,6 +215,8 @@ def on_transaction_create(session: Session, transaction: SessionTransaction) -> 
     record.sql = sql
     record.autobegun = how is _AUTOBEGIN
     record.active = True
+    record.transaction = transaction
+    record.created = created_at(session)
     record.thread = get_ident()
     record.task = None
     record.gen = shared.generation
@@ -206,6 +239,7 @@ def on_transaction_end(session: Session, transaction: SessionTransaction) -> Non
     if record is None or not record.active:
         return
     record.active = False
+    record.transaction = None
     if watch_age and open_transactions.pop(id(record), None) is not None:
         if monotonic() - record.began >= age_threshold:
             log_end(record)

@@ -1,17 +1,21 @@
 """Misuse guards (SPEC section 6): ``txguard.install()`` and ``txguard.uninstall()``.
 
 ``install()`` attaches class-level listeners (SessionEvents on ``Session``, PoolEvents on
-``Pool``) and wraps ``Session.begin`` and ``Connection.begin``, the only two places with
-no event to listen to; every Session, AsyncSession, Connection and AsyncConnection is then
-watched, whoever made it. Only what the chosen guards need is attached. ``uninstall()``
-removes all of it and puts the original functions back into the class dictionaries, so
-plain SQLAlchemy behaviour returns. The checks themselves live in ``_guard_sessions`` and
-``_guard_connections``; what they share, in ``_guard_records``.
+``Pool``) and wraps ``Session.begin`` and ``Connection.begin`` (and, for the leak guard's
+reports, ``Session.__init__``: see ``_creation``), places with no event to listen to; every
+Session, AsyncSession, Connection and AsyncConnection is then watched, whoever made it.
+Only what the chosen guards need is attached. ``uninstall()`` removes all of it and puts
+the original functions back into the class dictionaries, so plain SQLAlchemy behaviour
+returns. txguard's pytest plugin asks for levels on top of the application's own
+installation with ``require()``: the stricter level of each guard is in force. The checks
+themselves live in ``_guard_sessions`` and ``_guard_connections``; what they share, in
+``_guard_records``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import warnings
@@ -24,6 +28,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
 
+from . import _creation as creation
 from . import _guard_connections as connections
 from . import _guard_records as shared
 from . import _guard_sessions as sessions
@@ -46,6 +51,10 @@ _listening: set[tuple[type, str, Callable[..., Any]]] = set()
 _patched: dict[tuple[type, str], Any] = {}
 _sweeper: _Sweeper | None = None
 _added_filters: list[tuple[Any, ...]] = []
+# What install() asked for (None: nothing, or uninstall()), and the levels required on top of
+# it by require(); the guards run at the stricter of each.
+_requested: Settings | None = None
+_required: list[Settings] = []
 
 
 def install(
@@ -69,8 +78,72 @@ def install(
         validate_guard_level("cross_task", cross_task, LEVELS),
         _threshold(long_transaction),
     )
+    global _requested
+    with _lock:
+        _requested = new
+        _apply()
+
+
+def uninstall() -> None:
+    """Remove every guard: no listener or patch stays behind (idempotent).
+
+    Levels that txguard's pytest plugin requires for a test run stay until it is over.
+    """
+    global _requested
+    with _lock:
+        _requested = None
+        _apply()
+
+
+def require(levels: Settings) -> Callable[[], None]:
+    """Run the guards at least at ``levels`` until the returned function is called.
+
+    For txguard's pytest plugin: the application's own install() composes with it (the
+    stricter level of each guard wins) and is in force again, as it was, once released.
+    """
+    with _lock:
+        _required.append(levels)
+        _apply()
+
+    def release() -> None:
+        with _lock:
+            if any(entry is levels for entry in _required):
+                _required[:] = [entry for entry in _required if entry is not levels]
+                _apply()
+
+    return release
+
+
+def _apply() -> None:
+    """Put in force the strictest of what install() asked for and require() requires."""
+    layers = [entry for entry in (_requested, *_required) if entry is not None]
+    if not layers:
+        _uninstall()
+        return
+
+    def strictest(name: str) -> str:
+        levels: list[str] = [getattr(entry, name) for entry in layers]
+        return max(levels, key=LEVELS.index)
+
+    thresholds = [entry.long_transaction for entry in layers if entry.long_transaction]
+    _install(
+        Settings(
+            strictest("mixed_begin"),
+            strictest("leaks"),
+            strictest("cross_thread"),
+            strictest("cross_task"),
+            min(thresholds, default=None),
+        )
+    )
+
+
+def _install(new: Settings) -> None:
+    """Put ``new`` in force: attach what its guards need, and only that."""
     with _lock:
         old = shared.settings
+        listeners = _wanted_listeners(new)
+        if old is not None and not listeners:
+            shared.generation += 1  # as uninstall(): records made before may miss their end
         if old is not None and old.leaks != OFF and new.leaks == OFF:
             shared.leak_generation += 1
         if new.long_transaction is None:
@@ -80,23 +153,25 @@ def install(
         sessions.watch_tasks = new.cross_task != OFF
         sessions.watch_age = new.long_transaction is not None
         sessions.age_threshold = new.long_transaction or 0.0
-        _attach(_wanted_listeners(new), _wanted_patches(new))
+        _attach(listeners, _wanted_patches(new))
+        creation.want("guards", new.leaks != OFF)
         _show_leak_warnings(new.leaks == WARN)
         _run_sweeper(new.long_transaction)
 
 
-def uninstall() -> None:
-    """Remove every guard: no listener or patch stays behind (idempotent)."""
+def _uninstall() -> None:
+    """Detach everything and forget what the guards knew."""
     with _lock:
         shared.settings = None
         sessions.begin_wrapped = sessions.watch_tasks = sessions.watch_age = False
         _attach(set(), {})
+        creation.want("guards", False)
         _show_leak_warnings(False)
         _run_sweeper(None)
         shared.generation += 1
         shared.leak_generation += 1
         shared.open_transactions.clear()
-        connections._tx_records.clear()
+        connections.forget()
 
 
 def _threshold(value: object) -> float | None:
@@ -155,20 +230,28 @@ def _wanted_patches(cfg: Settings) -> dict[tuple[type, str], Any]:
 def _attach(
     listeners: set[tuple[type, str, Callable[..., Any]]], patches: dict[tuple[type, str], Any]
 ) -> None:
-    for key in list(_listening - listeners):
-        target, name, fn = key
+    """Make what is attached exactly ``listeners`` and ``patches``.
+
+    What is attached is checked, not remembered: something else may have removed our
+    listeners (SQLAlchemy's own test fixtures clear every class-level listener) or put
+    the original method back, and then they are attached again.
+    """
+    for target, name, fn in _listening - listeners:
         if event.contains(target, name, fn):
             event.remove(target, name, fn)
-        _listening.discard(key)
-    for key in listeners - _listening:
-        target, name, fn = key
-        event.listen(target, name, fn)
-        _listening.add(key)
+    for target, name, fn in listeners:
+        if not event.contains(target, name, fn):
+            event.listen(target, name, fn)
+    _listening.clear()
+    _listening.update(listeners)
     for patch in [p for p in _patched if p not in patches]:
         _unpatch(patch)
     for patch, wrapper in patches.items():
+        cls, name = patch
         if patch not in _patched:
             _patch(patch, wrapper)
+        elif cls.__dict__.get(name) is _patched[patch]:  # the original was put back
+            setattr(cls, name, wrapper)
 
 
 def _patch(key: tuple[type, str], wrapper: Callable[..., Any]) -> None:
@@ -275,14 +358,29 @@ def _sweep(threshold: float) -> None:
 
 
 def _run_sweeper(threshold: float | None) -> None:
+    """Run one sweep at ``threshold`` (None: none); replace one that has died."""
     global _sweeper
     current = _sweeper
-    if current is not None and (threshold is None or current.threshold != threshold):
+    if current is not None and (
+        threshold is None or current.threshold != threshold or not current.is_alive()
+    ):
         current.stopped.set()
-        if current is not threading.current_thread():
+        if current is not threading.current_thread() and current.is_alive():
             current.join(timeout=5)
         _sweeper = current = None
     if threshold is not None and current is None:
         _sweeper = _Sweeper(threshold)
         _sweeper.start()
+
+
+def _after_fork_in_child() -> None:
+    """Start the sweep again in a forked child (a prefork worker): threads do not survive fork."""
+    global _lock
+    _lock = threading.RLock()  # another thread may have held it at the fork
+    if _sweeper is not None:
+        _run_sweeper(_sweeper.threshold)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 

@@ -8,9 +8,12 @@ weak references only, numbers every opening, and records where it happened. Whet
 something is still open is decided when a detector is asked, so a detector reports the
 openings of its own window and nothing that was closed meanwhile.
 
-A pooled connection whose owner was garbage-collected without being closed is returned
-to the pool by SQLAlchemy's finalizer; the tracker sees that check-in arrive for a
-connection object that no longer exists and keeps it as a *collected* leak, so a report
+A pooled connection is open while its connection object is alive and still checked out
+(it has a pool record); that is read from the object when a detector is asked, not from
+the order of events, since a ``StaticPool`` hands one pool record to every checkout at
+once. A pooled connection whose owner was garbage-collected without being closed is
+returned to the pool by SQLAlchemy's finalizer; the tracker sees that check-in arrive for
+a connection object that no longer exists and keeps it as a *collected* leak, so a report
 does not depend on when the garbage collector happened to run.
 """
 
@@ -28,6 +31,8 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.pool import Pool
 
+from ._creation import created_at
+from ._creation import want as want_creation
 from ._errors import LeakError
 from ._options import _flag
 from ._origin import Origin, _short_path, _user_files, is_user_frame, line_of, parent_greenlet
@@ -48,7 +53,8 @@ class Leak:
 
     ``kind`` is ``"session"`` or ``"connection"``; ``origin`` is where it was opened (the
     user's file:line first, then a few callers: ``origin.format_stack()``); ``age_s`` is
-    how long ago, in seconds, when the report was made. ``collected`` is true for a
+    how long ago, in seconds, when the report was made. ``created`` is where a Session was
+    created, when that is known and is not its ``origin``. ``collected`` is true for a
     connection that was never closed but was garbage-collected (SQLAlchemy's finalizer
     returned it to the pool). ``resource`` is the Session or pool connection while it is
     alive; the record holds it weakly.
@@ -61,6 +67,7 @@ class Leak:
         "description",
         "collected",
         "holds_connection",
+        "created",
         "_ref",
         "_seq",
     )
@@ -76,6 +83,7 @@ class Leak:
         holds_connection: bool = False,
         resource: object | None = None,
         seq: int = 0,
+        created: Origin | None = None,
     ) -> None:
         self.kind = kind
         self.origin = origin
@@ -83,6 +91,7 @@ class Leak:
         self.description = description
         self.collected = collected
         self.holds_connection = holds_connection
+        self.created = created
         self._ref = None if resource is None else weakref.ref(resource)
         self._seq = seq
 
@@ -117,9 +126,12 @@ class Leak:
         )
 
     def __str__(self) -> str:
-        if len(self.origin.frames) <= 1:
-            return self.summary()
-        return f"{self.summary()}\n{self.origin.format_stack()}"
+        lines = [self.summary()]
+        if self.created is not None:
+            lines.append(f"  (the Session was created at {self.created})")
+        if len(self.origin.frames) > 1:
+            lines.append(self.origin.format_stack())
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         state = "collected" if self.collected else "open"
@@ -146,7 +158,11 @@ class _Tracker:
     def __init__(self) -> None:
         self.numbers = itertools.count(1)
         self.sessions: dict[int, _SessionSeen] = {}
-        self.connections: dict[int, _ConnectionSeen] = {}
+        # Per pool record, the checkouts made of it that may still be open (several at
+        # once on a StaticPool).
+        self.connections: weakref.WeakKeyDictionary[Any, list[_ConnectionSeen]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.collected: list[_ConnectionSeen] = []
         self.running: list[LeakDetector] = []
         self.limit = 1
@@ -160,11 +176,8 @@ class _Tracker:
     def acquire(self, detector: LeakDetector) -> int:
         """Start listening for ``detector``; return the start of its window."""
         with self.lock:
-            if not self.running:
-                event.listen(Session, "after_transaction_create", _on_transaction)
-                event.listen(Pool, "checkout", _on_checkout)
-                event.listen(Pool, "checkin", _on_returned)
-                event.listen(Pool, "detach", _on_returned)
+            self.listen()
+            want_creation("detector", True)
             self.running.append(detector)
             self._set_limit()
             return self.mark()
@@ -176,25 +189,36 @@ class _Tracker:
             mine = self.collected_between(detector._start, stop)
             self.running.remove(detector)
             if not self.running:
-                event.remove(Session, "after_transaction_create", _on_transaction)
-                event.remove(Pool, "checkout", _on_checkout)
-                event.remove(Pool, "checkin", _on_returned)
-                event.remove(Pool, "detach", _on_returned)
+                for target, name, fn in _listeners():
+                    if event.contains(target, name, fn):
+                        event.remove(target, name, fn)
+                want_creation("detector", False)
             self._set_limit()
             oldest = min((d._start for d in self.running), default=stop)
             self.collected = [c for c in self.collected if c[3] >= oldest]
             self.prune()
             return stop, mine
 
+    def listen(self) -> None:
+        """Attach each listener that is not attached, also one something else removed
+        (SQLAlchemy's own test fixtures clear every class-level listener)."""
+        for target, name, fn in _listeners():
+            if not event.contains(target, name, fn):
+                event.listen(target, name, fn)
+
     def _set_limit(self) -> None:
         self.limit = STACK_LIMIT if any(d.capture_stack for d in self.running) else 1
 
     def prune(self) -> None:
         """Forget the sessions and pool connections that no longer exist."""
-        for seen_by_id in (self.sessions, self.connections):
-            for key, seen in seen_by_id.copy().items():
-                if seen[0]() is None and seen_by_id.get(key) is seen:
-                    seen_by_id.pop(key, None)
+        sessions = self.sessions
+        for key, seen in sessions.copy().items():
+            if seen[0]() is None and sessions.get(key) is seen:
+                sessions.pop(key, None)
+        for record, checkouts in list(self.connections.items()):
+            checkouts[:] = [c for c in checkouts if _checked_out(c[0]())]
+            if not checkouts:
+                self.connections.pop(record, None)
         self.prune_at = max(_PRUNE_AT, 2 * len(self.sessions))
 
     def collected_between(self, start: int, stop: int) -> list[_ConnectionSeen]:
@@ -219,20 +243,22 @@ class _Tracker:
             fairies = _connections_of(session)
             held.update(id(f) for f in fairies)
             if start <= seq < stop:
+                began = _origin(origin, depth)
+                created = created_at(session)
+                if created is not None and created.frames[:1] == began.frames[:1]:
+                    created = None  # created where its transaction began: said once
                 found.append(
                     Leak(
-                        SESSION, _origin(origin, depth), now - opened, _describe_session(session),
+                        SESSION, began, now - opened, _describe_session(session),
                         holds_connection=bool(fairies), resource=session, seq=seq,
+                        created=created,
                     )
                 )
-        for fairy_ref, origin, opened, seq in self.connections.copy().values():
+        checkouts = [c for cs in list(self.connections.values()) for c in list(cs)]
+        for fairy_ref, origin, opened, seq in checkouts:
             fairy = fairy_ref()
-            if not start <= seq < stop or fairy is None or id(fairy) in held:
+            if not start <= seq < stop or id(fairy) in held or not _checked_out(fairy):
                 continue
-            record = getattr(fairy, "_connection_record", None)
-            current = None if record is None else record.fairy_ref
-            if current is None or current() is not fairy:
-                continue  # checked in, detached, or superseded on a StaticPool
             found.append(
                 Leak(
                     CONNECTION, _origin(origin, depth), now - opened, _describe_connection(fairy),
@@ -338,17 +364,54 @@ def _on_transaction(session: Session, transaction: SessionTransaction) -> None:
             t.prune()
 
 
-def _on_checkout(dbapi_connection: Any, record: Any, fairy: Any) -> None:
-    t = tracker
-    t.connections[id(record)] = (
-        weakref.ref(fairy, _unused), _where(t.limit, _checkout_hints), time.monotonic(), next(t.numbers)
+def _checked_out(fairy: Any) -> bool:
+    """Say whether a pool connection object is alive and still checked out of its pool."""
+    return (
+        fairy is not None
+        and fairy._connection_record is not None
+        and fairy.dbapi_connection is not None
     )
 
 
+def _on_checkout(dbapi_connection: Any, record: Any, fairy: Any) -> None:
+    t = tracker
+    seen = (
+        weakref.ref(fairy, _unused), _where(t.limit, _checkout_hints), time.monotonic(), next(t.numbers)
+    )
+    checkouts = t.connections.get(record)
+    if checkouts is None:
+        t.connections[record] = [seen]
+    else:
+        # What was returned before this checkout is done with (a StaticPool keeps the rest).
+        checkouts[:] = [c for c in checkouts if _checked_out(c[0]())]
+        checkouts.append(seen)
+
+
 def _on_returned(dbapi_connection: Any, record: Any) -> None:
-    seen = tracker.connections.pop(id(record), None)
-    if seen is not None and seen[0]() is None:
-        tracker.collected.append(seen)
+    """Keep as collected each checkout of ``record`` whose object the garbage collector took.
+
+    The checkout being returned is still alive here, and so are the other checkouts of a
+    StaticPool's record: they stay, and whether they are open is read when asked.
+    """
+    checkouts = tracker.connections.get(record)
+    if not checkouts:
+        return
+    alive = []
+    for seen in checkouts:
+        if seen[0]() is None:
+            tracker.collected.append(seen)
+        else:
+            alive.append(seen)
+    checkouts[:] = alive
+
+
+def _listeners() -> tuple[tuple[type, str, Any], ...]:
+    return (
+        (Session, "after_transaction_create", _on_transaction),
+        (Pool, "checkout", _on_checkout),
+        (Pool, "checkin", _on_returned),
+        (Pool, "detach", _on_returned),
+    )
 
 
 def _connections_of(session: Session) -> list[Any]:
@@ -438,6 +501,12 @@ class LeakDetector:
     def _mark(self) -> int:
         """Return a position in the detector's window, for ``_leaks_since()``."""
         return tracker.mark()
+
+    def _listen(self) -> None:
+        """While running, attach again the listeners that something else removed."""
+        if self._running:
+            with tracker.lock:
+                tracker.listen()
 
     def _leaks_since(self, since: int | None) -> list[Leak]:
         """Return the leaks of the window, or of its part after ``since`` (from ``_mark()``)."""

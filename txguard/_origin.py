@@ -47,6 +47,8 @@ _RUNNER_MARKERS: Final[tuple[str, ...]] = (
     os.sep + "_pytest" + os.sep,
     os.sep + "pluggy" + os.sep,
     os.sep + "greenlet" + os.sep,
+    os.sep + "xdist" + os.sep,  # pytest-xdist's workers, and execnet, which runs them
+    os.sep + "execnet" + os.sep,
 )
 _library_cache: dict[str, bool] = {}
 # Per file: is it the user's code? Shared by every capture (units, guards, leak detector),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
@@ -22,16 +23,18 @@ from sqlalchemy.sql.elements import TextClause
 
 from ._describe import describe
 from ._errors import ConfigurationError, ReadOnlyTransactionError
-from ._origin import capture, shorten_sql
+from ._origin import Origin, capture, shorten_sql
 
 if TYPE_CHECKING:
     from ._unit import Unit
 
 __all__ = [
-    "describe_bind", "check_session_options", "build_factory", "FIRST_CHANGE", "is_write_sql"
+    "describe_bind", "check_session_options", "build_factory", "first_change", "is_write_sql"
 ]
 
-FIRST_CHANGE = "txguard.first_uncommitted_change"
+# Where each commit-as-you-go session made its first change since its last commit; kept
+# here, not in ``session.info``, which belongs to the application.
+_first_changes: weakref.WeakKeyDictionary[Session, Origin] = weakref.WeakKeyDictionary()
 _WRITE_KEYWORDS = frozenset(
     {"INSERT", "UPDATE", "DELETE", "MERGE", "REPLACE", "UPSERT", "CREATE", "DROP", "ALTER", "TRUNCATE"}
 )
@@ -260,10 +263,14 @@ def _is_write(state: ORMExecuteState) -> bool:
     return isinstance(statement, TextClause) and is_write_sql(statement.text)
 
 
+def first_change(session: Session) -> Origin | None:
+    """Return where ``session`` made its first uncommitted change, if it made one."""
+    return _first_changes.get(session)
+
+
 def _note_pending(session: Session, instance: object) -> None:
-    info = session.info
-    if FIRST_CHANGE not in info:
-        info[FIRST_CHANGE] = capture(1)
+    if session not in _first_changes:
+        _first_changes[session] = capture(1)
 
 
 def _note_flush(session: Session, flush_context: object) -> None:
@@ -277,7 +284,7 @@ def _note_execute(state: ORMExecuteState) -> None:
 
 def _forget_changes(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:
-        session.info.pop(FIRST_CHANGE, None)
+        _first_changes.pop(session, None)
 
 
 def _refuse_flush(session: Session, flush_context: object, instances: object) -> None:

@@ -32,7 +32,7 @@ from ._errors import (
 from ._options import OPTION_NAMES, PLAIN_SESSION, Mode, Propagation, UnitOptions, unit_options
 from ._origin import Origin, _is_library, _user_files, caller_origin, line_of, warn_at_user
 from ._registry import SessionRegistry, UnitState, live, resolve
-from ._sessions import FIRST_CHANGE
+from ._sessions import first_change
 
 if TYPE_CHECKING:
     from contextvars import ContextVar, Token
@@ -572,7 +572,7 @@ def _rollback(transaction: SessionTransaction, cause: BaseException | None) -> N
 
 def _uncommitted_work(scope: Unit) -> str | None:
     sync = scope.sync
-    first: Origin | None = sync.info.get(FIRST_CHANGE)
+    first = first_change(sync)
     counts = [
         f"{n} {what}"
         for what, n in (

@@ -10,7 +10,9 @@ Registered through the ``pytest11`` entry point and inert unless asked for:
   the sessions or connections they return, are theirs, not the test's.
   ``@pytest.mark.txguard_allow_leaks`` exempts a test.
 - ``--txguard-mixed-begin={off,warn,error}`` (ini ``txguard_mixed_begin``): runs the
-  session under ``txguard.install(mixed_begin=...)``.
+  session with the mixed-begin guard at least at that level, on top of the guards the
+  application installs itself (the stricter level of each guard wins; the application's
+  own installation is back as it was after the run).
 - Fixtures: ``txguard_leak_detector``, ``txguard_rollback`` and ``txguard_bind``.
 
 The module imports nothing heavy at pytest startup beyond the ``txguard`` package itself;
@@ -100,16 +102,12 @@ def pytest_configure(config: pytest.Config) -> None:
     leaks = _setting(config, "txguard_leaks", LEAK_MODES)
     mixed_begin = _setting(config, "txguard_mixed_begin", MIXED_BEGIN_MODES)
     if mixed_begin != "off":
-        import txguard
+        # On top of the application's own txguard.install(), never instead of it.
+        from ._guard_records import Settings
+        from ._guards import require
 
-        txguard.install(
-            mixed_begin=mixed_begin,
-            leaks="off",
-            cross_thread="off",
-            cross_task="off",
-            long_transaction=None,
-        )
-        config.add_cleanup(txguard.uninstall)
+        release = require(Settings(mixed_begin, "off", "off", "off", None))
+        config.add_cleanup(release)
     if leaks != "off":
         watch = LeakWatch(leaks)
         config.pluginmanager.register(watch, _WATCH)
@@ -139,6 +137,7 @@ class LeakWatch:
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
+        self.detector._listen()  # an earlier test may have cleared SQLAlchemy's listeners
         self.since = self.detector._mark()
         self.exempt = []
         return (yield)
