@@ -13,7 +13,7 @@ from ._errors import ConfigurationError, DisciplineError, UncommittedWorkWarning
 from ._options import Mode, _isolation, choice
 from ._origin import Origin, caller_origin, capture, shorten_sql, warn_at_user
 from ._registry import SessionRegistry, resolve
-from ._sessions import is_write_sql
+from ._sessions import is_write_sql, refuse_autocommit
 from ._unit import run_to_completion
 
 if TYPE_CHECKING:
@@ -196,12 +196,14 @@ def connect(
             "for the default registry set by txguard.configure()."
         )
     if engine is None:
-        engine = resolve(registry).core_engine()
-    elif not isinstance(engine, Engine):
-        from sqlalchemy.ext.asyncio import AsyncEngine
+        engine = resolve(registry).core_engine()  # the registry refused an AUTOCOMMIT one
+    else:
+        if not isinstance(engine, Engine):
+            from sqlalchemy.ext.asyncio import AsyncEngine
 
-        if not isinstance(engine, AsyncEngine):
-            raise ConfigurationError(
-                f"txguard.connect() needs an Engine or AsyncEngine, not {engine!r}."
-            )
+            if not isinstance(engine, AsyncEngine):
+                raise ConfigurationError(
+                    f"txguard.connect() needs an Engine or AsyncEngine, not {engine!r}."
+                )
+        refuse_autocommit(engine, "txguard.connect()")
     return ConnectionUnit(engine, checked_mode, level, caller_origin(sys._getframe(1)))

@@ -26,7 +26,7 @@ from ._origin import capture, shorten_sql
 if TYPE_CHECKING:
     from ._unit import Unit
 
-__all__ = ["describe_bind", "build_factory", "FIRST_CHANGE", "is_write_sql"]
+__all__ = ["describe_bind", "build_factory", "FIRST_CHANGE", "is_write_sql", "refuse_autocommit"]
 
 FIRST_CHANGE = "txguard.first_uncommitted_change"
 _WRITE_KEYWORDS = frozenset(
@@ -42,7 +42,18 @@ class Base(NamedTuple):
 
 
 def describe_bind(bind: Any, options: dict[str, Any]) -> tuple[bool, list[Engine], Base]:
-    """Classify a registry's bind; return (is_async, sync engines, how to build sessions)."""
+    """Classify a registry's bind; return (is_async, sync engines, how to build sessions).
+
+    A bind that runs in AUTOCOMMIT isolation is refused: no unit on it could roll back.
+    """
+    described = _describe(bind, options)
+    kw = described[2].kw
+    for candidate in (kw.get("bind"), *(kw.get("binds") or {}).values()):
+        refuse_autocommit(candidate, "txguard.SessionRegistry()")
+    return described
+
+
+def _describe(bind: Any, options: dict[str, Any]) -> tuple[bool, list[Engine], Base]:
     if isinstance(bind, Engine):
         return False, [bind], Base(False, None, Session, {"bind": bind, **options})
     if isinstance(bind, sessionmaker):
@@ -64,6 +75,36 @@ def describe_bind(bind: Any, options: dict[str, Any]) -> tuple[bool, list[Engine
     raise ConfigurationError(
         f"Cannot build a txguard registry on {bind!r}; pass an Engine, a sessionmaker, an "
         "AsyncEngine or an async_sessionmaker, e.g. txguard.configure(create_engine(url))."
+    )
+
+
+def refuse_autocommit(bind: Any, user: str) -> None:
+    """Raise ConfigurationError if ``bind`` (an engine or connection, sync or async) autocommits.
+
+    In AUTOCOMMIT isolation each statement commits on its own, so a unit or block that fails
+    keeps the writes made before the failure. The level is an execution option (of
+    ``create_engine(execution_options=...)``, ``engine.execution_options()`` or a
+    connection's), else the level ``create_engine(isolation_level=...)`` gives every new
+    DBAPI connection, which SQLAlchemy keeps on the dialect.
+    """
+    target = getattr(bind, "sync_connection", None) or getattr(bind, "sync_engine", None) or bind
+    if not isinstance(target, (Engine, Connection)):
+        return
+    level = target.get_execution_options().get("isolation_level")
+    if level is None:
+        level = getattr(target.dialect, "_on_connect_isolation_level", None)
+    if not (isinstance(level, str) and level.upper().replace("_", " ") == "AUTOCOMMIT"):
+        return
+    kind = "a connection" if isinstance(target, Connection) else "an engine"
+    raise ConfigurationError(
+        f"{user} was given {kind} in AUTOCOMMIT isolation: every statement would commit "
+        "on its own, so nothing could be rolled back (a unit that fails would keep the writes "
+        "made before the failure). "
+        "Pass an engine without isolation_level='AUTOCOMMIT' (the engine before "
+        ".execution_options(isolation_level='AUTOCOMMIT'), or create_engine() without "
+        "it); keep an AUTOCOMMIT connection, outside txguard, for statements that cannot "
+        "run in a transaction (VACUUM, CREATE DATABASE), and give a unit "
+        "isolation_level='SERIALIZABLE' (or another level) where it needs one."
     )
 
 
