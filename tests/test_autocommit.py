@@ -173,3 +173,15 @@ async def test_async_connect_and_rollback_after_refuse_autocommit(async_db: Asyn
         txguard.connect(autocommit)
     with pytest.raises(txguard.ConfigurationError, match=REFUSED):
         rollback_after(autocommit)
+
+
+@pytest.mark.parametrize("mode", ["begin_once", "commit_as_you_go"])
+def test_autocommit_connection_inside_a_unit_is_refused(engine: sa.Engine, mode: str) -> None:
+    """session.connection(execution_options=AUTOCOMMIT) in a unit raises; the unit keeps nothing."""
+    registry = txguard.SessionRegistry(engine)
+    with pytest.raises(txguard.DisciplineError, match="AUTOCOMMIT"):
+        with registry.unit_of_work(mode=mode) as session:
+            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            session.add(Item(name="kept by autocommit"))
+            session.flush()
+    assert names(engine) == []

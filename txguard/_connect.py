@@ -13,7 +13,8 @@ from ._errors import ConfigurationError, DisciplineError, UncommittedWorkWarning
 from ._options import Mode, _isolation, choice
 from ._origin import Origin, caller_origin, capture, shorten_sql, warn_at_user
 from ._registry import SessionRegistry, resolve
-from ._sessions import is_write_sql, refuse_autocommit
+from ._sessions import refuse_autocommit
+from ._statements import is_write_execution
 from ._unit import run_to_completion
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class _Held:
         self, conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any,
         executemany: bool,
     ) -> None:
-        if self.first_write is None and is_write_sql(statement):
+        if self.first_write is None and is_write_execution(context, statement):
             self.first_write = capture(1)
             # Quote the SQL as compiled: ``statement`` has literal_execute values rendered in.
             compiled = getattr(context, "compiled", None)

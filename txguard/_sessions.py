@@ -20,18 +20,16 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, sessionmaker
 from sqlalchemy.sql.elements import TextClause
 
-from ._errors import ConfigurationError, ReadOnlyTransactionError
+from ._errors import ConfigurationError, DisciplineError, ReadOnlyTransactionError
 from ._origin import capture, shorten_sql
+from ._statements import is_write_execution, is_write_statement
 
 if TYPE_CHECKING:
     from ._unit import Unit
 
-__all__ = ["describe_bind", "build_factory", "FIRST_CHANGE", "is_write_sql", "refuse_autocommit"]
+__all__ = ["describe_bind", "build_factory", "FIRST_CHANGE", "refuse_autocommit"]
 
 FIRST_CHANGE = "txguard.first_uncommitted_change"
-_WRITE_KEYWORDS = frozenset(
-    {"INSERT", "UPDATE", "DELETE", "MERGE", "REPLACE", "UPSERT", "CREATE", "DROP", "ALTER", "TRUNCATE"}
-)
 
 
 class Base(NamedTuple):
@@ -93,7 +91,7 @@ def refuse_autocommit(bind: Any, user: str) -> None:
     level = target.get_execution_options().get("isolation_level")
     if level is None:
         level = getattr(target.dialect, "_on_connect_isolation_level", None)
-    if not (isinstance(level, str) and level.upper().replace("_", " ") == "AUTOCOMMIT"):
+    if not _is_autocommit(level):
         return
     kind = "a connection" if isinstance(target, Connection) else "an engine"
     raise ConfigurationError(
@@ -108,6 +106,10 @@ def refuse_autocommit(bind: Any, user: str) -> None:
     )
 
 
+def _is_autocommit(level: object) -> bool:
+    return isinstance(level, str) and level.upper().replace("_", " ") == "AUTOCOMMIT"
+
+
 def _engines_of(kw: dict[str, Any]) -> list[Engine]:
     candidates = [kw.get("bind"), *(kw.get("binds") or {}).values()]
     engines: list[Engine] = []
@@ -120,7 +122,7 @@ def _engines_of(kw: dict[str, Any]) -> list[Engine]:
     return engines
 
 
-def _guarded_methods(base: type[Session]) -> dict[str, Callable[..., Any]]:
+def _guarded_methods(base: type[Session], read_only: bool, watch: bool) -> dict[str, Callable[..., Any]]:
     """The methods a unit of work must see, for a private subclass of ``base``.
 
     ``_txguard_unit`` is the unit that owns the session, or None outside one; units set it
@@ -157,8 +159,19 @@ def _guarded_methods(base: type[Session]) -> dict[str, Callable[..., Any]]:
             unit.session_close()
         base.close(self)
 
+    def connection(
+        self: Any, bind_arguments: Any = None, execution_options: Any = None
+    ) -> Connection:
+        unit = self._txguard_unit
+        if unit is not None and execution_options:
+            _refuse_autocommit_option(unit, execution_options)
+        conn = base.connection(self, bind_arguments, execution_options)
+        if watch and unit is not None:
+            _Watcher.attach(self, conn, read_only)
+        return conn
+
     methods: dict[str, Callable[..., Any]] = {}
-    for method in (commit, rollback, begin, close):
+    for method in (commit, rollback, begin, close, connection):
         method.__qualname__ = f"{base.__qualname__}.{method.__name__}"
         method.__doc__ = getattr(base, method.__name__).__doc__
         methods[method.__name__] = method
@@ -226,31 +239,80 @@ def _variant(cls: type[Session], commit_as_you_go: bool, read_only: bool) -> typ
     except KeyError:
         pass
     namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-    variant: type[Session] = type(cls.__name__, (cls,), {**namespace, **_guarded_methods(cls)})
+    methods = _guarded_methods(cls, read_only, watch=commit_as_you_go or read_only)
+    variant: type[Session] = type(cls.__name__, (cls,), {**namespace, **methods})
     if commit_as_you_go:
         event.listen(variant, "transient_to_pending", _note_pending)
         event.listen(variant, "after_flush", _note_flush)
         event.listen(variant, "do_orm_execute", _note_execute)
-        event.listen(variant, "after_transaction_end", _forget_changes)
     if read_only:
         event.listen(variant, "before_flush", _refuse_flush)
         event.listen(variant, "do_orm_execute", _refuse_write)
         event.listen(variant, "after_begin", _begin_read_only)
+    if commit_as_you_go or read_only:
+        event.listen(variant, "after_transaction_end", _end_transaction)
     _variants[key] = variant
     return variant
 
 
-def is_write_sql(sql: str) -> bool:
-    """Say whether SQL text starts with a data- or schema-changing keyword."""
-    head = sql.lstrip().split(None, 1)
-    return bool(head) and head[0].upper() in _WRITE_KEYWORDS
-
-
 def _is_write(state: ORMExecuteState) -> bool:
-    if state.is_insert or state.is_update or state.is_delete:
-        return True
-    statement = state.statement
-    return isinstance(statement, TextClause) and is_write_sql(statement.text)
+    return is_write_statement(state.statement)
+
+
+class _Watcher:
+    """Classify the statements the user runs on a unit's own connection (``session.connection()``).
+
+    Statements given to the session are seen by ``do_orm_execute``; the connection it hands
+    out runs them past the session, so its ``before_cursor_execute`` is listened to, from
+    the user's first ``connection()`` call until the session's transaction ends. Units that
+    never call it pay nothing.
+    """
+
+    __slots__ = ("session", "read_only", "connections")
+
+    def __init__(self, session: Session, read_only: bool) -> None:
+        self.session = session
+        self.read_only = read_only
+        self.connections: list[Connection] = []
+
+    @staticmethod
+    def attach(session: Session, conn: Connection, read_only: bool) -> None:
+        watcher: _Watcher | None = session.__dict__.get(_WATCHER)
+        if watcher is None:
+            watcher = session.__dict__[_WATCHER] = _Watcher(session, read_only)
+        if conn not in watcher.connections:
+            event.listen(conn, "before_cursor_execute", watcher)
+            watcher.connections.append(conn)
+
+    def detach(self) -> None:
+        connections, self.connections = self.connections, []
+        for conn in connections:
+            event.remove(conn, "before_cursor_execute", self)
+
+    def __call__(
+        self, conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any,
+        executemany: bool,
+    ) -> None:
+        if not is_write_execution(context, statement):
+            return
+        if self.read_only:
+            compiled = getattr(context, "compiled", None)  # without literal_execute values
+            raise _write_refused(compiled.string if compiled is not None else statement)
+        _note_pending(self.session, None)
+
+
+_WATCHER = "_txguard_watcher"
+
+
+def _refuse_autocommit_option(unit: Unit, execution_options: Any) -> None:
+    if _is_autocommit(execution_options.get("isolation_level")):
+        raise DisciplineError(
+            "session.connection(execution_options={'isolation_level': 'AUTOCOMMIT'}) inside "
+            f"the unit opened at {unit.where}: each statement would commit on its own, and "
+            "the unit could not roll them back. Run statements that need AUTOCOMMIT outside "
+            "any unit, on engine.connect().execution_options(isolation_level='AUTOCOMMIT'), "
+            "or give the unit an isolation_level= it can roll back."
+        )
 
 
 def _note_pending(session: Session, instance: object) -> None:
@@ -268,9 +330,12 @@ def _note_execute(state: ORMExecuteState) -> None:
         _note_pending(state.session, None)
 
 
-def _forget_changes(session: Session, transaction: SessionTransaction) -> None:
+def _end_transaction(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:
         session.info.pop(FIRST_CHANGE, None)
+        watcher: _Watcher | None = session.__dict__.get(_WATCHER)
+        if watcher is not None:
+            watcher.detach()
 
 
 def _refuse_flush(session: Session, flush_context: object, instances: object) -> None:
@@ -299,11 +364,15 @@ def _refuse_write(state: ORMExecuteState) -> None:
         except Exception:  # an ORM bulk INSERT/UPDATE compiles only inside its execution
             verb = "INSERT INTO" if state.is_insert else "UPDATE" if state.is_update else "DELETE FROM"
             sql = f"{verb} {getattr(getattr(statement, 'table', None), 'name', '?')} ..."
-        raise ReadOnlyTransactionError(
-            f"A read-only unit of work tried to execute a write: {shorten_sql(sql)!r}. "
-            "Open the unit with read_only=False, or run the write in its own unit "
-            "(propagation='requires_new')."
-        )
+        raise _write_refused(sql)
+
+
+def _write_refused(sql: str) -> ReadOnlyTransactionError:
+    return ReadOnlyTransactionError(
+        f"A read-only unit of work tried to execute a write: {shorten_sql(sql)!r}. "
+        "Open the unit with read_only=False, or run the write in its own unit "
+        "(propagation='requires_new')."
+    )
 
 
 def _begin_read_only(
