@@ -76,6 +76,9 @@ ALL_WRITES = {**PREFIXED_WRITES, **CTE_WRITES, **MARIADB_WRITES}
         "SELECT $a$ ; $a$; TRUNCATE t",
         "(INSERT INTO t VALUES (1))",
         "create table t (a int)",
+        "EXPLAIN ANALYZE INSERT INTO t VALUES (1)",
+        "explain (analyze, buffers) WITH x AS (SELECT 1) DELETE FROM t",
+        "ANALYZE UPDATE t SET a = 1",
     ],
 )
 def test_writes_are_classified_as_writes(sql: str) -> None:
@@ -93,6 +96,9 @@ def test_writes_are_classified_as_writes(sql: str) -> None:
         'SELECT "insert" FROM t',
         "WITH a AS (SELECT 1), b AS (SELECT '(') SELECT * FROM a, b",
         "insert_row()",
+        "EXPLAIN INSERT INTO t VALUES (1)",
+        "EXPLAIN ANALYZE SELECT * FROM t",
+        "ANALYZE t",
         "",
         "WITH",
     ],

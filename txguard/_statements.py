@@ -5,8 +5,8 @@ SQLAlchemy knows the kind of a statement it compiled (``context.isinsert``, ``is
 (``text()``, ``exec_driver_sql()``, the compiled string of anything else) is classified by
 its main keyword: leading comments and parentheses are skipped, and so is a ``WITH
 [RECURSIVE]`` clause, whose CTE bodies are classified too (PostgreSQL runs
-``WITH t AS (DELETE ... RETURNING ...) SELECT ...``); each statement of a multi-statement
-string counts. Strings, quoted identifiers and comments are lexed, so a keyword inside a
+``WITH t AS (DELETE ... RETURNING ...) SELECT ...``), and ``EXPLAIN ANALYZE``, which runs
+its statement; each statement of a multi-statement string counts. Strings, quoted identifiers and comments are lexed, so a keyword inside a
 literal is not taken for one. Function calls that write (``SELECT f()``, ``CALL``) cannot be
 seen in the text; the server's READ ONLY transaction covers them on PostgreSQL and MariaDB.
 """
@@ -55,6 +55,7 @@ _MYSQL: Final = re.compile(
 _MYSQL_SYNTAX: Final = re.compile(r"[\\#]|/\*M?!")
 _PUNCTUATION: Final = re.compile(r"([(),;])")
 _TEXT_WRAPPERS: Final = (TextualSelect, FromStatement)
+_LOOK_FURTHER: Final = frozenset({"WITH", "EXPLAIN", "ANALYZE"})  # the first word does not decide
 
 
 def is_write_sql(sql: str) -> bool:
@@ -64,7 +65,7 @@ def is_write_sql(sql: str) -> bool:
         keyword = head.group(1).upper()
         if keyword in WRITE_KEYWORDS:
             return True
-        if keyword != "WITH" and ";" not in sql:
+        if keyword not in _LOOK_FURTHER and ";" not in sql:
             return False
     return _writes(_tokens(sql, _STANDARD)) or (
         _MYSQL_SYNTAX.search(sql) is not None and _writes(_tokens(sql, _MYSQL))
@@ -119,8 +120,11 @@ def _statement_writes(tokens: list[str]) -> bool:
     index = 0
     while index < len(tokens) and tokens[index] == "(":
         index += 1
-    if _at(tokens, index) != "WITH":
-        return _at(tokens, index) in WRITE_KEYWORDS
+    head = _at(tokens, index)
+    if head == "EXPLAIN" or head == "ANALYZE":
+        return _analyzed_statement_writes(tokens, index)
+    if head != "WITH":
+        return head in WRITE_KEYWORDS
     index += 1
     if _at(tokens, index) == "RECURSIVE":
         index += 1
@@ -145,6 +149,17 @@ def _statement_writes(tokens: list[str]) -> bool:
             break
         index += 1
     return _statement_writes(tokens[index:])
+
+
+def _analyzed_statement_writes(tokens: list[str], index: int) -> bool:
+    """Classify ``EXPLAIN ANALYZE stmt`` (PostgreSQL, MySQL) and ``ANALYZE stmt`` (MariaDB),
+    which run the statement; a plain ``EXPLAIN`` only plans it."""
+    for position in range(index + 1, len(tokens)):
+        token = tokens[position]
+        if token in WRITE_KEYWORDS or token == "WITH":
+            analyzed = tokens[index] == "ANALYZE" or "ANALYZE" in tokens[index + 1 : position]
+            return analyzed and _statement_writes(tokens[position:])
+    return False
 
 
 def _after_group(tokens: list[str], index: int) -> int:
