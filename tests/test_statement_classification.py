@@ -147,6 +147,26 @@ def test_read_only_refuses_writes_through_session_connection(
     assert names(engine) == []
 
 
+@pytest.mark.parametrize(
+    "statement",
+    [
+        sa.text(f"{INSERT} RETURNING id").columns(id=sa.Integer),
+        sa.select(Item).from_statement(sa.text(f"-- x\n{INSERT} RETURNING id, name")),
+        sa.DDL("CREATE TABLE txg_never (a INTEGER)"),
+    ],
+    ids=["text columns", "from statement", "ddl"],
+)
+def test_read_only_refuses_wrapped_writes(
+    registry: txguard.SessionRegistry, engine: sa.Engine, statement: Any
+) -> None:
+    """A write wrapped as text().columns(), from_statement() or DDL raises ReadOnlyTransactionError."""
+    with pytest.raises(txguard.ReadOnlyTransactionError, match="read-only unit"):
+        with registry.unit_of_work(read_only=True) as session:
+            session.execute(statement)
+    assert names(engine) == []
+    assert not sa.inspect(engine).has_table("txg_never")
+
+
 @pytest.mark.parametrize("shape", list(READS))
 def test_read_only_runs_reads(registry: txguard.SessionRegistry, engine: sa.Engine, shape: str) -> None:
     """Reads, a WITH ... SELECT and a SELECT quoting 'insert' run in a read-only unit, both ways."""

@@ -1,9 +1,9 @@
 """Build the session factories of a registry: one per kind of unit, each built once.
 
 Sessions of units are instances of a private subclass of the user's session class. Its
-``commit``, ``rollback``, ``begin`` and ``close`` ask the unit that owns the session (a
-single attribute, set for the unit's lifetime) whether the call is allowed; with no unit
-they are the user's methods. Units that need SQLAlchemy events (commit-as-you-go units
+``commit``, ``rollback``, ``begin``, ``close`` and ``connection`` ask the unit that owns the
+session (a single attribute, set for the unit's lifetime) whether the call is allowed; with
+no unit they are the user's methods. Units that need SQLAlchemy events (commit-as-you-go units
 track uncommitted writes, read-only units refuse writes) get their own subclass with the
 listeners on it, so plain units never pay for an event dispatch.
 """
@@ -122,7 +122,9 @@ def _engines_of(kw: dict[str, Any]) -> list[Engine]:
     return engines
 
 
-def _guarded_methods(base: type[Session], read_only: bool, watch: bool) -> dict[str, Callable[..., Any]]:
+def _guarded_methods(
+    base: type[Session], read_only: bool, watch: bool
+) -> dict[str, Callable[..., Any]]:
     """The methods a unit of work must see, for a private subclass of ``base``.
 
     ``_txguard_unit`` is the unit that owns the session, or None outside one; units set it
@@ -130,7 +132,9 @@ def _guarded_methods(base: type[Session], read_only: bool, watch: bool) -> dict[
     these methods run only for the user's calls. They go straight into the subclass (no
     mixin class): every lookup in the session's type that misses CPython's type cache,
     which an ORM flush does many times, walks the class's MRO, and each extra class on
-    it cost measurably on an insert.
+    it cost measurably on an insert. ``connection()`` refuses an AUTOCOMMIT execution
+    option inside a unit and, with ``watch`` (read-only and commit-as-you-go units), has
+    what runs on the connection it returns classified too.
     """
 
     def commit(self: Any) -> None:
@@ -160,12 +164,12 @@ def _guarded_methods(base: type[Session], read_only: bool, watch: bool) -> dict[
         base.close(self)
 
     def connection(
-        self: Any, bind_arguments: Any = None, execution_options: Any = None
+        self: Any, bind_arguments: Any = None, execution_options: Any = None, **kw: Any
     ) -> Connection:
         unit = self._txguard_unit
         if unit is not None and execution_options:
             _refuse_autocommit_option(unit, execution_options)
-        conn = base.connection(self, bind_arguments, execution_options)
+        conn = base.connection(self, bind_arguments, execution_options, **kw)
         if watch and unit is not None:
             _Watcher.attach(self, conn, read_only)
         return conn
@@ -333,7 +337,7 @@ def _note_execute(state: ORMExecuteState) -> None:
 def _end_transaction(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:
         session.info.pop(FIRST_CHANGE, None)
-        watcher: _Watcher | None = session.__dict__.get(_WATCHER)
+        watcher: _Watcher | None = session.__dict__.pop(_WATCHER, None)
         if watcher is not None:
             watcher.detach()
 

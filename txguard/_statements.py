@@ -1,7 +1,8 @@
 """Which statements change data or schema: one classifier for read-only units and discard warnings.
 
 SQLAlchemy knows the kind of a statement it compiled (``context.isinsert``, ``isupdate``,
-``isdelete``, ``isddl``; ``statement.is_dml``, ``is_ddl``), and is asked first. SQL text
+``isdelete``, ``isddl``) or was given (``statement.is_dml``, a DDL construct), and is asked
+first. SQL text
 (``text()``, ``exec_driver_sql()``, the compiled string of anything else) is classified by
 its main keyword: leading comments and parentheses are skipped, and so is a ``WITH
 [RECURSIVE]`` clause, whose CTE bodies are classified too (PostgreSQL runs
@@ -17,6 +18,7 @@ import re
 from typing import Any, Final
 
 from sqlalchemy.orm.context import FromStatement
+from sqlalchemy.schema import ExecutableDDLElement
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 
@@ -74,7 +76,7 @@ def is_write_sql(sql: str) -> bool:
 
 def is_write_statement(statement: Any) -> bool:
     """Say whether a statement given to ``Session.execute`` (a construct or ``text()``) writes."""
-    if getattr(statement, "is_dml", False) or getattr(statement, "is_ddl", False):
+    if getattr(statement, "is_dml", False) or isinstance(statement, ExecutableDDLElement):
         return True
     if isinstance(statement, _TEXT_WRAPPERS):  # text(...).columns(), select().from_statement()
         statement = statement.element
