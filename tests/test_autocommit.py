@@ -1,4 +1,4 @@
-"""AUTOCOMMIT binds are refused: on them no unit, connect() block or rollback_after() could roll back."""
+"""AUTOCOMMIT binds are refused: no unit, connect() block or rollback_after() could roll back."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One statement classifier for read-only units, the discard warning and connect(): prefixes, CTEs, literals."""
+"""One statement classifier for read_only, the discard warning and connect()."""
 
 from __future__ import annotations
 

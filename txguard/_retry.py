@@ -141,7 +141,8 @@ def next_delay(unit: Unit, exc: BaseException, attempt: int) -> float | None:
     already refuses ``retries=`` where the unit could be commit-as-you-go. An error raised
     while COMMIT was in flight is retried only when the database said it rolled back;
     otherwise the outcome is unknown and running the work again could apply it twice; an
-    error raised after a commit succeeded is never retried. Every error given up on after a retry carries a note saying how many attempts ran.
+    error raised after a commit succeeded is never retried. Every error given up on after
+    a retry carries a note saying how many attempts ran.
     """
     from ._unit import JOIN, ROOT
 

@@ -3,9 +3,9 @@
 Sessions of units are instances of a private subclass of the user's session class. Its
 ``commit``, ``rollback``, ``begin``, ``close`` and ``connection`` ask the unit that owns the
 session (a single attribute, set for the unit's lifetime) whether the call is allowed; with
-no unit they are the user's methods. Units that need SQLAlchemy events (commit-as-you-go units
-track uncommitted writes, read-only units refuse writes) get their own subclass with the
-listeners on it, so plain units never pay for an event dispatch.
+no unit they are the user's methods. Units that need SQLAlchemy events (commit-as-you-go
+units track uncommitted writes, read-only units refuse writes) get their own subclass with
+the listeners on it, so plain units never pay for an event dispatch.
 """
 
 from __future__ import annotations
@@ -259,10 +259,6 @@ def _variant(cls: type[Session], commit_as_you_go: bool, read_only: bool) -> typ
     return variant
 
 
-def _is_write(state: ORMExecuteState) -> bool:
-    return is_write_statement(state.statement)
-
-
 class _Watcher:
     """Classify the statements the user runs on a unit's own connection (``session.connection()``).
 
@@ -330,7 +326,7 @@ def _note_flush(session: Session, flush_context: object) -> None:
 
 
 def _note_execute(state: ORMExecuteState) -> None:
-    if _is_write(state):
+    if is_write_statement(state.statement):
         _note_pending(state.session, None)
 
 
@@ -361,7 +357,7 @@ def _refuse_flush(session: Session, flush_context: object, instances: object) ->
 
 
 def _refuse_write(state: ORMExecuteState) -> None:
-    if _is_write(state):
+    if is_write_statement(state.statement):
         statement = state.statement
         try:
             sql = statement.text if isinstance(statement, TextClause) else str(statement)

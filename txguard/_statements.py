@@ -1,15 +1,15 @@
-"""Which statements change data or schema: one classifier for read-only units and discard warnings.
+"""Which statements change data or schema: one classifier, for read_only and discard warnings.
 
 SQLAlchemy knows the kind of a statement it compiled (``context.isinsert``, ``isupdate``,
 ``isdelete``, ``isddl``) or was given (``statement.is_dml``, a DDL construct), and is asked
-first. SQL text
-(``text()``, ``exec_driver_sql()``, the compiled string of anything else) is classified by
-its main keyword: leading comments and parentheses are skipped, and so is a ``WITH
-[RECURSIVE]`` clause, whose CTE bodies are classified too (PostgreSQL runs
+first. SQL text (``text()``, ``exec_driver_sql()``, the compiled string of anything else)
+is classified by its main keyword: leading comments and parentheses are skipped, and so is
+a ``WITH [RECURSIVE]`` clause, whose CTE bodies are classified too (PostgreSQL runs
 ``WITH t AS (DELETE ... RETURNING ...) SELECT ...``), and ``EXPLAIN ANALYZE``, which runs
-its statement; each statement of a multi-statement string counts. Strings, quoted identifiers and comments are lexed, so a keyword inside a
-literal is not taken for one. Function calls that write (``SELECT f()``, ``CALL``) cannot be
-seen in the text; the server's READ ONLY transaction covers them on PostgreSQL and MariaDB.
+its statement; each statement of a multi-statement string counts. Strings, quoted
+identifiers and comments are lexed, so a keyword inside a literal is not taken for one.
+Function calls that write (``SELECT f()``, ``CALL``) cannot be seen in the text; the
+server's READ ONLY transaction covers them on PostgreSQL and MariaDB.
 """
 
 from __future__ import annotations
