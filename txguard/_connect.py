@@ -14,7 +14,8 @@ from ._errors import ConfigurationError, DisciplineError, UncommittedWorkWarning
 from ._options import Mode, _isolation, choice
 from ._origin import Origin, caller_origin, capture, shorten_sql, warn_at_user
 from ._registry import SessionRegistry, check_registry, resolve
-from ._sessions import is_write_sql
+from ._sessions import refuse_autocommit
+from ._statements import is_write_execution
 from ._unit import run_to_completion
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class _Held:
         self, conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any,
         executemany: bool,
     ) -> None:
-        if self.first_write is None and is_write_sql(statement):
+        if self.first_write is None and is_write_execution(context, statement):
             self.first_write = capture(1)
             # Quote the SQL as compiled: ``statement`` has literal_execute values rendered in.
             compiled = getattr(context, "compiled", None)
@@ -206,13 +207,15 @@ def connect(
     level = None if isolation_level is None else _isolation(isolation_level)
     check_registry(registry)
     if engine is None:
-        engine = resolve(registry).core_engine()
-    elif not isinstance(engine, Engine):
-        from sqlalchemy.ext.asyncio import AsyncEngine
+        engine = resolve(registry).core_engine()  # the registry refused an AUTOCOMMIT one
+    else:
+        if not isinstance(engine, Engine):
+            from sqlalchemy.ext.asyncio import AsyncEngine
 
-        if not isinstance(engine, AsyncEngine):
-            raise ConfigurationError(
-                f"txguard.connect() needs an Engine or AsyncEngine, not {describe(engine)}; "
-                "pass create_engine(url) or create_async_engine(url)."
-            )
+            if not isinstance(engine, AsyncEngine):
+                raise ConfigurationError(
+                    f"txguard.connect() needs an Engine or AsyncEngine, not {describe(engine)}; "
+                    "pass create_engine(url) or create_async_engine(url)."
+                )
+        refuse_autocommit(engine, "txguard.connect()")
     return ConnectionUnit(engine, checked_mode, level, caller_origin(sys._getframe(1)))

@@ -17,7 +17,10 @@ if TYPE_CHECKING:
     from ._options import UnitOptions
     from ._unit import Unit
 
-__all__ = ["is_retryable", "retry_wanted", "next_delay", "backoff_delay", "BACKOFF_CAP"]
+__all__ = [
+    "is_retryable", "retry_wanted", "next_delay", "backoff_delay", "BACKOFF_CAP",
+    "mark_after_commit", "raised_after_commit",
+]
 
 # SQLSTATE, as psycopg 3 (``.sqlstate``), psycopg2 (``.pgcode``) and SQLAlchemy's asyncpg
 # adapter (both) report it: serialization failure, deadlock detected.
@@ -27,6 +30,7 @@ _PG_RETRYABLE: Final = frozenset({"40001", "40P01"})
 _MYSQL_RETRYABLE: Final = frozenset({1213, 1205})
 BACKOFF_CAP: Final = 2.0  # seconds; a larger base backoff is its own cap
 _MAX_DOUBLINGS: Final = 60  # keeps 2 ** n a float long after the cap is reached
+_AFTER_COMMIT: Final = "_txguard_after_commit"
 
 
 def _sqlstate(orig: object) -> str | None:
@@ -66,8 +70,33 @@ def is_retryable(exc: BaseException) -> bool:
     return _sqlstate(orig) in _PG_RETRYABLE or _mysql_errno(orig) in _MYSQL_RETRYABLE
 
 
+def mark_after_commit(exc: BaseException) -> None:
+    """Record that ``exc`` was raised after a transaction committed (a listener, a callback).
+
+    The mark travels with the exception, so no unit it passes through on its way out (the
+    one that committed, or an outer one that would run the committed work again) retries it.
+    """
+    try:
+        setattr(exc, _AFTER_COMMIT, True)
+    except Exception:  # pragma: no cover - an exception type that refuses attributes
+        pass
+
+
+def raised_after_commit(exc: BaseException) -> bool:
+    """Say whether ``exc`` was raised after a transaction committed."""
+    return getattr(exc, _AFTER_COMMIT, False) is True
+
+
 def retry_wanted(opts: UnitOptions, exc: BaseException) -> bool:
-    """Say whether ``exc`` is one this unit's options retry on."""
+    """Say whether ``exc`` is one this unit's options retry on.
+
+    Never a ``BaseException`` that is not an ``Exception`` (KeyboardInterrupt, SystemExit,
+    GeneratorExit, a cancelled task: each asks to stop, not to try again), nor an error
+    raised after a commit (running the work again would apply it twice): ``retry_on`` is
+    not asked about either.
+    """
+    if not isinstance(exc, Exception) or raised_after_commit(exc):
+        return False
     if is_retryable(exc):
         return True
     predicate = opts.retry_on
@@ -112,12 +141,21 @@ def next_delay(unit: Unit, exc: BaseException, attempt: int) -> float | None:
     owner, and a savepoint cannot undo what the server rolled back); ``unit_options``
     already refuses ``retries=`` where the unit could be commit-as-you-go. An error raised
     while COMMIT was in flight is retried only when the database said it rolled back;
-    otherwise the outcome is unknown and running the work again could apply it twice.
-    Every error given up on after a retry carries a note saying how many attempts ran.
+    otherwise the outcome is unknown and running the work again could apply it twice; an
+    error raised after a commit succeeded is never retried. Every error given up on after
+    a retry carries a note saying how many attempts ran.
     """
     from ._unit import JOIN, ROOT
 
     opts = unit.opts
+    if raised_after_commit(exc):
+        _note(
+            exc,
+            f"txguard: not retried by {unit.where}: it was raised after a transaction "
+            "committed (by an after_commit listener, an on_commit callback or closing the "
+            "session), so its data is saved and running the work again would apply it twice.",
+        )
+        return None
     if not retry_wanted(opts, exc):
         if attempt > 1:
             _note(

@@ -1,11 +1,11 @@
 """Build the session factories of a registry: one per kind of unit, each built once.
 
 Sessions of units are instances of a private subclass of the user's session class. Its
-``commit``, ``rollback``, ``begin`` and ``close`` ask the unit that owns the session (a
-single attribute, set for the unit's lifetime) whether the call is allowed; with no unit
-they are the user's methods. Units that need SQLAlchemy events (commit-as-you-go units
-track uncommitted writes, read-only units refuse writes) get their own subclass with the
-listeners on it, so plain units never pay for an event dispatch.
+``commit``, ``rollback``, ``begin``, ``close`` and ``connection`` ask the unit that owns the
+session (a single attribute, set for the unit's lifetime) whether the call is allowed; with
+no unit they are the user's methods. Units that need SQLAlchemy events (commit-as-you-go
+units track uncommitted writes, read-only units refuse writes) get their own subclass with
+the listeners on it, so plain units never pay for an event dispatch.
 """
 
 from __future__ import annotations
@@ -22,22 +22,20 @@ from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, session
 from sqlalchemy.sql.elements import TextClause
 
 from ._describe import describe
-from ._errors import ConfigurationError, ReadOnlyTransactionError
+from ._errors import ConfigurationError, DisciplineError, ReadOnlyTransactionError
 from ._origin import Origin, capture, shorten_sql
+from ._statements import is_write_execution, is_write_statement
 
 if TYPE_CHECKING:
     from ._unit import Unit
 
 __all__ = [
-    "describe_bind", "check_session_options", "build_factory", "first_change", "is_write_sql"
+    "describe_bind", "check_session_options", "build_factory", "first_change", "refuse_autocommit"
 ]
 
 # Where each commit-as-you-go session made its first change since its last commit; kept
 # here, not in ``session.info``, which belongs to the application.
 _first_changes: weakref.WeakKeyDictionary[Session, Origin] = weakref.WeakKeyDictionary()
-_WRITE_KEYWORDS = frozenset(
-    {"INSERT", "UPDATE", "DELETE", "MERGE", "REPLACE", "UPSERT", "CREATE", "DROP", "ALTER", "TRUNCATE"}
-)
 
 
 class Base(NamedTuple):
@@ -48,7 +46,18 @@ class Base(NamedTuple):
 
 
 def describe_bind(bind: Any, options: dict[str, Any]) -> tuple[bool, list[Engine], Base]:
-    """Classify a registry's bind; return (is_async, sync engines, how to build sessions)."""
+    """Classify a registry's bind; return (is_async, sync engines, how to build sessions).
+
+    A bind that runs in AUTOCOMMIT isolation is refused: no unit on it could roll back.
+    """
+    described = _describe(bind, options)
+    kw = described[2].kw
+    for candidate in (kw.get("bind"), *(kw.get("binds") or {}).values()):
+        refuse_autocommit(candidate, "txguard.SessionRegistry()")
+    return described
+
+
+def _describe(bind: Any, options: dict[str, Any]) -> tuple[bool, list[Engine], Base]:
     if isinstance(bind, Engine):
         return False, [bind], Base(False, None, Session, {"bind": bind, **options})
     if isinstance(bind, sessionmaker):
@@ -118,6 +127,40 @@ def _init_keywords(cls: type) -> tuple[set[str], bool]:
 _BY_NAME: Final = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
+def refuse_autocommit(bind: Any, user: str) -> None:
+    """Raise ConfigurationError if ``bind`` (an engine or connection, sync or async) autocommits.
+
+    In AUTOCOMMIT isolation each statement commits on its own, so a unit or block that fails
+    keeps the writes made before the failure. The level is an execution option (of
+    ``create_engine(execution_options=...)``, ``engine.execution_options()`` or a
+    connection's), else the level ``create_engine(isolation_level=...)`` gives every new
+    DBAPI connection, which SQLAlchemy keeps on the dialect.
+    """
+    target = getattr(bind, "sync_connection", None) or getattr(bind, "sync_engine", None) or bind
+    if not isinstance(target, (Engine, Connection)):
+        return
+    level = target.get_execution_options().get("isolation_level")
+    if level is None:
+        level = getattr(target.dialect, "_on_connect_isolation_level", None)
+    if not _is_autocommit(level):
+        return
+    kind = "a connection" if isinstance(target, Connection) else "an engine"
+    raise ConfigurationError(
+        f"{user} was given {kind} in AUTOCOMMIT isolation: every statement would commit "
+        "on its own, so nothing could be rolled back (a unit that fails would keep the writes "
+        "made before the failure). "
+        "Pass an engine without isolation_level='AUTOCOMMIT' (the engine before "
+        ".execution_options(isolation_level='AUTOCOMMIT'), or create_engine() without "
+        "it); keep an AUTOCOMMIT connection, outside txguard, for statements that cannot "
+        "run in a transaction (VACUUM, CREATE DATABASE), and give a unit "
+        "isolation_level='SERIALIZABLE' (or another level) where it needs one."
+    )
+
+
+def _is_autocommit(level: object) -> bool:
+    return isinstance(level, str) and level.upper().replace("_", " ") == "AUTOCOMMIT"
+
+
 def _engines_of(kw: dict[str, Any]) -> list[Engine]:
     candidates = [kw.get("bind"), *(kw.get("binds") or {}).values()]
     engines: list[Engine] = []
@@ -130,7 +173,9 @@ def _engines_of(kw: dict[str, Any]) -> list[Engine]:
     return engines
 
 
-def _guarded_methods(base: type[Session]) -> dict[str, Callable[..., Any]]:
+def _guarded_methods(
+    base: type[Session], read_only: bool, watch: bool
+) -> dict[str, Callable[..., Any]]:
     """The methods a unit of work must see, for a private subclass of ``base``.
 
     ``_txguard_unit`` is the unit that owns the session, or None outside one; units set it
@@ -138,7 +183,9 @@ def _guarded_methods(base: type[Session]) -> dict[str, Callable[..., Any]]:
     these methods run only for the user's calls. They go straight into the subclass (no
     mixin class): every lookup in the session's type that misses CPython's type cache,
     which an ORM flush does many times, walks the class's MRO, and each extra class on
-    it cost measurably on an insert.
+    it cost measurably on an insert. ``connection()`` refuses an AUTOCOMMIT execution
+    option inside a unit and, with ``watch`` (read-only and commit-as-you-go units), has
+    what runs on the connection it returns classified too.
     """
 
     def commit(self: Any) -> None:
@@ -167,8 +214,19 @@ def _guarded_methods(base: type[Session]) -> dict[str, Callable[..., Any]]:
             unit.session_close()
         base.close(self)
 
+    def connection(
+        self: Any, bind_arguments: Any = None, execution_options: Any = None, **kw: Any
+    ) -> Connection:
+        unit = self._txguard_unit
+        if unit is not None and execution_options:
+            _refuse_autocommit_option(unit, execution_options)
+        conn = base.connection(self, bind_arguments, execution_options, **kw)
+        if watch and unit is not None:
+            _Watcher.attach(self, conn, read_only)
+        return conn
+
     methods: dict[str, Callable[..., Any]] = {}
-    for method in (commit, rollback, begin, close):
+    for method in (commit, rollback, begin, close, connection):
         method.__qualname__ = f"{base.__qualname__}.{method.__name__}"
         method.__doc__ = getattr(base, method.__name__).__doc__
         methods[method.__name__] = method
@@ -236,31 +294,76 @@ def _variant(cls: type[Session], commit_as_you_go: bool, read_only: bool) -> typ
     except KeyError:
         pass
     namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-    variant: type[Session] = type(cls.__name__, (cls,), {**namespace, **_guarded_methods(cls)})
+    methods = _guarded_methods(cls, read_only, watch=commit_as_you_go or read_only)
+    variant: type[Session] = type(cls.__name__, (cls,), {**namespace, **methods})
     if commit_as_you_go:
         event.listen(variant, "transient_to_pending", _note_pending)
         event.listen(variant, "after_flush", _note_flush)
         event.listen(variant, "do_orm_execute", _note_execute)
-        event.listen(variant, "after_transaction_end", _forget_changes)
     if read_only:
         event.listen(variant, "before_flush", _refuse_flush)
         event.listen(variant, "do_orm_execute", _refuse_write)
         event.listen(variant, "after_begin", _begin_read_only)
+    if commit_as_you_go or read_only:
+        event.listen(variant, "after_transaction_end", _end_transaction)
     _variants[key] = variant
     return variant
 
 
-def is_write_sql(sql: str) -> bool:
-    """Say whether SQL text starts with a data- or schema-changing keyword."""
-    head = sql.lstrip().split(None, 1)
-    return bool(head) and head[0].upper() in _WRITE_KEYWORDS
+class _Watcher:
+    """Classify the statements the user runs on a unit's own connection (``session.connection()``).
+
+    Statements given to the session are seen by ``do_orm_execute``; the connection it hands
+    out runs them past the session, so its ``before_cursor_execute`` is listened to, from
+    the user's first ``connection()`` call until the session's transaction ends. Units that
+    never call it pay nothing.
+    """
+
+    __slots__ = ("session", "read_only", "connections")
+
+    def __init__(self, session: Session, read_only: bool) -> None:
+        self.session = session
+        self.read_only = read_only
+        self.connections: list[Connection] = []
+
+    @staticmethod
+    def attach(session: Session, conn: Connection, read_only: bool) -> None:
+        watcher: _Watcher | None = session.__dict__.get(_WATCHER)
+        if watcher is None:
+            watcher = session.__dict__[_WATCHER] = _Watcher(session, read_only)
+        if conn not in watcher.connections:
+            event.listen(conn, "before_cursor_execute", watcher)
+            watcher.connections.append(conn)
+
+    def detach(self) -> None:
+        connections, self.connections = self.connections, []
+        for conn in connections:
+            event.remove(conn, "before_cursor_execute", self)
+
+    def __call__(
+        self, conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any,
+        executemany: bool,
+    ) -> None:
+        if not is_write_execution(context, statement):
+            return
+        if self.read_only:
+            compiled = getattr(context, "compiled", None)  # without literal_execute values
+            raise _write_refused(compiled.string if compiled is not None else statement)
+        _note_pending(self.session, None)
 
 
-def _is_write(state: ORMExecuteState) -> bool:
-    if state.is_insert or state.is_update or state.is_delete:
-        return True
-    statement = state.statement
-    return isinstance(statement, TextClause) and is_write_sql(statement.text)
+_WATCHER = "_txguard_watcher"
+
+
+def _refuse_autocommit_option(unit: Unit, execution_options: Any) -> None:
+    if _is_autocommit(execution_options.get("isolation_level")):
+        raise DisciplineError(
+            "session.connection(execution_options={'isolation_level': 'AUTOCOMMIT'}) inside "
+            f"the unit opened at {unit.where}: each statement would commit on its own, and "
+            "the unit could not roll them back. Run statements that need AUTOCOMMIT outside "
+            "any unit, on engine.connect().execution_options(isolation_level='AUTOCOMMIT'), "
+            "or give the unit an isolation_level= it can roll back."
+        )
 
 
 def first_change(session: Session) -> Origin | None:
@@ -278,13 +381,16 @@ def _note_flush(session: Session, flush_context: object) -> None:
 
 
 def _note_execute(state: ORMExecuteState) -> None:
-    if _is_write(state):
+    if is_write_statement(state.statement):
         _note_pending(state.session, None)
 
 
-def _forget_changes(session: Session, transaction: SessionTransaction) -> None:
+def _end_transaction(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:
         _first_changes.pop(session, None)
+        watcher: _Watcher | None = session.__dict__.pop(_WATCHER, None)
+        if watcher is not None:
+            watcher.detach()
 
 
 def _refuse_flush(session: Session, flush_context: object, instances: object) -> None:
@@ -306,18 +412,22 @@ def _refuse_flush(session: Session, flush_context: object, instances: object) ->
 
 
 def _refuse_write(state: ORMExecuteState) -> None:
-    if _is_write(state):
+    if is_write_statement(state.statement):
         statement = state.statement
         try:
             sql = statement.text if isinstance(statement, TextClause) else str(statement)
         except Exception:  # an ORM bulk INSERT/UPDATE compiles only inside its execution
             verb = "INSERT INTO" if state.is_insert else "UPDATE" if state.is_update else "DELETE FROM"
             sql = f"{verb} {getattr(getattr(statement, 'table', None), 'name', '?')} ..."
-        raise ReadOnlyTransactionError(
-            f"A read-only unit of work tried to execute a write: {shorten_sql(sql)!r}. "
-            "Open the unit with read_only=False, or run the write in its own unit "
-            "(propagation='requires_new')."
-        )
+        raise _write_refused(sql)
+
+
+def _write_refused(sql: str) -> ReadOnlyTransactionError:
+    return ReadOnlyTransactionError(
+        f"A read-only unit of work tried to execute a write: {shorten_sql(sql)!r}. "
+        "Open the unit with read_only=False, or run the write in its own unit "
+        "(propagation='requires_new')."
+    )
 
 
 def _begin_read_only(

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm.session import SessionTransactionState
 from sqlalchemy.util import greenlet_spawn
 
 from ._describe import name_of
@@ -32,6 +33,7 @@ from ._errors import (
 from ._options import OPTION_NAMES, PLAIN_SESSION, Mode, Propagation, UnitOptions, unit_options
 from ._origin import Origin, _is_library, _user_files, caller_origin, line_of, warn_at_user
 from ._registry import SessionRegistry, UnitState, live, resolve
+from ._retry import mark_after_commit
 from ._sessions import first_change
 
 if TYPE_CHECKING:
@@ -210,7 +212,13 @@ class Unit:
             self.rollback_only = False
             run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
             raise error
-        self.base.commit(sync)
+        transaction = sync.get_transaction()
+        try:
+            self.base.commit(sync)
+        except BaseException as error:
+            if transaction is not None and _committed(transaction):
+                mark_after_commit(error)
+            raise
         run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=False)
 
     def session_rollback(self) -> None:
@@ -270,8 +278,10 @@ def run_callbacks(callbacks: list[Callback], committed: bool, in_flight: bool) -
     for cb in callbacks:
         try:
             cb.fn()
-        except Exception:
+        except Exception as error:
             if not (cb.robust or in_flight):
+                if committed:
+                    mark_after_commit(error)
                 raise
             logger.error(
                 "txguard: %s callback %s failed", "on_commit" if committed else "on_rollback",
@@ -467,8 +477,12 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
                 transaction.commit()
                 committed = True
             except BaseException as commit_error:
-                unit.committing = True  # for retries: COMMIT may have been sent
-                _rollback(transaction, commit_error)
+                if _committed(transaction):  # an after_commit listener raised
+                    committed = True
+                    mark_after_commit(commit_error)
+                else:
+                    unit.committing = True  # for retries: COMMIT may have been sent
+                    _rollback(transaction, commit_error)
                 if exc is not None and commit_error.__context__ is None:
                     commit_error.__context__ = exc
                 error = commit_error
@@ -478,12 +492,22 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
         except BaseException as close_error:
             if error is None:
                 error = close_error
-                unit.committing = committed  # never retry work that committed
+                if committed:
+                    mark_after_commit(close_error)
             else:
                 logger.warning("txguard: closing the session failed", exc_info=True)
     if unit.callbacks:
         return Finish(unit.take_callbacks(committed), committed), error
     return None, error
+
+
+def _committed(transaction: SessionTransaction) -> bool:
+    """Say whether ``transaction`` reached COMMITTED: the database committed it.
+
+    SQLAlchemy sets that state between the DBAPI commit and the ``after_commit`` event,
+    so an error from a listener leaves it there; it has no public accessor.
+    """
+    return transaction._state is SessionTransactionState.COMMITTED
 
 
 def _rolls_back(unit: Unit, exc: BaseException) -> bool:

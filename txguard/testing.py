@@ -20,6 +20,7 @@ from ._describe import describe, name_of, option_value
 from ._errors import ConfigurationError, DisciplineError
 from ._hooks import capturing, capturing_callbacks
 from ._registry import SessionRegistry, check_registry, default_registry
+from ._sessions import refuse_autocommit
 from ._sqlite import install_sqlite_transactions
 
 if TYPE_CHECKING:
@@ -182,6 +183,7 @@ def rollback_after(
             )
         return RollbackAfter(bind.core_engine(), bind)
     if isinstance(bind, Engine) or (_is_async(bind) and not hasattr(bind, "sync_connection")):
+        refuse_autocommit(bind, "txguard.testing.rollback_after()")
         return RollbackAfter(bind, registry if registry is not None else _default_for(bind))
     raise ConfigurationError(
         f"rollback_after() needs an Engine, an AsyncEngine or a txguard.SessionRegistry, "
