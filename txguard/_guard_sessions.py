@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable
 from threading import get_ident
 from time import monotonic
-from types import CodeType
+from types import AsyncGeneratorType, CodeType, CoroutineType, FrameType, GeneratorType
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy.orm import Session, SessionTransaction
@@ -270,24 +270,46 @@ def check_use(session: Session, record: SessionRecord, operation: str) -> None:
 
 
 def _awaits(owner: asyncio.Task[Any], task: asyncio.Task[Any]) -> bool:
-    """Say whether ``owner`` waits for ``task`` alone, in library code that started it.
+    """Say whether ``owner`` is suspended awaiting ``task`` alone, in library code that started it.
 
     SQLAlchemy closes (and commits) an ``async with`` session in a task of its own that the
-    owner awaits, txguard settles async units the same way, and ``asyncio.wait_for`` (before
-    Python 3.12) runs its awaitable in a task: the owner is suspended until that task ends,
-    so the session is handed over, not shared. Found by walking the owner's chain of
-    suspended coroutines for a library frame holding ``task`` itself.
+    owner awaits, shielded; txguard settles async units the same way, and
+    ``asyncio.wait_for`` (before Python 3.12) runs its awaitable in a task: the owner is
+    suspended until that task ends, so the session is handed over, not shared. Found by
+    following the owner's chain of awaits to its innermost frame, which must be a library
+    frame holding ``task`` itself. The chain passes through the async generators of
+    ``@asynccontextmanager`` (FastAPI's dependencies with ``yield``) too.
     """
-    coro: Any = owner.get_coro()
-    for _ in range(200):
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+    awaiting: Any = owner.get_coro()
+    innermost = None
+    for _ in range(500):
+        frame, awaiting = _awaited_by(awaiting)
         if frame is None:
-            return False
-        if _is_library(frame.f_code.co_filename):
-            if any(value is task for value in frame.f_locals.values()):
-                return True
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    return False
+            break
+        innermost = frame
+    if innermost is None or not _is_library(innermost.f_code.co_filename):
+        return False
+    return any(value is task for value in innermost.f_locals.values())
+
+
+def _awaited_by(awaitable: object) -> tuple[FrameType | None, object]:
+    """Return the frame of a suspended awaitable and what that frame awaits in turn."""
+    if isinstance(awaitable, CoroutineType):
+        return awaitable.cr_frame, awaitable.cr_await
+    if isinstance(awaitable, GeneratorType):
+        return awaitable.gi_frame, awaitable.gi_yieldfrom
+    if isinstance(awaitable, AsyncGeneratorType):
+        return awaitable.ag_frame, awaitable.ag_await
+    if awaitable is not None and type(awaitable).__name__ in _ASYNC_GENERATOR_STEPS:
+        # What `async for` and @asynccontextmanager await (agen.asend(), agen.athrow()) has
+        # no attribute naming its generator; the garbage collector's references do.
+        for referent in gc.get_referents(awaitable):
+            if isinstance(referent, AsyncGeneratorType):
+                return referent.ag_frame, referent.ag_await
+    return None, None
+
+
+_ASYNC_GENERATOR_STEPS: Final = frozenset({"async_generator_asend", "async_generator_athrow"})
 
 
 def _cross_thread_message(record: SessionRecord, operation: str) -> str:
