@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import txguard
 import txguard._registry  # noqa: F401  (conftest's reset reaches for it; txguard loads lazily)
 from tests.conftest import AsyncDatabase
-from tests.helpers import names, this_line
+from tests.helpers import names, once_inside, this_line
 from tests.models import Item
 
 
@@ -67,16 +67,6 @@ def in_thread(fn: Callable[[], Any], name: str = "worker") -> Any:
     if not ok:
         raise value
     return value
-
-
-def while_flushing(session: Session, fn: Callable[[], Any]) -> None:
-    """Call ``fn`` from inside ``session``'s next flush (a ``before_flush`` hook)."""
-
-    def hook(*args: Any) -> None:
-        event.remove(session, "before_flush", hook)
-        fn()
-
-    event.listen(session, "before_flush", hook)
 
 
 # cross_thread: hand-over between threads
@@ -130,7 +120,7 @@ def test_statement_while_another_thread_flushes_is_caught(engine: sa.Engine) -> 
             except BaseException as exc:
                 raised.append(exc)
 
-        while_flushing(session, other)
+        once_inside(session, "before_flush", other)
         session.add(Item(name="x"))
         session.flush()
         session.rollback()
@@ -147,16 +137,16 @@ def test_commit_while_the_owner_runs_a_statement_is_caught(engine: sa.Engine) ->
     raised: list[BaseException] = []
     with Session(engine) as session:
 
-        def hook(state: Any) -> None:
-            event.remove(session, "do_orm_execute", hook)
+        def commit() -> None:
             try:
                 in_thread(session.commit, name="worker-2")
             except BaseException as exc:
                 raised.append(exc)
 
-        event.listen(session, "do_orm_execute", hook)
         line = this_line() + 1
         session.execute(sa.select(Item))
+        once_inside(session, "do_orm_execute", commit)
+        session.execute(sa.select(Item.id))
     assert len(raised) == 1 and isinstance(raised[0], txguard.CrossThreadWarning)
     message = str(raised[0])
     assert "ends its transaction (commit, rollback or close)" in message
@@ -174,7 +164,7 @@ def test_concurrent_use_warns_at_the_other_threads_line(engine: sa.Engine) -> No
         session.execute(sa.select(Item.id))
 
     with Session(engine) as session, session.begin():
-        while_flushing(session, lambda: in_thread(lambda: use(session)))
+        once_inside(session, "before_flush", lambda: in_thread(lambda: use(session)))
         session.add(Item(name="x"))
         with pytest.warns(txguard.CrossThreadWarning) as record:
             session.flush()

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KEY",
+    "THREAD_WATCHED",
     "SessionRecord",
     "begin",
     "on_before_flush",
@@ -60,6 +61,7 @@ __all__ = [
     "on_transaction_create",
     "on_transaction_end",
     "record_of",
+    "watch_threads",
 ]
 
 KEY: Final = "_txguard_record"  # the Session attribute holding its current transaction's record
@@ -209,8 +211,8 @@ def on_transaction_end(session: Session, transaction: SessionTransaction) -> Non
     if watch_age and open_transactions.pop(id(record), None) is not None:
         if monotonic() - record.began >= age_threshold:
             log_end(record)
-    if record.thread != get_ident() or record.task is not None:
-        check_use(session, record, "ends its transaction (commit, rollback or close)")
+    if record.task is not None:
+        check_task(session, record, _ENDS)
 
 
 def on_orm_execute(state: ORMExecuteState) -> None:
@@ -218,8 +220,8 @@ def on_orm_execute(state: ORMExecuteState) -> None:
     session = state.session
     record = session.__dict__.get(KEY)
     if record is not None and record.active:
-        if record.thread != get_ident() or record.task is not None:
-            check_use(session, record, "runs a statement")
+        if record.task is not None:
+            check_task(session, record, _STATEMENT)
     elif not session.in_transaction():
         global _pending
         cfg = shared.settings
@@ -230,27 +232,93 @@ def on_orm_execute(state: ORMExecuteState) -> None:
 def on_before_flush(session: Session, flush_context: object, instances: object) -> None:
     record = session.__dict__.get(KEY)
     if record is not None and record.active:
-        if record.thread != get_ident() or record.task is not None:
-            check_use(session, record, "flushes")
+        if record.task is not None:
+            check_task(session, record, _FLUSHES)
 
 
-# Who uses the Session.
+# Who uses the Session: threads.
+
+_STATEMENT: Final = "runs a statement"
+_FLUSHES: Final = "flushes"
+_ENDS: Final = "ends its transaction (commit, rollback or close)"
+
+# The Session methods the cross_thread guard wraps, and what a call of each does.
+THREAD_WATCHED: Final = {
+    "execute": _STATEMENT,
+    "scalar": _STATEMENT,
+    "scalars": _STATEMENT,
+    "flush": _FLUSHES,
+    "commit": _ENDS,
+    "rollback": _ENDS,
+    "close": _ENDS,
+}
+
+# id(session) -> ident of the thread inside one of its watched methods right now.
+_inside: dict[int, int] = {}
 
 
-def check_use(session: Session, record: SessionRecord, operation: str) -> None:
-    """Report use from another thread, or from another task while the owner runs."""
+def watch_threads(original: Callable[..., Any], operation: str) -> Callable[..., Any]:
+    """Wrap the Session method ``original`` so that it notes which thread is inside it.
+
+    A call that finds another thread inside the same Session is concurrent use, the real
+    hazard, and is reported; a call after the other thread came out is a hand-over
+    (FastAPI's sync dependencies run setup, endpoint and cleanup in three worker threads)
+    and is not. No lock: two threads entering in the same instant may go unseen.
+    """
+
+    def guarded(self: Session, *args: Any, **kwargs: Any) -> Any:
+        key = id(self)
+        me = get_ident()
+        inside = _inside.get(key)
+        if inside is None:
+            _inside[key] = me
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                _inside.pop(key, None)
+        if inside != me:
+            _concurrent_threads(self, inside, operation)
+        return original(self, *args, **kwargs)
+
+    guarded.__name__ = original.__name__
+    guarded.__qualname__ = original.__qualname__
+    guarded.__doc__ = original.__doc__
+    return guarded
+
+
+def _concurrent_threads(session: Session, inside: int, operation: str) -> None:
     cfg = shared.settings
-    if cfg is None or record.gen != shared.generation:
+    if cfg is None or cfg.cross_thread == OFF:
         return
-    if record.thread != get_ident():
-        level = cfg.cross_thread
+    record = record_of(session)
+    if cfg.cross_thread != ERROR and record is not None:
         warned = getattr(record, "warned", 0)
-        if level != OFF and (level == ERROR or not warned & WARNED_THREAD):
-            record.warned = warned | WARNED_THREAD
-            report(level, CrossThreadWarning, _cross_thread_message(record, operation))
+        if warned & WARNED_THREAD:
+            return
+        record.warned = warned | WARNED_THREAD
+    began = "" if record is None else f"; its transaction was {record.describe()}"
+    report(
+        cfg.cross_thread,
+        CrossThreadWarning,
+        f"A Session {operation} at {capture(2)} in thread {describe_thread(get_ident())} "
+        f"while thread {describe_thread(inside)} is inside it (running a statement, "
+        f"flushing or ending the transaction){began}. A Session is not thread-safe: give "
+        "each thread its own (e.g. `with Session(engine) as session:` inside the thread's "
+        "function, or txguard.unit_of_work()), or let one thread finish with it before "
+        "another takes it over.",
+    )
+
+
+# Who uses the Session: tasks.
+
+
+def check_task(session: Session, record: SessionRecord, operation: str) -> None:
+    """Report use from another task while the task that began the transaction runs."""
+    cfg = shared.settings
+    if cfg is None or record.gen != shared.generation or cfg.cross_task == OFF:
         return
     owner_ref = record.task
-    if owner_ref is None or cfg.cross_task == OFF:
+    if owner_ref is None or record.thread != get_ident():
         return
     task = current_task()
     owner = owner_ref()
@@ -310,17 +378,6 @@ def _awaited_by(awaitable: object) -> tuple[FrameType | None, object]:
 
 
 _ASYNC_GENERATOR_STEPS: Final = frozenset({"async_generator_asend", "async_generator_athrow"})
-
-
-def _cross_thread_message(record: SessionRecord, operation: str) -> str:
-    return (
-        f"A Session {operation} at {capture(1)} in thread {describe_thread(get_ident())}, "
-        f"but its transaction was {record.describe()} in thread "
-        f"{describe_thread(record.thread)}. A Session is not thread-safe: give each thread "
-        "its own (e.g. `with Session(engine) as session:` inside the thread's function, or "
-        "txguard.unit_of_work()), or end the transaction (commit, roll back or close) "
-        "before another thread takes the Session over."
-    )
 
 
 def _cross_task_message(
