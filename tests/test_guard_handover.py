@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import sys
 import threading
+import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -266,3 +267,22 @@ async def test_gather_inside_an_asynccontextmanager_is_still_caught(async_db: As
 
         with pytest.raises(txguard.CrossTaskWarning, match="which is still running"):
             await asyncio.gather(query(), query())
+
+
+# The guards take a unit's transaction origin from the unit
+
+
+def test_guards_name_the_with_line_of_a_units_transaction(engine: sa.Engine) -> None:
+    """A begin-once unit's transaction is described at the unit's `with` line."""
+    txguard.install(long_transaction=0.05)
+    registry = txguard.SessionRegistry(engine)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = this_line() + 1
+        with registry.unit_of_work() as session:
+            session.execute(sa.select(Item))
+            deadline = time.monotonic() + 10
+            while not record and time.monotonic() < deadline:
+                time.sleep(0.01)
+    function = "test_guards_name_the_with_line_of_a_units_transaction"
+    assert f"begun explicitly at {where(line, function)} in thread" in str(record[0].message)

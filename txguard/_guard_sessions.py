@@ -134,7 +134,7 @@ _begin_depth = 0
 
 def _find_begin_wrapper() -> Any:
     global _begin_depth
-    frame: Any = sys._getframe(2)  # on_transaction_create's caller
+    frame: Any = sys._getframe(3)  # on_transaction_create's caller
     depth = 1
     while frame is not None and depth < 30:
         if frame.f_code is _BEGIN_CODE:
@@ -143,6 +143,21 @@ def _find_begin_wrapper() -> Any:
         frame = frame.f_back
         depth += 1
     return None  # begin() was not called through the wrapper (mixed_begin is off)
+
+
+def _begin_caller() -> tuple[CodeType, int] | None:
+    """Where the user called Session.begin(): the caller of our wrapper, when it is user
+    code (not sessionmaker.begin(), a txguard unit, or a generated proxy)."""
+    try:
+        wrapper: Any = sys._getframe(_begin_depth + 1)
+    except ValueError:
+        wrapper = None
+    if wrapper is None or wrapper.f_code is not _BEGIN_CODE:
+        wrapper = _find_begin_wrapper()
+    caller = None if wrapper is None else wrapper.f_back  # None first in a greenlet
+    if caller is not None and is_user_frame(caller):
+        return (caller.f_code, caller.f_lineno)
+    return None
 
 
 # (id(session), statement, where) of an ORM execute about to autobegin a transaction.
@@ -158,19 +173,13 @@ def on_transaction_create(session: Session, transaction: SessionTransaction) -> 
     how = transaction.origin
     where: Origin | tuple[CodeType, int] | None = None
     sql = None
-    if how is _BEGIN and begin_wrapped:
-        # Where the user called Session.begin(): the caller of our wrapper, when it is user
-        # code (not sessionmaker.begin(), a txguard unit, or a generated proxy).
-        try:
-            wrapper: Any = sys._getframe(_begin_depth)
-        except ValueError:
-            wrapper = None
-        if wrapper is None or wrapper.f_code is not _BEGIN_CODE:
-            wrapper = _find_begin_wrapper()
-        caller = None if wrapper is None else wrapper.f_back  # None first in a greenlet
-        if caller is not None and is_user_frame(caller):
-            where = (caller.f_code, caller.f_lineno)
-    elif how is not _AUTOBEGIN and how is not _BEGIN:
+    if how is _BEGIN:
+        unit = session.__dict__.get("_txguard_unit")
+        if unit is not None:
+            where = unit.begins_at()  # a txguard unit beginning its own transaction
+        if where is None and begin_wrapped:
+            where = _begin_caller()
+    elif how is not _AUTOBEGIN:
         return  # savepoints and flush subtransactions belong to the root transaction
     if where is None:
         origin = capture(1)
