@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -286,3 +287,29 @@ def test_guards_name_the_with_line_of_a_units_transaction(engine: sa.Engine) -> 
                 time.sleep(0.01)
     function = "test_guards_name_the_with_line_of_a_units_transaction"
     assert f"begun explicitly at {where(line, function)} in thread" in str(record[0].message)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_forked_child_does_not_see_the_parents_threads_inside(sqlite_engine: sa.Engine) -> None:
+    """After fork() only the forking thread exists: a thread that was inside is not."""
+    txguard.install(cross_thread="error")
+    session = Session(sqlite_engine)
+    inside, release = threading.Event(), threading.Event()
+    once_inside(session, "do_orm_execute", lambda: (inside.set(), release.wait(30)))
+    worker = threading.Thread(target=lambda: session.execute(sa.select(Item.id)))
+    worker.start()
+    try:
+        assert inside.wait(30)
+        pid = os.fork()
+        if pid == 0:  # the child: close() must not find the parent's worker inside
+            try:
+                session.close()
+            except BaseException:
+                os._exit(1)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        worker.join()
+        session.close()
+    assert os.waitstatus_to_exitcode(status) == 0

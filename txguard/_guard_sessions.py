@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 import weakref
 from collections.abc import Callable
@@ -262,8 +263,10 @@ THREAD_WATCHED: Final = {
     "close": _ENDS,
 }
 
-# id(session) -> ident of the thread inside one of its watched methods right now.
+# id(session) -> ident of the thread inside one of its watched methods right now. A forked
+# child has only the thread that forked: the others are inside nothing there.
 _inside: dict[int, int] = {}
+os.register_at_fork(after_in_child=_inside.clear)
 
 
 def watch_threads(original: Callable[..., Any], operation: str) -> Callable[..., Any]:

@@ -4,9 +4,9 @@
 ``Pool``) and wraps ``Session.begin`` and ``Connection.begin``, the only two places with
 no event to listen to, and for cross_thread the Session methods that run statements or
 end transactions (no event marks where a call ends); every Session, AsyncSession,
-Connection and AsyncConnection is then watched, whoever made it. Only what the chosen guards need is attached. ``uninstall()``
-removes all of it and puts the original functions back into the class dictionaries, so
-plain SQLAlchemy behaviour returns. The checks themselves live in ``_guard_sessions`` and
+Connection and AsyncConnection is then watched, whoever made it. Only what the chosen
+guards need is attached. ``uninstall()`` removes all of it and puts the original
+functions back into the class dictionaries, so plain SQLAlchemy behaviour returns. The checks themselves live in ``_guard_sessions`` and
 ``_guard_connections``; what they share, in ``_guard_records``.
 """
 
