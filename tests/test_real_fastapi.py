@@ -89,7 +89,8 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     with log.open("wb") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "tests.apps.fastapi_guards_app:app",
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+             "--timeout-keep-alive", "300"],  # no idle close racing a request on a busy box
             cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
         )
     try:
