@@ -70,16 +70,20 @@ def leaks() -> None:
 
 
 def cross_thread() -> None:
-    title("cross_thread: one Session shared with a worker thread")
+    title("cross_thread: a worker thread using the Session while its owner is inside it")
     session = Session(engine)
     session.execute(sa.text("SELECT 1"))
 
     def worker() -> None:
         session.execute(sa.text("INSERT INTO users (name) VALUES ('from a thread')"))
 
-    thread = threading.Thread(target=worker, name="worker-1")
-    thread.start()
-    thread.join()
+    @sa.event.listens_for(session, "do_orm_execute", once=True)
+    def wait_for_worker(state: Any) -> None:  # the owner is in the middle of a statement
+        thread = threading.Thread(target=worker, name="worker-1")
+        thread.start()
+        thread.join()
+
+    session.execute(sa.text("SELECT 2"))
     session.rollback()
     session.close()
 

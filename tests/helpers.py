@@ -18,3 +18,17 @@ def this_line() -> int:
     import sys
 
     return sys._getframe(1).f_lineno
+
+
+def once_inside(session: object, name: str, fn: object) -> None:
+    """Call ``fn`` once, from inside ``session``'s next call that fires the event ``name``."""
+    from sqlalchemy import event
+
+    calls: list[None] = []
+
+    def hook(*args: object) -> None:
+        if not calls:
+            calls.append(None)
+            fn()  # type: ignore[operator]
+
+    event.listen(session, name, hook)

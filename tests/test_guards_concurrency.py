@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 import txguard
 import txguard._registry  # noqa: F401  (conftest's reset reaches for it; txguard loads lazily)
 from tests.conftest import AsyncDatabase
-from tests.helpers import names, this_line
+from tests.helpers import names, once_inside, this_line
 from tests.models import Item
 
 
@@ -64,17 +64,22 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 def test_session_used_from_another_thread_warns(engine: sa.Engine) -> None:
-    """A query from another thread names both threads and where the transaction began."""
+    """A query from another thread while the owner flushes names both threads and the begin."""
     txguard.install(cross_thread="warn")
     session = Session(engine)
     line = this_line() + 1
     session.execute(sa.select(Item))
+    errors: list[BaseException | None] = []
+    once_inside(session, "before_flush", lambda: errors.append(
+        in_thread(lambda: session.execute(sa.select(Item.id)), name="worker-1")
+    ))
+    session.add(Item(name="x"))
     with pytest.warns(txguard.CrossThreadWarning) as record:
-        error = in_thread(lambda: session.execute(sa.select(Item.id)), name="worker-1")
+        session.flush()
     session.close()
-    assert error is None or isinstance(error, sa.exc.DBAPIError)  # SQLite refuses, too
+    assert errors[0] is None or isinstance(errors[0], sa.exc.DBAPIError)  # SQLite refuses, too
     message = str(record[0].message)
-    assert "thread 'worker-1'" in message and "thread 'MainThread'" in message
+    assert "thread 'worker-1' while thread 'MainThread' is inside it" in message
     assert f"autobegun at {where(line, 'test_session_used_from_another_thread_warns')}" in message
 
 
@@ -89,30 +94,37 @@ def test_cross_thread_warning_points_at_the_other_threads_line(engine: sa.Engine
             use.line = this_line() + 1  # type: ignore[attr-defined]
             session.flush()
 
+        once_inside(session, "do_orm_execute", lambda: in_thread(use))
         with pytest.warns(txguard.CrossThreadWarning) as record:
-            in_thread(use)
+            session.execute(sa.select(Item.id))
         session.rollback()
     assert (record[0].filename, record[0].lineno) == (__file__, use.line)  # type: ignore[attr-defined]
 
 
 def test_commit_from_another_thread_warns(engine: sa.Engine) -> None:
-    """Committing a Session whose transaction another thread began is caught."""
+    """Committing a Session while the thread that began its transaction is inside it is caught."""
     txguard.install(cross_thread="warn")
     session = Session(engine)
     session.execute(sa.select(Item))
+    errors: list[BaseException | None] = []
+    once_inside(session, "do_orm_execute", lambda: errors.append(in_thread(session.commit)))
     with pytest.warns(txguard.CrossThreadWarning, match=r"ends its transaction \(commit"):
-        error = in_thread(session.commit)
+        session.execute(sa.select(Item.id))
     session.close()
-    assert error is None or isinstance(error, sa.exc.DBAPIError)
+    assert errors[0] is None or isinstance(errors[0], sa.exc.DBAPIError)
 
 
 def test_cross_thread_error_raises_in_the_other_thread(engine: sa.Engine) -> None:
     """At "error" the other thread's call raises CrossThreadWarning."""
     txguard.install(cross_thread="error")
+    errors: list[BaseException | None] = []
     with Session(engine) as session:
         session.execute(sa.select(Item))
-        error = in_thread(lambda: session.execute(sa.select(Item)))
-    assert isinstance(error, txguard.CrossThreadWarning)
+        once_inside(session, "do_orm_execute", lambda: errors.append(
+            in_thread(lambda: session.execute(sa.select(Item)))
+        ))
+        session.execute(sa.select(Item.id))
+    assert isinstance(errors[0], txguard.CrossThreadWarning)
 
 
 def test_session_handed_over_after_commit_is_fine(engine: sa.Engine) -> None:
@@ -148,27 +160,40 @@ def test_session_per_thread_is_fine(engine: sa.Engine) -> None:
 
 
 async def test_to_thread_with_the_loops_session_warns(engine: sa.Engine) -> None:
-    """asyncio.to_thread() copies the context but runs in another thread: it is caught."""
+    """asyncio.to_thread() copies the context but runs in another thread: overlap is caught."""
     txguard.install(cross_thread="warn")
     session = Session(engine)
-    session.execute(sa.select(Item))
-    with pytest.warns(txguard.CrossThreadWarning, match="asyncio_0|ThreadPoolExecutor"):
+    inside, done = threading.Event(), threading.Event()
+    once_inside(session, "before_flush", lambda: (inside.set(), done.wait(30)))
+
+    def other() -> None:
+        inside.wait(30)
         try:
-            await asyncio.to_thread(session.execute, sa.select(Item.id))
+            session.execute(sa.select(Item.id))
         except sa.exc.DBAPIError:
             pass  # SQLite refuses to be used from another thread as well
+        finally:
+            done.set()
+
+    session.add(Item(name="x"))
+    with pytest.warns(txguard.CrossThreadWarning, match="asyncio_[0-9]+' while thread 'asyncio_"):
+        await asyncio.gather(asyncio.to_thread(session.flush), asyncio.to_thread(other))
     session.close()
 
 
 def test_cross_thread_off_reports_nothing(engine: sa.Engine) -> None:
     """With cross_thread="off" another thread's use is not checked."""
     txguard.install(cross_thread="off")
+    errors: list[BaseException | None] = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with Session(engine) as session:
             session.execute(sa.select(Item))
-            error = in_thread(lambda: session.execute(sa.select(Item)))
-    assert error is None or isinstance(error, sa.exc.DBAPIError)
+            once_inside(session, "do_orm_execute", lambda: errors.append(
+                in_thread(lambda: session.execute(sa.select(Item)))
+            ))
+            session.execute(sa.select(Item.id))
+    assert errors[0] is None or isinstance(errors[0], sa.exc.DBAPIError)
 
 
 # cross_task

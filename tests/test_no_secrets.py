@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import txguard
+from tests.helpers import once_inside
 from tests.models import Item
 from tests.reliability.faults import Side, own_id, run_after_kill
 
@@ -333,8 +334,8 @@ def test_cross_thread_warning_has_no_values(engine: sa.Engine, guards: Callable[
         warnings.simplefilter("always")
         session.execute(sa.insert(Item).values(name=SECRET))
         thread = threading.Thread(target=lambda: session.execute(sa.select(Item.id)))
-        thread.start()
-        thread.join(30)
+        once_inside(session, "do_orm_execute", lambda: (thread.start(), thread.join(30)))
+        session.execute(sa.select(Item.name))  # the other thread runs while this one is inside
         session.rollback()
     messages = [str(w.message) for w in record if issubclass(w.category, txguard.CrossThreadWarning)]
     assert messages

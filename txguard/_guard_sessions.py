@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 import weakref
 from collections.abc import Callable
 from threading import get_ident
 from time import monotonic
-from types import CodeType
+from types import AsyncGeneratorType, CodeType, CoroutineType, FrameType, GeneratorType
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy.orm import Session, SessionTransaction
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KEY",
+    "THREAD_WATCHED",
     "SessionRecord",
     "begin",
     "on_before_flush",
@@ -61,6 +63,7 @@ __all__ = [
     "on_transaction_create",
     "on_transaction_end",
     "record_of",
+    "watch_threads",
 ]
 
 KEY: Final = "_txguard_record"  # the Session attribute holding its current transaction's record
@@ -163,7 +166,7 @@ _begin_depth = 0
 
 def _find_begin_wrapper() -> Any:
     global _begin_depth
-    frame: Any = sys._getframe(2)  # on_transaction_create's caller
+    frame: Any = sys._getframe(3)  # on_transaction_create's caller
     depth = 1
     while frame is not None and depth < 30:
         if frame.f_code is _BEGIN_CODE:
@@ -172,6 +175,21 @@ def _find_begin_wrapper() -> Any:
         frame = frame.f_back
         depth += 1
     return None  # begin() was not called through the wrapper (mixed_begin is off)
+
+
+def _begin_caller() -> tuple[CodeType, int] | None:
+    """Where the user called Session.begin(): the caller of our wrapper, when it is user
+    code (not sessionmaker.begin(), a txguard unit, or a generated proxy)."""
+    try:
+        wrapper: Any = sys._getframe(_begin_depth + 1)
+    except ValueError:
+        wrapper = None
+    if wrapper is None or wrapper.f_code is not _BEGIN_CODE:
+        wrapper = _find_begin_wrapper()
+    caller = None if wrapper is None else wrapper.f_back  # None first in a greenlet
+    if caller is not None and is_user_frame(caller):
+        return (caller.f_code, caller.f_lineno)
+    return None
 
 
 # (id(session), statement, where) of an ORM execute about to autobegin a transaction.
@@ -187,19 +205,13 @@ def on_transaction_create(session: Session, transaction: SessionTransaction) -> 
     how = transaction.origin
     where: Origin | tuple[CodeType, int] | None = None
     sql = None
-    if how is _BEGIN and begin_wrapped:
-        # Where the user called Session.begin(): the caller of our wrapper, when it is user
-        # code (not sessionmaker.begin(), a txguard unit, or a generated proxy).
-        try:
-            wrapper: Any = sys._getframe(_begin_depth)
-        except ValueError:
-            wrapper = None
-        if wrapper is None or wrapper.f_code is not _BEGIN_CODE:
-            wrapper = _find_begin_wrapper()
-        caller = None if wrapper is None else wrapper.f_back  # None first in a greenlet
-        if caller is not None and is_user_frame(caller):
-            where = (caller.f_code, caller.f_lineno)
-    elif how is not _AUTOBEGIN and how is not _BEGIN:
+    if how is _BEGIN:
+        unit = session.__dict__.get("_txguard_unit")
+        if unit is not None:
+            where = unit.begins_at()  # a txguard unit beginning its own transaction
+        if where is None and begin_wrapped:
+            where = _begin_caller()
+    elif how is not _AUTOBEGIN:
         return  # savepoints and flush subtransactions belong to the root transaction
     if where is None:
         origin = capture(1)
@@ -243,8 +255,8 @@ def on_transaction_end(session: Session, transaction: SessionTransaction) -> Non
     if watch_age and open_transactions.pop(id(record), None) is not None:
         if monotonic() - record.began >= age_threshold:
             log_end(record)
-    if record.thread != get_ident() or record.task is not None:
-        check_use(session, record, "ends its transaction (commit, rollback or close)")
+    if record.task is not None:
+        check_task(session, record, _ENDS)
 
 
 def on_orm_execute(state: ORMExecuteState) -> None:
@@ -252,8 +264,8 @@ def on_orm_execute(state: ORMExecuteState) -> None:
     session = state.session
     record = session.__dict__.get(KEY)
     if record is not None and record.active:
-        if record.thread != get_ident() or record.task is not None:
-            check_use(session, record, "runs a statement")
+        if record.task is not None:
+            check_task(session, record, _STATEMENT)
     elif not session.in_transaction():
         global _pending
         cfg = shared.settings
@@ -264,27 +276,95 @@ def on_orm_execute(state: ORMExecuteState) -> None:
 def on_before_flush(session: Session, flush_context: object, instances: object) -> None:
     record = session.__dict__.get(KEY)
     if record is not None and record.active:
-        if record.thread != get_ident() or record.task is not None:
-            check_use(session, record, "flushes")
+        if record.task is not None:
+            check_task(session, record, _FLUSHES)
 
 
-# Who uses the Session.
+# Who uses the Session: threads.
+
+_STATEMENT: Final = "runs a statement"
+_FLUSHES: Final = "flushes"
+_ENDS: Final = "ends its transaction (commit, rollback or close)"
+
+# The Session methods the cross_thread guard wraps, and what a call of each does.
+THREAD_WATCHED: Final = {
+    "execute": _STATEMENT,
+    "scalar": _STATEMENT,
+    "scalars": _STATEMENT,
+    "flush": _FLUSHES,
+    "commit": _ENDS,
+    "rollback": _ENDS,
+    "close": _ENDS,
+}
+
+# id(session) -> ident of the thread inside one of its watched methods right now. A forked
+# child has only the thread that forked: the others are inside nothing there.
+_inside: dict[int, int] = {}
+os.register_at_fork(after_in_child=_inside.clear)
 
 
-def check_use(session: Session, record: SessionRecord, operation: str) -> None:
-    """Report use from another thread, or from another task while the owner runs."""
+def watch_threads(original: Callable[..., Any], operation: str) -> Callable[..., Any]:
+    """Wrap the Session method ``original`` so that it notes which thread is inside it.
+
+    A call that finds another thread inside the same Session is concurrent use, the real
+    hazard, and is reported; a call after the other thread came out is a hand-over
+    (FastAPI's sync dependencies run setup, endpoint and cleanup in three worker threads)
+    and is not. No lock: two threads entering in the same instant may go unseen.
+    """
+
+    def guarded(self: Session, *args: Any, **kwargs: Any) -> Any:
+        key = id(self)
+        me = get_ident()
+        inside = _inside.get(key)
+        if inside is None:
+            _inside[key] = me
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                _inside.pop(key, None)
+        if inside != me:
+            _concurrent_threads(self, inside, operation)
+        return original(self, *args, **kwargs)
+
+    guarded.__name__ = original.__name__
+    guarded.__qualname__ = original.__qualname__
+    guarded.__doc__ = original.__doc__
+    return guarded
+
+
+def _concurrent_threads(session: Session, inside: int, operation: str) -> None:
     cfg = shared.settings
-    if cfg is None or record.gen != shared.generation:
+    if cfg is None or cfg.cross_thread == OFF:
         return
-    if record.thread != get_ident():
-        level = cfg.cross_thread
+    record = record_of(session)
+    if cfg.cross_thread != ERROR and record is not None:
         warned = getattr(record, "warned", 0)
-        if level != OFF and (level == ERROR or not warned & WARNED_THREAD):
-            record.warned = warned | WARNED_THREAD
-            report(level, CrossThreadWarning, _cross_thread_message(record, operation))
+        if warned & WARNED_THREAD:
+            return
+        record.warned = warned | WARNED_THREAD
+    began = "" if record is None else f"; its transaction was {record.describe()}"
+    report(
+        cfg.cross_thread,
+        CrossThreadWarning,
+        f"A Session {operation} at {capture(2)} in thread {describe_thread(get_ident())} "
+        f"while thread {describe_thread(inside)} is inside it (running a statement, "
+        f"flushing or ending the transaction){began}. A Session is not thread-safe: give "
+        "each thread its own (e.g. `with Session(engine) as session:` inside the thread's "
+        "function, or txguard.unit_of_work()), or let one thread finish with it before "
+        "another takes it over.",
+    )
+
+
+# Who uses the Session: tasks.
+
+
+def check_task(session: Session, record: SessionRecord, operation: str) -> None:
+    """Report use from another task while the task that began the transaction runs."""
+    cfg = shared.settings
+    if cfg is None or record.gen != shared.generation or cfg.cross_task == OFF:
         return
     owner_ref = record.task
-    if owner_ref is None or cfg.cross_task == OFF:
+    if owner_ref is None or record.thread != get_ident():
         return
     task = current_task()
     owner = owner_ref()
@@ -304,35 +384,46 @@ def check_use(session: Session, record: SessionRecord, operation: str) -> None:
 
 
 def _awaits(owner: asyncio.Task[Any], task: asyncio.Task[Any]) -> bool:
-    """Say whether ``owner`` waits for ``task`` alone, in library code that started it.
+    """Say whether ``owner`` is suspended awaiting ``task`` alone, in library code that started it.
 
     SQLAlchemy closes (and commits) an ``async with`` session in a task of its own that the
-    owner awaits, txguard settles async units the same way, and ``asyncio.wait_for`` (before
-    Python 3.12) runs its awaitable in a task: the owner is suspended until that task ends,
-    so the session is handed over, not shared. Found by walking the owner's chain of
-    suspended coroutines for a library frame holding ``task`` itself.
+    owner awaits, shielded; txguard settles async units the same way, and
+    ``asyncio.wait_for`` (before Python 3.12) runs its awaitable in a task: the owner is
+    suspended until that task ends, so the session is handed over, not shared. Found by
+    following the owner's chain of awaits to its innermost frame, which must be a library
+    frame holding ``task`` itself. The chain passes through the async generators of
+    ``@asynccontextmanager`` (FastAPI's dependencies with ``yield``) too.
     """
-    coro: Any = owner.get_coro()
-    for _ in range(200):
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+    awaiting: Any = owner.get_coro()
+    innermost = None
+    for _ in range(500):
+        frame, awaiting = _awaited_by(awaiting)
         if frame is None:
-            return False
-        if _is_library(frame.f_code.co_filename):
-            if any(value is task for value in frame.f_locals.values()):
-                return True
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    return False
+            break
+        innermost = frame
+    if innermost is None or not _is_library(innermost.f_code.co_filename):
+        return False
+    return any(value is task for value in innermost.f_locals.values())
 
 
-def _cross_thread_message(record: SessionRecord, operation: str) -> str:
-    return (
-        f"A Session {operation} at {capture(1)} in thread {describe_thread(get_ident())}, "
-        f"but its transaction was {record.describe()} in thread "
-        f"{describe_thread(record.thread)}. A Session is not thread-safe: give each thread "
-        "its own (e.g. `with Session(engine) as session:` inside the thread's function, or "
-        "txguard.unit_of_work()), or end the transaction (commit, roll back or close) "
-        "before another thread takes the Session over."
-    )
+def _awaited_by(awaitable: object) -> tuple[FrameType | None, object]:
+    """Return the frame of a suspended awaitable and what that frame awaits in turn."""
+    if isinstance(awaitable, CoroutineType):
+        return awaitable.cr_frame, awaitable.cr_await
+    if isinstance(awaitable, GeneratorType):
+        return awaitable.gi_frame, awaitable.gi_yieldfrom
+    if isinstance(awaitable, AsyncGeneratorType):
+        return awaitable.ag_frame, awaitable.ag_await
+    if awaitable is not None and type(awaitable).__name__ in _ASYNC_GENERATOR_STEPS:
+        # What `async for` and @asynccontextmanager await (agen.asend(), agen.athrow()) has
+        # no attribute naming its generator; the garbage collector's references do.
+        for referent in gc.get_referents(awaitable):
+            if isinstance(referent, AsyncGeneratorType):
+                return referent.ag_frame, referent.ag_await
+    return None, None
+
+
+_ASYNC_GENERATOR_STEPS: Final = frozenset({"async_generator_asend", "async_generator_athrow"})
 
 
 def _cross_task_message(

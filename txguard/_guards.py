@@ -2,14 +2,15 @@
 
 ``install()`` attaches class-level listeners (SessionEvents on ``Session``, PoolEvents on
 ``Pool``) and wraps ``Session.begin`` and ``Connection.begin`` (and, for the leak guard's
-reports, ``Session.__init__``: see ``_creation``), places with no event to listen to; every
-Session, AsyncSession, Connection and AsyncConnection is then watched, whoever made it.
-Only what the chosen guards need is attached. ``uninstall()`` removes all of it and puts
-the original functions back into the class dictionaries, so plain SQLAlchemy behaviour
-returns. txguard's pytest plugin asks for levels on top of the application's own
-installation with ``require()``: the stricter level of each guard is in force. The checks
-themselves live in ``_guard_sessions`` and ``_guard_connections``; what they share, in
-``_guard_records``.
+reports, ``Session.__init__``: see ``_creation``), places with no event to listen to, and
+for cross_thread the Session methods that run statements or end transactions (no event
+marks where a call ends); every Session, AsyncSession, Connection and AsyncConnection is
+then watched, whoever made it. Only what the chosen guards need is attached.
+``uninstall()`` removes all of it and puts the original functions back into the class
+dictionaries, so plain SQLAlchemy behaviour returns. txguard's pytest plugin asks for
+levels on top of the application's own installation with ``require()``: the stricter
+level of each guard is in force. The checks themselves live in ``_guard_sessions`` and
+``_guard_connections``; what they share, in ``_guard_records``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
+from functools import partial
 from time import monotonic
 from typing import Any, cast
 
@@ -46,9 +48,11 @@ __all__ = ["install", "uninstall"]
 
 _lock = threading.RLock()
 
-# (target, event name, listener) currently attached, and patched (class, name) -> original.
+# (target, event name, listener) currently attached; patched (class, name) -> (original,
+# our wrapper). A wanted patch is a function that makes the wrapper from the original.
 _listening: set[tuple[type, str, Callable[..., Any]]] = set()
-_patched: dict[tuple[type, str], Any] = {}
+_patched: dict[tuple[type, str], tuple[Any, Any]] = {}
+_Patches = dict[tuple[type, str], Callable[[Any], Any]]
 _sweeper: _Sweeper | None = None
 _added_filters: list[tuple[Any, ...]] = []
 # What install() asked for (None: nothing, or uninstall()), and the levels required on top of
@@ -206,10 +210,9 @@ def _wanted_listeners(cfg: Settings) -> set[tuple[type, str, Callable[..., Any]]
         return wanted
     wanted.add((Session, "after_transaction_create", sessions.on_transaction_create))
     wanted.add((Session, "after_transaction_end", sessions.on_transaction_end))
-    users = on & {"cross_thread", "cross_task"}
-    if users or "mixed_begin" in on:
+    if "cross_task" in on or "mixed_begin" in on:
         wanted.add((Session, "do_orm_execute", sessions.on_orm_execute))
-    if users:
+    if "cross_task" in on:
         wanted.add((Session, "before_flush", sessions.on_before_flush))
     if "leaks" in on:
         wanted.add((Pool, "checkout", connections.on_checkout))
@@ -218,18 +221,29 @@ def _wanted_listeners(cfg: Settings) -> set[tuple[type, str, Callable[..., Any]]
     return wanted
 
 
-def _wanted_patches(cfg: Settings) -> dict[tuple[type, str], Any]:
-    wanted: dict[tuple[type, str], Any] = {}
+def _wanted_patches(cfg: Settings) -> _Patches:
+    wanted: _Patches = {}
     if cfg.mixed_begin != OFF:
-        wanted[(Session, "begin")] = sessions.begin
+        wanted[(Session, "begin")] = _begin_of(sessions)
     if cfg.mixed_begin != OFF or cfg.leaks != OFF or cfg.long_transaction is not None:
-        wanted[(Connection, "begin")] = connections.begin
+        wanted[(Connection, "begin")] = _begin_of(connections)
+    if cfg.cross_thread != OFF:
+        for name, operation in sessions.THREAD_WATCHED.items():
+            wanted[(Session, name)] = partial(sessions.watch_threads, operation=operation)
     return wanted
 
 
-def _attach(
-    listeners: set[tuple[type, str, Callable[..., Any]]], patches: dict[tuple[type, str], Any]
-) -> None:
+def _begin_of(module: Any) -> Callable[[Any], Any]:
+    """The begin() wrapper of ``module``, which calls the original it is given."""
+
+    def make(original: Any) -> Any:
+        module.original_begin = original
+        return module.begin
+
+    return make
+
+
+def _attach(listeners: set[tuple[type, str, Callable[..., Any]]], patches: _Patches) -> None:
     """Make what is attached exactly ``listeners`` and ``patches``.
 
     What is attached is checked, not remembered: something else may have removed our
@@ -246,32 +260,29 @@ def _attach(
     _listening.update(listeners)
     for patch in [p for p in _patched if p not in patches]:
         _unpatch(patch)
-    for patch, wrapper in patches.items():
+    for patch, make in patches.items():
         cls, name = patch
         if patch not in _patched:
-            _patch(patch, wrapper)
-        elif cls.__dict__.get(name) is _patched[patch]:  # the original was put back
-            setattr(cls, name, wrapper)
+            _patch(patch, make)
+        elif cls.__dict__.get(name) is _patched[patch][0]:  # the original was put back
+            setattr(cls, name, _patched[patch][1])
 
 
-def _patch(key: tuple[type, str], wrapper: Callable[..., Any]) -> None:
+def _patch(key: tuple[type, str], make: Callable[[Any], Any]) -> None:
     cls, name = key
     original = cls.__dict__[name]
-    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
-    if cls is Session:
-        sessions.original_begin = original
-    else:
-        connections.original_begin = original
-    _patched[key] = original
+    wrapper = make(original)
+    wrapper.__wrapped__ = original
+    _patched[key] = (original, wrapper)
     setattr(cls, name, wrapper)
 
 
 def _unpatch(key: tuple[type, str]) -> None:
     cls, name = key
-    original = _patched.pop(key)
+    original, wrapper = _patched.pop(key)
     # Put the original back only if our wrapper is still there: someone who wrapped it
     # after us keeps their wrapper, and ours then passes straight through.
-    if cls.__dict__.get(name) in (sessions.begin, connections.begin):
+    if cls.__dict__.get(name) is wrapper:
         setattr(cls, name, original)
 
 

@@ -20,6 +20,7 @@ import sqlalchemy
 __all__ = [
     "Origin",
     "capture",
+    "code_origin",
     "is_user_frame",
     "parent_greenlet",
     "shorten_sql",
@@ -223,6 +224,15 @@ def line_of(code: CodeType, offset: int) -> int:
 
 _UNKNOWN: Final = Origin(())
 _new_origin = object.__new__
+
+
+def code_origin(code: CodeType, offset: int) -> Origin:
+    """Return the Origin of the instruction at ``offset`` of ``code``, its line looked up
+    only if it is shown."""
+    origin = _new_origin(_CallerOrigin)
+    origin.code = code
+    origin.offset = offset
+    return origin
 
 
 def caller_origin(frame: FrameType) -> Origin:

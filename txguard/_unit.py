@@ -31,7 +31,15 @@ from ._errors import (
     UnexpectedRollbackError,
 )
 from ._options import OPTION_NAMES, PLAIN_SESSION, Mode, Propagation, UnitOptions, unit_options
-from ._origin import Origin, _is_library, _user_files, caller_origin, line_of, warn_at_user
+from ._origin import (
+    Origin,
+    _is_library,
+    _user_files,
+    caller_origin,
+    code_origin,
+    line_of,
+    warn_at_user,
+)
 from ._registry import SessionRegistry, UnitState, live, resolve
 from ._retry import mark_after_commit
 from ._sessions import first_change
@@ -141,6 +149,18 @@ class Unit:
         if origin is None:
             origin = self._origin = Origin(((self._code, line_of(self._code, self._offset)),))
         return origin
+
+    def begins_at(self) -> Origin | None:
+        """Where the transaction being begun on this unit's session began, for the guards.
+
+        A begin-once unit begins its transaction itself at its ``with`` line (a user's
+        session.begin() is refused before it begins), so the guards need not walk the
+        stack for it; other units answer None.
+        """
+        if self.mode is not _BEGIN_ONCE:
+            return None
+        origin = self._origin
+        return code_origin(self._code, self._offset) if origin is None else origin
 
     @property
     def scope(self) -> Unit:
@@ -334,6 +354,7 @@ def open_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
     unit.session = session
     unit.sync = sync
     unit.base = base
+    sync._txguard_unit = unit  # type: ignore[attr-defined]  # before begin: the guards ask it
     if key is PLAIN_SESSION:
         unit.transaction = base.begin(sync)
     else:
@@ -344,7 +365,6 @@ def open_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
             unit.transaction = base.begin(sync)
         if key[2] is not None:
             unit.isolation_level = key[2]
-    sync._txguard_unit = unit  # type: ignore[attr-defined]
     return unit
 
 
