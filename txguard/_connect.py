@@ -10,7 +10,14 @@ from sqlalchemy.engine import Connection, RootTransaction
 from sqlalchemy.util import greenlet_spawn
 
 from ._errors import ConfigurationError, DisciplineError, UncommittedWorkWarning
-from ._failures import Failure, connection_savepoints, first_failure, own_connection
+from ._failures import (
+    Failure,
+    aborted,
+    aborted_error,
+    connection_savepoints,
+    first_failure,
+    own_connection,
+)
 from ._options import Mode, _isolation, choice
 from ._origin import Origin, caller_origin, capture, shorten_sql, warn_at_user
 from ._registry import SessionRegistry, resolve
@@ -73,6 +80,12 @@ class _Held:
                 "was refused",
                 "the transaction has been rolled back",
             )
+        if aborted(conn):
+            type(conn).rollback(conn)
+            raise aborted_error(
+                f"conn.commit() in the commit-as-you-go connection opened at {self.where} "
+                "was refused"
+            )
         type(conn).commit(conn)
 
     def forget(self, conn: Connection) -> None:
@@ -121,6 +134,9 @@ def _settle(held: _Held, exc: BaseException | None) -> tuple[str | None, BaseExc
                     f"The connection opened at {held.where} could not commit",
                     "its transaction has been rolled back",
                 )
+            elif aborted(conn):
+                transaction.rollback()
+                error = aborted_error(f"The connection opened at {held.where} could not commit")
             else:
                 try:
                     transaction.commit()

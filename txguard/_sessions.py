@@ -21,7 +21,6 @@ from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, session
 from sqlalchemy.sql.elements import TextClause
 
 from ._errors import ConfigurationError, ReadOnlyTransactionError
-from ._failures import track_session
 from ._origin import capture, shorten_sql
 
 if TYPE_CHECKING:
@@ -187,7 +186,6 @@ def _variant(cls: type[Session], commit_as_you_go: bool, read_only: bool) -> typ
         pass
     namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
     variant: type[Session] = type(cls.__name__, (cls,), {**namespace, **_guarded_methods(cls)})
-    event.listen(variant, "after_begin", track_session)
     if commit_as_you_go:
         event.listen(variant, "transient_to_pending", _note_pending)
         event.listen(variant, "after_flush", _note_flush)

@@ -27,7 +27,7 @@ from ._errors import (
     UncommittedWorkWarning,
     UnexpectedRollbackError,
 )
-from ._failures import Failure, first_failure, session_savepoints
+from ._failures import Failure, aborted, aborted_error, first_failure, session_savepoints
 from ._options import OPTION_NAMES, PLAIN_SESSION, Mode, Propagation, UnitOptions, unit_options
 from ._origin import Origin, _is_library, _user_files, caller_origin, line_of, warn_at_user
 from ._registry import SessionRegistry, resolve
@@ -213,12 +213,14 @@ class Unit:
             self.failures = ()
             run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
             raise error
-        try:
-            self.base.commit(sync)
-        except UnexpectedRollbackError:  # PostgreSQL had aborted the transaction: see _failures
+        if aborted(sync.get_transaction()):
             self.base.rollback(sync)
             run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
-            raise
+            raise aborted_error(
+                f"session.commit() in the commit-as-you-go unit opened at {self.where} was "
+                "refused"
+            )
+        self.base.commit(sync)
         run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=False)
 
     def session_rollback(self) -> None:
@@ -476,6 +478,10 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
             _rollback(transaction, exc)
             if exc is None:
                 error = _deactivated(unit)
+        elif aborted(transaction):
+            _rollback(transaction, exc)
+            if exc is None:
+                error = aborted_error(f"The unit opened at {unit.where} could not commit")
         else:
             try:
                 transaction.commit()
