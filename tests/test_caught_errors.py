@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -64,7 +65,7 @@ def test_caught_statement_error_makes_the_unit_raise(
 def test_the_error_names_the_failed_line_and_sql_and_chains_the_cause(
     registry: txguard.SessionRegistry,
 ) -> None:
-    """The message names the failed statement's line, its SQL and the fix; __cause__ is the error."""
+    """The message names the failed line, its SQL and the fix; __cause__ is the error."""
     with pytest.raises(txguard.UnexpectedRollbackError) as info:
         with txguard.unit_of_work() as session:
             try:
@@ -139,6 +140,19 @@ def test_an_error_through_the_sessions_connection_counts(
     assert names(seeded) == ["seed"]
 
 
+def test_a_failure_where_the_unit_is_not_current_still_dooms_it(
+    registry: txguard.SessionRegistry, seeded: sa.Engine
+) -> None:
+    """A unit's session failing in a worker thread, where no unit is current, dooms the unit."""
+    with pytest.raises(txguard.UnexpectedRollbackError):
+        with txguard.unit_of_work() as session:
+            session.add(Item(name="lost"))
+            session.flush()
+            with ThreadPoolExecutor(1) as pool:
+                pool.submit(fail, session).result()
+    assert names(seeded) == ["seed"]
+
+
 def test_a_requires_new_unit_keeps_its_own_mark(
     registry: txguard.SessionRegistry, seeded: sa.Engine
 ) -> None:
@@ -164,6 +178,18 @@ def test_sessions_txguard_did_not_open_are_unaffected(
         savepoint.rollback()
         session.commit()
     assert names(seeded) == ["plain", "seed"]
+
+
+def test_no_rollback_for_cannot_commit_after_a_failed_statement(
+    registry: txguard.SessionRegistry, seeded: sa.Engine
+) -> None:
+    """A database error selected by no_rollback_for still rolls back: it doomed the transaction."""
+    with pytest.raises(IntegrityError):
+        with txguard.unit_of_work(no_rollback_for=IntegrityError) as session:
+            session.add(Item(name="lost"))
+            session.flush()
+            session.execute(DUPLICATE, {"id": TAKEN, "name": SECRET})
+    assert names(seeded) == ["seed"]
 
 
 # Savepoints.
@@ -438,7 +464,7 @@ async def test_async_failed_nested_unit_contains_the_error(
 async def test_async_commit_as_you_go_commit_raises_and_rollback_clears(
     async_registry: txguard.SessionRegistry, async_db: AsyncDatabase
 ) -> None:
-    """In an async commit-as-you-go unit, commit() after a caught failure raises; rollback() clears."""
+    """An async commit-as-you-go commit() after a caught failure raises; rollback() clears."""
     async with txguard.unit_of_work(mode="commit_as_you_go") as session:
         session.add(Item(name="lost"))
         await session.flush()
@@ -466,20 +492,24 @@ async def test_async_connect_raises_after_a_caught_error(async_db: AsyncDatabase
     assert names(async_db.sync) == ["seed"]
 
 
-async def test_async_psycopg_refuses_to_commit_an_aborted_transaction(
-    async_registry: txguard.SessionRegistry, async_db: AsyncDatabase
-) -> None:
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_async_psycopg_refuses_to_commit_an_aborted_transaction(seeded: sa.Engine) -> None:
     """With psycopg async, an error on the raw driver connection makes the unit raise."""
-    if async_db.engine.dialect.driver != "psycopg":
-        pytest.skip("the server's transaction status is read through psycopg")
-    with pytest.raises(txguard.UnexpectedRollbackError, match="aborted"):
-        async with txguard.unit_of_work() as session:
-            session.add(Item(name="lost"))
-            await session.flush()
-            connection = await session.connection()
-            raw = await connection.get_raw_connection()
-            try:
-                await raw.driver_connection.execute("SELECT 1/0")
-            except Exception:
-                pass
-    assert names(async_db.sync) == ["seed"]
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(seeded.url.set(drivername="postgresql+psycopg_async"))
+    registry = txguard.SessionRegistry(engine)
+    try:
+        with pytest.raises(txguard.UnexpectedRollbackError, match="aborted"):
+            async with registry.unit_of_work() as session:
+                session.add(Item(name="lost"))
+                await session.flush()
+                connection = await session.connection()
+                raw = await connection.get_raw_connection()
+                try:
+                    await raw.driver_connection.execute("SELECT 1/0")
+                except Exception:  # psycopg's DivisionByZero, unseen by SQLAlchemy
+                    pass
+    finally:
+        await engine.dispose()
+    assert names(seeded) == ["seed"]

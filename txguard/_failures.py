@@ -23,7 +23,8 @@ A failure SQLAlchemy never saw (one on a raw DBAPI cursor) is caught on PostgreS
 psycopg 3 and psycopg2: before a unit commits, the driver's transaction status says
 whether the server aborted the transaction, as pgjdbc checks the COMMIT's reply.
 
-Everything private of SQLAlchemy that txguard reads is read in this module.
+The private SQLAlchemy state this needs (the registry of live sessions, the connections of
+a session's transaction, the savepoint around a savepoint) is read here and nowhere else.
 """
 
 from __future__ import annotations
@@ -154,7 +155,9 @@ def _wrap(execute: Callable[..., None], dialect: Dialect, params: bool) -> Calla
 
 def _statement_failed(error: Exception, statement: str, context: ExecutionContext) -> None:
     connection = context.root_connection
-    holder = _holders.get(connection) or _unit_of(connection)
+    holder = _holders.get(connection)
+    if holder is None:
+        holder = _unit_of(connection)
     if holder is None:
         return
     compiled = context.compiled
@@ -174,9 +177,11 @@ def _statement_failed(error: Exception, statement: str, context: ExecutionContex
 def _unit_of(connection: Connection) -> Holder | None:
     """Return the unit whose session holds ``connection``: SQLAlchemy's live sessions are
     searched, newest first (a session a unit opened carries its unit while it runs)."""
-    for session in reversed(list(orm_session._sessions.values())):
-        unit: Holder | None = vars(session).get("_txguard_unit")
-        if unit is not None:
+    # valuerefs() copies the registry in one step: other threads may add sessions meanwhile.
+    for ref in reversed(orm_session._sessions.valuerefs()):
+        session = ref()
+        unit: Holder | None = None if session is None else vars(session).get("_txguard_unit")
+        if session is not None and unit is not None:
             root = session.get_transaction()
             if root is not None and connection in root._connections:
                 return unit

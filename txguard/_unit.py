@@ -35,9 +35,9 @@ from ._sessions import FIRST_CHANGE
 
 if TYPE_CHECKING:
     from contextvars import ContextVar
+    from types import CodeType, TracebackType
 
     from sqlalchemy.engine import Connection
-    from types import CodeType, TracebackType
 
 __all__ = ["Unit", "UnitOfWork", "open_unit", "settle", "unit_of_work"]
 
