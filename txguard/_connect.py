@@ -11,12 +11,20 @@ from sqlalchemy.util import greenlet_spawn
 
 from ._describe import describe
 from ._errors import ConfigurationError, DisciplineError, UncommittedWorkWarning
+from ._failures import (
+    Failure,
+    aborted,
+    aborted_error,
+    connection_savepoints,
+    first_failure,
+    own_connection,
+)
 from ._options import Mode, _isolation, choice
 from ._origin import Origin, caller_origin, capture, shorten_sql, warn_at_user
 from ._registry import SessionRegistry, check_registry, resolve
 from ._sessions import refuse_autocommit
 from ._statements import is_write_execution
-from ._unit import run_to_completion
+from ._unit import caught_failure, run_to_completion
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -30,7 +38,7 @@ _BEGIN_ONCE = Mode.BEGIN_ONCE
 class _Held:
     """A connection while a ``connect()`` block holds it."""
 
-    __slots__ = ("conn", "mode", "transaction", "where", "first_write", "first_sql")
+    __slots__ = ("conn", "mode", "transaction", "where", "first_write", "first_sql", "failures")
 
     def __init__(self, conn: Connection, mode: Mode, where: Origin) -> None:
         self.conn = conn
@@ -39,6 +47,7 @@ class _Held:
         self.transaction: RootTransaction | None = None
         self.first_write: Origin | None = None
         self.first_sql: str | None = None
+        self.failures: list[Failure] | tuple[Failure, ...] = ()  # caught ones: see _failures
 
     def refuse(self, *args: Any, **kwargs: Any) -> None:
         raise DisciplineError(
@@ -58,8 +67,32 @@ class _Held:
             compiled = getattr(context, "compiled", None)
             self.first_sql = shorten_sql(compiled.string if compiled is not None else statement)
 
+    def savepoints(self, connection: Connection) -> tuple[object, ...]:
+        return connection_savepoints(connection)
+
+    def commit(self) -> None:
+        """``conn.commit()`` of a commit-as-you-go block: refused after a caught failure."""
+        conn = self.conn
+        failure = first_failure(self)
+        if failure is not None:
+            type(conn).rollback(conn)
+            raise caught_failure(
+                failure,
+                f"conn.commit() in the commit-as-you-go connection opened at {self.where} "
+                "was refused",
+                "the transaction has been rolled back",
+            )
+        if aborted(conn):
+            type(conn).rollback(conn)
+            raise aborted_error(
+                f"conn.commit() in the commit-as-you-go connection opened at {self.where} "
+                "was refused"
+            )
+        type(conn).commit(conn)
+
     def forget(self, conn: Connection) -> None:
         self.first_write = self.first_sql = None
+        self.failures = ()
 
 
 def _open(engine: Engine, mode: Mode, isolation_level: str | None, where: Origin) -> _Held:
@@ -68,11 +101,13 @@ def _open(engine: Engine, mode: Mode, isolation_level: str | None, where: Origin
         if isolation_level is not None:
             conn.execution_options(isolation_level=isolation_level)
         held = _Held(conn, mode, where)
+        own_connection(conn, held)
         if mode is _BEGIN_ONCE:
             held.transaction = type(conn).begin(conn)
             d = conn.__dict__
             d["commit"] = d["rollback"] = d["begin"] = d["close"] = held.refuse
         else:
+            conn.__dict__["commit"] = held.commit
             event.listen(conn, "before_cursor_execute", held.note_statement)
             event.listen(conn, "commit", held.forget)
             event.listen(conn, "rollback", held.forget)
@@ -94,6 +129,16 @@ def _settle(held: _Held, exc: BaseException | None) -> tuple[str | None, BaseExc
         if transaction is not None:
             if exc is not None or not transaction.is_active:
                 transaction.rollback()
+            elif (failure := first_failure(held)) is not None:
+                transaction.rollback()
+                error = caught_failure(
+                    failure,
+                    f"The connection opened at {held.where} could not commit",
+                    "its transaction has been rolled back",
+                )
+            elif aborted(conn):
+                transaction.rollback()
+                error = aborted_error(f"The connection opened at {held.where} could not commit")
             else:
                 try:
                     transaction.commit()

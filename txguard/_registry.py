@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from . import _sessions
 from ._describe import describe, option_value
 from ._errors import ConfigurationError, TransactionRequiredError
+from ._failures import install_failure_tracking
 from ._sqlite import install_sqlite_transactions
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class SessionRegistry:
         self.base_class = self._base.sync_class
         for engine in self.engines:
             install_sqlite_transactions(engine)
+            install_failure_tracking(engine)
         self._factories: dict[tuple[bool, bool, str | None], Callable[[], Any]] = {}
         self._external_bind: Any = None
         self._unit_defaults: UnitOptions | None = None  # the options of unit_of_work()

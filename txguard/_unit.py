@@ -30,6 +30,7 @@ from ._errors import (
     UncommittedWorkWarning,
     UnexpectedRollbackError,
 )
+from ._failures import Failure, aborted, aborted_error, first_failure, session_savepoints
 from ._options import OPTION_NAMES, PLAIN_SESSION, Mode, Propagation, UnitOptions, unit_options
 from ._origin import (
     Origin,
@@ -47,6 +48,8 @@ from ._sessions import first_change
 if TYPE_CHECKING:
     from contextvars import ContextVar, Token
     from types import CodeType, TracebackType
+
+    from sqlalchemy.engine import Connection
 
 __all__ = [
     "Unit", "UnitOfWork", "adopt", "aend", "end", "open_unit", "push", "settle", "unit_of_work",
@@ -113,7 +116,7 @@ class Unit:
         "opts", "_origin", "_code", "_offset", "kind", "mode", "owner", "parent",
         "registry", "transaction", "transactional", "isolation_level", "callbacks",
         "rollback_only", "rollback_cause", "rollback_site", "rollback_unit", "committing",
-        "session", "sync", "base", "state", "previous", "thread", "ended_by",
+        "session", "sync", "base", "state", "previous", "thread", "ended_by", "failures",
     )
 
     opts: UnitOptions
@@ -141,6 +144,7 @@ class Unit:
     previous: Unit | None  # the unit that was current when it was opened
     thread: int  # the ident of the thread that may use it (see adopt)
     ended_by: Unit | None  # set when it is ORPHANED: the unit around it that ended first
+    failures: list[Failure] | tuple[Failure, ...]  # caught statement failures (see _failures)
 
     @property
     def where(self) -> Origin:
@@ -190,6 +194,10 @@ class Unit:
         wanted = ON_COMMIT if committed else ON_ROLLBACK
         return [cb for cb in callbacks if cb.when == wanted or cb.when == ALWAYS]
 
+    def savepoints(self, connection: Connection) -> tuple[object, ...]:
+        """The savepoints of this unit's session, innermost first (see _failures)."""
+        return session_savepoints(self.sync)
+
     def mark_rollback_only(self, cause: BaseException, unit: Origin) -> None:
         if not self.rollback_only:
             self.rollback_only = True
@@ -226,13 +234,29 @@ class Unit:
                 "unit commits. Remove the call, or give this unit mode='commit_as_you_go'."
             )
         sync = self.sync
-        if self.rollback_only:
+        if self.rollback_only or self.failures:
             self.base.rollback(sync)
-            error = unexpected_rollback(self)
+            if self.rollback_only:
+                error = unexpected_rollback(self)
+            else:
+                error = caught_failure(
+                    self.failures[0],
+                    f"session.commit() in the commit-as-you-go unit opened at {self.where} "
+                    "was refused",
+                    "the transaction has been rolled back",
+                )
             self.rollback_only = False
+            self.failures = ()
             run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
             raise error
         transaction = sync.get_transaction()
+        if aborted(transaction):
+            self.base.rollback(sync)
+            run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
+            raise aborted_error(
+                f"session.commit() in the commit-as-you-go unit opened at {self.where} was "
+                "refused"
+            )
         try:
             self.base.commit(sync)
         except BaseException as error:
@@ -250,6 +274,7 @@ class Unit:
             )
         self.base.rollback(self.sync)
         self.rollback_only = False
+        self.failures = ()
         run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=False)
 
     def session_begin(self) -> None:
@@ -365,6 +390,7 @@ def open_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
             unit.transaction = base.begin(sync)
         if key[2] is not None:
             unit.isolation_level = key[2]
+    unit.failures = ()
     return unit
 
 
@@ -488,10 +514,22 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
             _rollback(transaction, exc)
             if exc is None:
                 error = unexpected_rollback(unit)
+        elif unit.failures:
+            _rollback(transaction, exc)
+            if exc is None:
+                error = caught_failure(
+                    unit.failures[0],
+                    f"The unit opened at {unit.where} could not commit",
+                    "its transaction has been rolled back",
+                )
         elif not transaction.is_active:
             _rollback(transaction, exc)
             if exc is None:
                 error = _deactivated(unit)
+        elif aborted(transaction):
+            _rollback(transaction, exc)
+            if exc is None:
+                error = aborted_error(f"The unit opened at {unit.where} could not commit")
         else:
             try:
                 transaction.commit()
@@ -554,6 +592,14 @@ def _settle_savepoint(unit: Unit, exc: BaseException | None) -> BaseException | 
             savepoint.rollback()
             if exc is None:
                 error = unexpected_rollback(unit)
+        elif (failure := first_failure(unit.root, savepoint)) is not None:
+            savepoint.rollback()
+            if exc is None:
+                error = caught_failure(
+                    failure,
+                    f"The savepoint unit opened at {unit.where} could not be released",
+                    "its savepoint has been rolled back",
+                )
         elif not savepoint.is_active:
             savepoint.rollback()
             if exc is None:
@@ -680,6 +726,21 @@ def unexpected_rollback(scope: Unit) -> UnexpectedRollbackError:
         "(propagation='nested') or transaction (propagation='requires_new')."
     )
     error.__cause__ = cause
+    return error
+
+
+def caught_failure(failure: Failure, refused: str, undone: str) -> UnexpectedRollbackError:
+    """Say that a statement failed in a transaction and the error was caught: it cannot commit."""
+    sql = f" running {failure.sql!r}" if failure.sql else ""
+    error = UnexpectedRollbackError(
+        f"{refused}: a statement failed at {failure.site}{sql} with "
+        f"{describe_exception(failure.cause)}, and the error was caught, so {undone}. A "
+        "failed statement dooms the transaction it ran in (PostgreSQL aborts it; other "
+        "databases keep the work around it, half done). Let the exception propagate, or "
+        "run the statement that may fail in its own savepoint, which contains the error "
+        "when it rolls back: a unit with propagation='nested', or session.begin_nested()."
+    )
+    error.__cause__ = failure.cause
     return error
 
 
