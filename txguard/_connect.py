@@ -14,7 +14,7 @@ from ._options import Mode, _isolation, choice
 from ._origin import Origin, caller_origin, capture, shorten_sql, warn_at_user
 from ._registry import SessionRegistry, resolve
 from ._sessions import is_write_sql
-from ._unit import run_to_completion
+from ._unit import completed
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -165,8 +165,9 @@ class ConnectionUnit:
         held, self._held = self._held, None
         if held is None:
             return
-        warning, error = await run_to_completion(greenlet_spawn(_settle, held, exc))
-        _deliver(warning, error, exc)
+        task, cancelled = await completed(greenlet_spawn(_settle, held, exc))
+        warning, error = task.result()
+        _deliver(warning, error if cancelled is None else cancelled, exc)
 
 
 def _deliver(warning: str | None, error: BaseException | None, exc: BaseException | None) -> None:

@@ -11,13 +11,16 @@ functions inside SQLAlchemy's greenlet bridge, exactly as ``AsyncSession`` drive
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy.orm import Session, SessionTransaction
-from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.orm.session import SessionTransactionState
+from sqlalchemy.util import await_only, greenlet_spawn
+from sqlalchemy.util.concurrency import in_greenlet
 
 from ._errors import (
     ConfigurationError,
@@ -246,23 +249,69 @@ class Finish:
         if self.callbacks:
             run_callbacks(self.callbacks, self.committed, in_flight)
 
+    async def adeliver(self, in_flight: bool) -> None:
+        """Deliver for an async unit: the callbacks run in the greenlet bridge, which awaits
+        the async ones (the warning is emitted here, where the user's frames are)."""
+        if self.warning is not None:
+            warn_at_user(self.warning, UncommittedWorkWarning)
+        if self.callbacks:
+            await greenlet_spawn(run_callbacks, self.callbacks, self.committed, in_flight)
+
 
 def run_callbacks(callbacks: list[Callback], committed: bool, in_flight: bool) -> None:
-    """Run callbacks in order; a failure propagates unless robust or another error is in flight."""
+    """Run the callbacks of a transaction's outcome, unless ``capture_on_commit()`` takes them."""
     from ._hooks import intercept
 
     if committed:
         callbacks = intercept(callbacks)
+    call_each(callbacks, "on_commit" if committed else "on_rollback", in_flight)
+
+
+def call_each(callbacks: list[Callback], kind: str, in_flight: bool) -> None:
+    """Run callbacks in order; a failure propagates unless robust or another error is in flight.
+
+    A callback that returns a coroutine (an ``async def`` function, or a lambda calling one)
+    is awaited through SQLAlchemy's greenlet bridge, in order with the others and shielded
+    from cancellation as the COMMIT is: the work it reports has happened. A cancellation
+    that arrives meanwhile is raised once every callback ran. A future or task is already
+    scheduled and is left to run on its own.
+    """
+    cancelled: BaseException | None = None
     for cb in callbacks:
         try:
-            cb.fn()
+            result = cb.fn()
+            if result is not None and inspect.isawaitable(result) and not asyncio.isfuture(result):
+                cancellation = _await_callback(result, cb, kind)
+                if cancellation is not None:
+                    cancelled = cancellation
+                    in_flight = True  # a failure after it is logged, not raised over it
         except Exception:
             if not (cb.robust or in_flight):
                 raise
-            logger.error(
-                "txguard: %s callback %r failed", "on_commit" if committed else "on_rollback",
-                cb.fn, exc_info=True,
-            )
+            logger.error("txguard: %s callback %r failed", kind, cb.fn, exc_info=True)
+    if cancelled is not None:
+        raise cancelled
+
+
+def _await_callback(result: Any, cb: Callback, kind: str) -> BaseException | None:
+    """Await a callback's coroutine in the greenlet bridge; return a cancellation meanwhile."""
+    if not in_greenlet():
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        name = getattr(cb.fn, "__qualname__", type(cb.fn).__name__)
+        raise ConfigurationError(
+            f"The {kind} callback {name} returned a coroutine where nothing can await it: "
+            "after the commit of a sync unit, or at once (on_commit() outside any unit, or "
+            "`with capture_on_commit(execute=True)`). It was closed without running. Register "
+            "a plain function in sync units; async units (and `async with "
+            "capture_on_commit(execute=True)`) await async callbacks; outside a unit, await "
+            "the coroutine yourself."
+        )
+    task: asyncio.Future[Any]
+    task, cancelled = await_only(completed(result))
+    task.result()
+    return cancelled
 
 
 # Opening a unit.
@@ -449,8 +498,11 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
                 transaction.commit()
                 committed = True
             except BaseException as commit_error:
-                unit.committing = True  # for retries: COMMIT may have been sent
-                _rollback(transaction, commit_error)
+                if _commit_went_through(unit, transaction):
+                    committed = True  # an after_commit listener failed, or an interrupt came
+                else:
+                    unit.committing = True  # for retries: COMMIT may have been sent
+                    _rollback(transaction, commit_error)
                 if exc is not None and commit_error.__context__ is None:
                     commit_error.__context__ = exc
                 error = commit_error
@@ -466,6 +518,23 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
     if unit.callbacks:
         return Finish(unit.take_callbacks(committed), committed), error
     return None, error
+
+
+def _commit_went_through(unit: Unit, transaction: SessionTransaction) -> bool:
+    """Say whether the database committed before ``transaction.commit()`` raised.
+
+    SQLAlchemy marks the transaction COMMITTED once every connection committed, then runs
+    the ``after_commit`` listeners and closes it (CLOSED): what fails there, or interrupts
+    it, comes after the data is committed. Before COMMIT it is still ACTIVE or PREPARED (or
+    DEACTIVE after a failed flush); only a two-phase PREPARE that failed closes it too.
+    SessionTransaction has no public flag for this.
+    """
+    state = transaction._state
+    return state is _COMMITTED or (state is _CLOSED and not unit.sync.twophase)
+
+
+_COMMITTED: Final = SessionTransactionState.COMMITTED
+_CLOSED: Final = SessionTransactionState.CLOSED
 
 
 def _rolls_back(unit: Unit, exc: BaseException) -> bool:
@@ -734,7 +803,7 @@ class UnitOfWork(Unit):
             return
         finish, error = await asettle(self, exc)
         if finish is not None:
-            finish.deliver(in_flight=error is not None)
+            await finish.adeliver(in_flight=error is not None)
         if error is not None and error is not exc:
             raise error
 
@@ -866,28 +935,42 @@ async def aopen_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
 async def asettle(
     unit: Unit, exc: BaseException | None
 ) -> tuple[Finish | None, BaseException | None]:
-    """End an async unit; the IO runs to completion even if the task is cancelled meanwhile."""
+    """End an async unit; the IO runs to completion even if the task is cancelled meanwhile.
+
+    A cancellation that arrived becomes the error the unit raises, so the caller still
+    delivers what the unit left (the callbacks of a COMMIT that went through) before it.
+    """
     if unit.kind == JOIN:
         return settle(unit, exc)
-    outcome: tuple[Finish | None, BaseException | None] = await run_to_completion(
-        greenlet_spawn(settle, unit, exc)
-    )
-    return outcome
+    task, cancelled = await completed(greenlet_spawn(settle, unit, exc))
+    finish: Finish | None
+    finish, error = task.result()
+    return finish, error if cancelled is None else cancelled
 
 
-async def run_to_completion(awaitable: Any) -> Any:
-    """Await ``awaitable`` in its own task, shielded; re-raise a cancellation after it ends."""
+async def completed(awaitable: Any) -> tuple[asyncio.Future[Any], BaseException | None]:
+    """Run ``awaitable`` to its end in its own task, shielded from the caller's cancellation.
+
+    Return the finished task (its ``result()`` gives the outcome) and the CancelledError
+    that the caller received meanwhile, if any, for the caller to raise when it is done.
+    """
     task = asyncio.ensure_future(awaitable)
     cancelled: BaseException | None = None
     while True:
         try:
-            result = await asyncio.shield(task)
+            await asyncio.shield(task)
         except asyncio.CancelledError as err:
-            if task.done():
-                raise
-            cancelled = err
-        else:
-            break
+            if not task.cancelled():  # the caller was cancelled, not the task
+                cancelled = err
+                continue
+        except BaseException:
+            pass  # the task holds it, for result()
+        return task, cancelled
+
+
+async def run_to_completion(awaitable: Any) -> Any:
+    """Await ``awaitable`` in its own task, shielded; re-raise a cancellation after it ends."""
+    task, cancelled = await completed(awaitable)
     if cancelled is not None:
         raise cancelled
-    return result
+    return task.result()
