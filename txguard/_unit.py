@@ -901,25 +901,35 @@ def registry_options(registry: SessionRegistry, options: dict[str, Any]) -> Unit
     return options_for(registry=registry, **options)
 
 
-def options_for(**options: Any) -> UnitOptions:
-    """Return the validated options of ``unit_of_work(**options)``, cached when hashable."""
+def options_for(registry: SessionRegistry | None = None, **options: Any) -> UnitOptions:
+    """Return the validated options of ``unit_of_work(**options)``, cached when hashable.
+
+    A registry's options are cached on the registry, so that the cache never keeps a
+    registry (with its engine and pool) alive; the default registry's in this module.
+    """
+    if registry is None:
+        cache = _options_cache
+    elif isinstance(registry, SessionRegistry):
+        cache = registry._options_cache
+    else:
+        return unit_options(registry=registry, **options)  # refuses it, naming what to pass
     # The flags' types are part of the key: 0 == False and 1 == True, but only bools are valid.
     try:
         key = tuple((name, value, type(value)) for name, value in sorted(options.items()))
-        return _options_cache[key]
+        return cache[key]
     except (KeyError, TypeError):
         pass
-    opts = unit_options(**options)
-    if len(_options_cache) < _OPTIONS_CACHE_SIZE:
+    opts = unit_options(registry=registry, **options)
+    if len(cache) < _OPTIONS_CACHE_SIZE:
         try:
-            _options_cache[key] = opts
+            cache[key] = opts
         except TypeError:  # an unhashable option value, e.g. a list of exceptions
             pass
     return opts
 
 
 _OPTIONS_CACHE_SIZE: Final = 256
-_options_cache: dict[tuple[object, ...], UnitOptions] = {}
+_options_cache: dict[tuple[object, ...], UnitOptions] = {}  # of units on the default registry
 
 
 # The asyncio driver: the same functions, run through SQLAlchemy's greenlet bridge.
