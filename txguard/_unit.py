@@ -301,12 +301,11 @@ def _await_callback(result: Any, cb: Callback, kind: str) -> BaseException | Non
             close()
         name = getattr(cb.fn, "__qualname__", type(cb.fn).__name__)
         raise ConfigurationError(
-            f"The {kind} callback {name} returned a coroutine where nothing can await it: "
-            "after the commit of a sync unit, or at once (on_commit() outside any unit, or "
-            "`with capture_on_commit(execute=True)`). It was closed without running. Register "
-            "a plain function in sync units; async units (and `async with "
-            "capture_on_commit(execute=True)`) await async callbacks; outside a unit, await "
-            "the coroutine yourself."
+            f"The {kind} callback {name} returned a coroutine where nothing can await it (a "
+            "sync unit, on_commit() outside any unit, or a plain `with capture_on_commit("
+            "execute=True)`), so it was closed without running. Register a plain function "
+            "there: async units and `async with capture_on_commit(...)` await async "
+            "callbacks, and outside a unit you can await the coroutine yourself."
         )
     task: asyncio.Future[Any]
     task, cancelled = await_only(completed(result))
