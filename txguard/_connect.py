@@ -24,7 +24,7 @@ from ._origin import Origin, caller_origin, capture, shorten_sql, warn_at_user
 from ._registry import SessionRegistry, check_registry, resolve
 from ._sessions import refuse_autocommit
 from ._statements import is_write_execution
-from ._unit import caught_failure, run_to_completion
+from ._unit import caught_failure, completed
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -225,8 +225,9 @@ class ConnectionUnit:
         held, self._held = self._held, None
         if held is None:
             return
-        warning, error = await run_to_completion(greenlet_spawn(_settle, held, exc))
-        _deliver(warning, error, exc)
+        task, cancelled = await completed(greenlet_spawn(_settle, held, exc))
+        warning, error = task.result()
+        _deliver(warning, error if cancelled is None else cancelled, exc)
 
 
 def _deliver(warning: str | None, error: BaseException | None, exc: BaseException | None) -> None:

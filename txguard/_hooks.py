@@ -22,15 +22,24 @@ capturing_callbacks: contextvars.ContextVar[list[Callback] | None] = contextvars
 )
 
 
-def _check(name: str, fn: object) -> None:
+def _check(name: str, fn: object, registry: SessionRegistry) -> None:
+    """Refuse what could never run as a callback of ``registry``'s units."""
     if not callable(fn):
+        if inspect.iscoroutine(fn):
+            fn.close()
+            raise ConfigurationError(
+                f"{name}() needs the function, not the coroutine it returned: pass "
+                f"`{fn.__qualname__}` (or a lambda calling it), not `{fn.__qualname__}()`."
+            )
         raise ConfigurationError(
             f"{name}() needs a callable, not {describe(fn)}; pass the function itself."
         )
-    if inspect.iscoroutinefunction(fn) or inspect.iscoroutine(fn):
+    if not registry.is_async and inspect.iscoroutinefunction(fn):
         raise ConfigurationError(
-            f"{name}() takes a plain callable, not a coroutine function: nothing would await "
-            "it. To start async work after the commit, pass e.g. "
+            f"{name}() got a coroutine function, but the units of {registry!r} are sync: "
+            "nothing would await it. Register it in an async unit (a registry on an "
+            "AsyncEngine awaits async callbacks after the commit), or pass a plain function; "
+            "to start async work on a running event loop, pass e.g. "
             "`lambda: asyncio.get_running_loop().create_task(send_email())`."
         )
 
@@ -43,12 +52,14 @@ def on_commit(
     Outside any transaction ``fn`` runs at once. Inside a savepoint that rolls back, ``fn``
     is dropped. With ``robust=True`` an exception from ``fn`` is logged (logger
     ``txguard``) and the other callbacks still run; otherwise it propagates to the caller
-    after the commit, whose data stays committed.
+    after the commit, whose data stays committed. In an async unit ``fn`` may be an
+    ``async def`` function (or return a coroutine): it is awaited after the commit, in order.
     """
-    _check("on_commit", fn)
+    owner = resolve(registry)
+    _check("on_commit", fn, owner)
     if not isinstance(robust, bool):
         raise ConfigurationError(f"robust={option_value(robust)} is not valid; use True or False.")
-    unit = resolve(registry).current_unit()
+    unit = owner.current_unit()
     if unit is None or not (unit.scope.transactional or unit.sync.in_transaction()):
         run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)
         return
@@ -62,8 +73,9 @@ def on_rollback(fn: Callable[[], object], *, registry: SessionRegistry | None = 
     transaction ends, whatever its outcome: its work is gone either way. Outside any
     transaction there is nothing to roll back and ``fn`` never runs.
     """
-    _check("on_rollback", fn)
-    unit = resolve(registry).current_unit()
+    owner = resolve(registry)
+    _check("on_rollback", fn, owner)
+    unit = owner.current_unit()
     if unit is None:
         return
     unit.scope.add_callback(Callback(fn, ON_ROLLBACK, False))

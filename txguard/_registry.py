@@ -86,6 +86,7 @@ class SessionRegistry:
         self._factories: dict[tuple[bool, bool, str | None], Callable[[], Any]] = {}
         self._external_bind: Any = None
         self._unit_defaults: UnitOptions | None = None  # the options of unit_of_work()
+        self._options_cache: dict[tuple[object, ...], UnitOptions] = {}  # of unit_of_work(...)
 
     def __repr__(self) -> str:
         kind = "async" if self.is_async else "sync"

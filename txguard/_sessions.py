@@ -284,15 +284,26 @@ def _partial(cls: Callable[..., Any], kw: dict[str, Any]) -> Callable[[], Any]:
     return functools.partial(cls, **kw)
 
 
-_variants: dict[tuple[type[Session], bool, bool], type[Session]] = {}
+_variants: weakref.WeakKeyDictionary[
+    type[Session], dict[tuple[bool, bool], weakref.ref[type[Session]]]
+] = weakref.WeakKeyDictionary()
 
 
 def _variant(cls: type[Session], commit_as_you_go: bool, read_only: bool) -> type[Session]:
-    key = (cls, commit_as_you_go, read_only)
-    try:
-        return _variants[key]
-    except KeyError:
-        pass
+    """Return the private subclass of ``cls`` for these options, shared while it is in use.
+
+    Held weakly on both sides (a variant refers to ``cls``, so a strong value would keep
+    the key alive): session classes made at run time, one per ``sessionmaker``, are
+    collected with the registries that use them.
+    """
+    key = (commit_as_you_go, read_only)
+    of_class = _variants.get(cls)
+    if of_class is None:
+        of_class = _variants[cls] = {}
+    ref = of_class.get(key)
+    existing = ref() if ref is not None else None
+    if existing is not None:
+        return existing
     namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
     methods = _guarded_methods(cls, read_only, watch=commit_as_you_go or read_only)
     variant: type[Session] = type(cls.__name__, (cls,), {**namespace, **methods})
@@ -306,7 +317,7 @@ def _variant(cls: type[Session], commit_as_you_go: bool, read_only: bool) -> typ
         event.listen(variant, "after_begin", _begin_read_only)
     if commit_as_you_go or read_only:
         event.listen(variant, "after_transaction_end", _end_transaction)
-    _variants[key] = variant
+    of_class[key] = weakref.ref(variant)
     return variant
 
 

@@ -172,12 +172,12 @@ def _async_wrapper(
                 finish, error = await aend(unit, None)
                 if error is None:
                     if finish is not None:
-                        finish.deliver(in_flight=False)
+                        await finish.adeliver(in_flight=False)
                     return result
             delay = next_delay(unit, error, attempt) if opts.retries else None  # type: ignore[arg-type]
             if delay is None:
                 if finish is not None:
-                    finish.deliver(in_flight=True)
+                    await finish.adeliver(in_flight=True)
                 raise error  # type: ignore[misc]
             attempt += 1
             await asyncio.sleep(delay)

@@ -11,6 +11,7 @@ functions inside SQLAlchemy's greenlet bridge, exactly as ``AsyncSession`` drive
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
 import threading
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
-from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.util import await_only, greenlet_spawn
+from sqlalchemy.util.concurrency import in_greenlet
 
 from ._describe import name_of
 from ._errors import (
@@ -260,7 +262,7 @@ class Unit:
         try:
             self.base.commit(sync)
         except BaseException as error:
-            if transaction is not None and _committed(transaction):
+            if transaction is not None and _commit_went_through(self, transaction):
                 mark_after_commit(error)
             raise
         run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=False)
@@ -313,25 +315,70 @@ class Finish:
         if self.callbacks:
             run_callbacks(self.callbacks, self.committed, in_flight)
 
+    async def adeliver(self, in_flight: bool) -> None:
+        """Deliver for an async unit: the callbacks run in the greenlet bridge, which awaits
+        the async ones (the warning is emitted here, where the user's frames are)."""
+        if self.warning is not None:
+            warn_at_user(self.warning, UncommittedWorkWarning)
+        if self.callbacks:
+            await greenlet_spawn(run_callbacks, self.callbacks, self.committed, in_flight)
+
 
 def run_callbacks(callbacks: list[Callback], committed: bool, in_flight: bool) -> None:
-    """Run callbacks in order; a failure propagates unless robust or another error is in flight."""
+    """Run the callbacks of a transaction's outcome, unless ``capture_on_commit()`` takes them."""
     from ._hooks import intercept
 
     if committed:
         callbacks = intercept(callbacks)
+    call_each(callbacks, "on_commit" if committed else "on_rollback", in_flight)
+
+
+def call_each(callbacks: list[Callback], kind: str, in_flight: bool) -> None:
+    """Run callbacks in order; a failure propagates unless robust or another error is in flight.
+
+    A callback that returns a coroutine (an ``async def`` function, or a lambda calling one)
+    is awaited through SQLAlchemy's greenlet bridge, in order with the others and shielded
+    from cancellation as the COMMIT is: the work it reports has happened. A cancellation
+    that arrives meanwhile is raised once every callback ran. A future or task is already
+    scheduled and is left to run on its own.
+    """
+    cancelled: BaseException | None = None
     for cb in callbacks:
         try:
-            cb.fn()
+            result = cb.fn()
+            if result is not None and inspect.isawaitable(result) and not asyncio.isfuture(result):
+                cancellation = _await_callback(result, cb, kind)
+                if cancellation is not None:
+                    cancelled = cancellation
+                    in_flight = True  # a failure after it is logged, not raised over it
         except Exception as error:
             if not (cb.robust or in_flight):
-                if committed:
+                if kind == "on_commit":
                     mark_after_commit(error)
                 raise
-            logger.error(
-                "txguard: %s callback %s failed", "on_commit" if committed else "on_rollback",
-                name_of(cb.fn), exc_info=True,
-            )
+            logger.error("txguard: %s callback %s failed", kind, name_of(cb.fn), exc_info=True)
+    if cancelled is not None:
+        raise cancelled
+
+
+def _await_callback(result: Any, cb: Callback, kind: str) -> BaseException | None:
+    """Await a callback's coroutine in the greenlet bridge; return a cancellation meanwhile."""
+    if not in_greenlet():
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        name = name_of(cb.fn)
+        raise ConfigurationError(
+            f"The {kind} callback {name} returned a coroutine where nothing can await it (a "
+            "sync unit, on_commit() outside any unit, or a plain `with capture_on_commit("
+            "execute=True)`), so it was closed without running. Register a plain function "
+            "there: async units and `async with capture_on_commit(...)` await async "
+            "callbacks, and outside a unit you can await the coroutine yourself."
+        )
+    task: asyncio.Future[Any]
+    task, cancelled = await_only(completed(result))
+    task.result()
+    return cancelled
 
 
 # Opening a unit.
@@ -535,8 +582,8 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
                 transaction.commit()
                 committed = True
             except BaseException as commit_error:
-                if _committed(transaction):  # an after_commit listener raised
-                    committed = True
+                if _commit_went_through(unit, transaction):
+                    committed = True  # an after_commit listener failed, or an interrupt came
                     mark_after_commit(commit_error)
                 else:
                     unit.committing = True  # for retries: COMMIT may have been sent
@@ -559,13 +606,21 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
     return None, error
 
 
-def _committed(transaction: SessionTransaction) -> bool:
-    """Say whether ``transaction`` reached COMMITTED: the database committed it.
+def _commit_went_through(unit: Unit, transaction: SessionTransaction) -> bool:
+    """Say whether the database committed before ``transaction.commit()`` raised.
 
-    SQLAlchemy sets that state between the DBAPI commit and the ``after_commit`` event,
-    so an error from a listener leaves it there; it has no public accessor.
+    SQLAlchemy marks the transaction COMMITTED once every connection committed, then runs
+    the ``after_commit`` listeners and closes it (CLOSED): what fails there, or interrupts
+    it, comes after the data is committed. Before COMMIT it is still ACTIVE or PREPARED (or
+    DEACTIVE after a failed flush); only a two-phase PREPARE that failed closes it too.
+    SessionTransaction has no public flag for this.
     """
-    return transaction._state is SessionTransactionState.COMMITTED
+    state = transaction._state
+    return state is _COMMITTED or (state is _CLOSED and not unit.sync.twophase)
+
+
+_COMMITTED: Final = SessionTransactionState.COMMITTED
+_CLOSED: Final = SessionTransactionState.CLOSED
 
 
 def _rolls_back(unit: Unit, exc: BaseException) -> bool:
@@ -1004,7 +1059,7 @@ class UnitOfWork(Unit):
             return
         finish, error = await aend(self, exc)
         if finish is not None:
-            finish.deliver(in_flight=error is not None)
+            await finish.adeliver(in_flight=error is not None)
         if error is not None and error is not exc:
             raise error
 
@@ -1098,25 +1153,35 @@ def registry_options(registry: SessionRegistry, options: dict[str, Any]) -> Unit
     return options_for(registry=registry, **options)
 
 
-def options_for(**options: Any) -> UnitOptions:
-    """Return the validated options of ``unit_of_work(**options)``, cached when hashable."""
+def options_for(registry: SessionRegistry | None = None, **options: Any) -> UnitOptions:
+    """Return the validated options of ``unit_of_work(**options)``, cached when hashable.
+
+    A registry's options are cached on the registry, so that the cache never keeps a
+    registry (with its engine and pool) alive; the default registry's in this module.
+    """
+    if registry is None:
+        cache = _options_cache
+    elif isinstance(registry, SessionRegistry):
+        cache = registry._options_cache
+    else:
+        return unit_options(registry=registry, **options)  # refuses it, naming what to pass
     # The flags' types are part of the key: 0 == False and 1 == True, but only bools are valid.
     try:
         key = tuple((name, value, type(value)) for name, value in sorted(options.items()))
-        return _options_cache[key]
+        return cache[key]
     except (KeyError, TypeError):
         pass
-    opts = unit_options(**options)
-    if len(_options_cache) < _OPTIONS_CACHE_SIZE:
+    opts = unit_options(registry=registry, **options)
+    if len(cache) < _OPTIONS_CACHE_SIZE:
         try:
-            _options_cache[key] = opts
+            cache[key] = opts
         except TypeError:  # an unhashable option value, e.g. a list of exceptions
             pass
     return opts
 
 
 _OPTIONS_CACHE_SIZE: Final = 256
-_options_cache: dict[tuple[object, ...], UnitOptions] = {}
+_options_cache: dict[tuple[object, ...], UnitOptions] = {}  # of units on the default registry
 
 
 # The asyncio driver: the same functions, run through SQLAlchemy's greenlet bridge.
@@ -1132,28 +1197,42 @@ async def aopen_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
 async def asettle(
     unit: Unit, exc: BaseException | None
 ) -> tuple[Finish | None, BaseException | None]:
-    """End an async unit; the IO runs to completion even if the task is cancelled meanwhile."""
+    """End an async unit; the IO runs to completion even if the task is cancelled meanwhile.
+
+    A cancellation that arrived becomes the error the unit raises, so the caller still
+    delivers what the unit left (the callbacks of a COMMIT that went through) before it.
+    """
     if unit.kind == JOIN:
         return settle(unit, exc)
-    outcome: tuple[Finish | None, BaseException | None] = await run_to_completion(
-        greenlet_spawn(settle, unit, exc)
-    )
-    return outcome
+    task, cancelled = await completed(greenlet_spawn(settle, unit, exc))
+    finish: Finish | None
+    finish, error = task.result()
+    return finish, error if cancelled is None else cancelled
 
 
-async def run_to_completion(awaitable: Any) -> Any:
-    """Await ``awaitable`` in its own task, shielded; re-raise a cancellation after it ends."""
+async def completed(awaitable: Any) -> tuple[asyncio.Future[Any], BaseException | None]:
+    """Run ``awaitable`` to its end in its own task, shielded from the caller's cancellation.
+
+    Return the finished task (its ``result()`` gives the outcome) and the CancelledError
+    that the caller received meanwhile, if any, for the caller to raise when it is done.
+    """
     task = asyncio.ensure_future(awaitable)
     cancelled: BaseException | None = None
     while True:
         try:
-            result = await asyncio.shield(task)
+            await asyncio.shield(task)
         except asyncio.CancelledError as err:
-            if task.done():
-                raise
-            cancelled = err
-        else:
-            break
+            if not task.cancelled():  # the caller was cancelled, not the task
+                cancelled = err
+                continue
+        except BaseException:
+            pass  # the task holds it, for result()
+        return task, cancelled
+
+
+async def run_to_completion(awaitable: Any) -> Any:
+    """Await ``awaitable`` in its own task, shielded; re-raise a cancellation after it ends."""
+    task, cancelled = await completed(awaitable)
     if cancelled is not None:
         raise cancelled
-    return result
+    return task.result()

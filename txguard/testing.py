@@ -9,19 +9,20 @@ block as it began it. ``capture_on_commit()`` is Django's ``captureOnCommitCallb
 from __future__ import annotations
 
 import contextvars
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import Connection
+from sqlalchemy.util import greenlet_spawn
 
-from ._describe import describe, name_of, option_value
+from ._describe import describe, option_value
 from ._errors import ConfigurationError, DisciplineError
 from ._hooks import capturing, capturing_callbacks
 from ._registry import SessionRegistry, check_registry, default_registry
 from ._sessions import refuse_autocommit
 from ._sqlite import install_sqlite_transactions
+from ._unit import call_each
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     from ._unit import Callback
 
 __all__ = ["RollbackAfter", "capture_on_commit", "rollback_after"]
-
-logger = logging.getLogger("txguard")
 
 
 class RollbackAfter:
@@ -227,26 +226,39 @@ class _Capture:
         tokens, self._tokens = self._tokens, None
         try:
             if self._execute and exc is None:
-                # A callback may register more: on_commit outside a transaction is captured
-                # too while we still listen, and then run in turn (as Django does).
-                index = 0
-                while index < len(self._details):
-                    callback = self._details[index]
-                    index += 1
-                    _run(callback)
+                self._run_all()
         finally:
             if tokens is not None:
                 capturing_callbacks.reset(tokens[1])
                 capturing.reset(tokens[0])
 
+    async def __aenter__(self) -> list[Callable[[], object]]:
+        return self.__enter__()
 
-def _run(callback: Callback) -> None:
-    try:
-        callback.fn()
-    except Exception:
-        if not callback.robust:
-            raise
-        logger.error("txguard: on_commit callback %s failed", name_of(callback.fn), exc_info=True)
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Run the callbacks as ``__exit__`` does, in the greenlet bridge that awaits async ones."""
+        tokens, self._tokens = self._tokens, None
+        try:
+            if self._execute and exc is None:
+                await greenlet_spawn(self._run_all)
+        finally:
+            if tokens is not None:
+                capturing_callbacks.reset(tokens[1])
+                capturing.reset(tokens[0])
+
+    def _run_all(self) -> None:
+        # A callback may register more: on_commit outside a transaction is captured
+        # too while we still listen, and then run in turn (as Django does).
+        index = 0
+        while index < len(self._details):
+            callback = self._details[index]
+            index += 1
+            call_each([callback], "on_commit", in_flight=False)
 
 
 def capture_on_commit(execute: bool = False) -> _Capture:
@@ -255,7 +267,8 @@ def capture_on_commit(execute: bool = False) -> _Capture:
     ``with capture_on_commit() as callbacks:`` yields the list they are appended to (as
     Django's ``captureOnCommitCallbacks``); with ``execute=True`` they also run, in order,
     when the block ends without an exception, and so do callbacks they register in turn.
-    Callbacks registered in a transaction that rolls back are not captured.
+    Callbacks registered in a transaction that rolls back are not captured. Under
+    ``async with`` the callbacks that return coroutines (async units' callbacks) are awaited.
     """
     if not isinstance(execute, bool):
         raise ConfigurationError(
