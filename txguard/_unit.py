@@ -828,6 +828,9 @@ def adopt(unit: Unit) -> None:
     unit.thread = _get_ident()
 
 
+_NO_UNITS: Final[list[Unit]] = []  # never appended to: _pop's answer when nothing was left open
+
+
 def _pop(unit: UnitOfWork) -> list[Unit]:
     """Mark ``unit`` ended and take it off this context's stack, wherever it was entered.
 
@@ -842,6 +845,8 @@ def _pop(unit: UnitOfWork) -> list[Unit]:
         var.reset(unit._token)
     except ValueError:  # the token was created in another context
         pass
+    if top is unit:
+        return _NO_UNITS
     inner: list[Unit] = []
     while top is not None and top is not unit:
         if top.state is _ACTIVE:
@@ -1024,16 +1029,7 @@ class UnitOfWork(Unit):
         if self.state is not _ACTIVE:
             self._exit_inactive(exc)
             return
-        var = self._var
-        if var.get() is self and not self.kind:  # an owner on top of this context's stack
-            self.state = _ENDED
-            try:
-                var.reset(self._token)
-            except ValueError:  # a copy of the context it was entered in
-                pass
-            finish, error = settle(self, exc)
-        else:
-            finish, error = end(self, exc)
+        finish, error = end(self, exc)
         if finish is not None:
             finish.deliver(in_flight=error is not None)
         if error is not None and error is not exc:
