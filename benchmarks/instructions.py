@@ -192,17 +192,23 @@ def measure(shim: ctypes.CDLL, rows: list[tuple[str, float | None, dict[str, Var
 def child(args: argparse.Namespace) -> None:
     folder = Path(args.workdir)
     shim = build_shim(folder)
-    rows = sync_rows()
+
+    def chosen(rows: list[tuple[str, float | None, dict[str, Variant]]]) -> list[tuple[str, float | None, dict[str, Variant]]]:
+        return [row for row in rows if args.only in row[0]]
+
+    rows = chosen(sync_rows())
     arows, close = async_rows()
+    arows = chosen(arows)
+    guards = chosen(guard_rows())
     shim.txg_start()
     measure(shim, rows + arows, args.rounds, args.batch)
     txguard.install(mixed_begin="warn", leaks="warn", cross_thread="warn", cross_task="warn")
     try:
-        measure(shim, guard_rows(), args.rounds, args.batch)
+        measure(shim, guards, args.rounds, args.batch)
     finally:
         txguard.uninstall()
     close()
-    meta = [(title, budget, list(variants)) for title, budget, variants in rows + arows + guard_rows()]
+    meta = [(title, budget, list(variants)) for title, budget, variants in rows + arows + guards]
     (folder / "rows.json").write_text(json.dumps(meta))
 
 
@@ -229,6 +235,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=200, help="transactions per loop")
     parser.add_argument("--seed", default="0", help="PYTHONHASHSEED of the measured process")
     parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--only", default="", help="run only the rows whose title has this text")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -243,7 +250,7 @@ def main() -> None:
             "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
             f"--callgrind-out-file={folder}/callgrind.out.%p",
             sys.executable, __file__, "--child", "--workdir", workdir,
-            "--rounds", str(args.rounds), "--batch", str(args.batch),
+            "--rounds", str(args.rounds), "--batch", str(args.batch), "--only", args.only,
         ]
         if shutil.which("setarch"):
             command = ["setarch", os.uname().machine, "-R", *command]

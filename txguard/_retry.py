@@ -213,4 +213,4 @@ def _note(exc: BaseException, text: str) -> None:
     if add_note is not None:
         add_note(text)
     else:  # pragma: no cover - Python 3.10: keep the note where 3.11's traceback shows it
-        exc.__notes__ = [*getattr(exc, "__notes__", []), text]  # type: ignore[attr-defined]
+        setattr(exc, "__notes__", [*getattr(exc, "__notes__", []), text])  # noqa: B010
