@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 import txguard
+from tests.conftest import AsyncDatabase
 from tests.models import Item
 
 SECRET = "hunter2-secret"
@@ -100,3 +103,22 @@ def test_unit_exited_twice_raises_discipline_error_and_keeps_its_commit(
     with pytest.raises(txguard.DisciplineError):
         unit.__exit__(None, None, None)
     assert count(engine) == 2
+
+
+async def test_wait_for_timeout_at_any_await_never_half_commits(async_db: AsyncDatabase) -> None:
+    """asyncio.wait_for cancelling an async unit at any await commits all or nothing, leaking nothing."""
+    registry = txguard.SessionRegistry(async_db.engine)
+
+    async def five_rows() -> None:
+        async with registry.unit_of_work() as session:
+            for i in range(5):
+                session.add(Item(name=f"row{i}"))
+                await session.flush()
+                await session.execute(sa.text("SELECT 1"))
+
+    for timeout in (0.0, 0.001, 0.003, 0.006, 0.01, 0.02, 0.05):
+        try:
+            await asyncio.wait_for(five_rows(), timeout)
+        except TimeoutError:
+            pass
+    assert count(async_db.sync) % 5 == 0
