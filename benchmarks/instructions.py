@@ -28,11 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import txguard  # noqa: E402
+from overhead import SELECT_1, Base, Row  # noqa: E402  (the same tables as the timed benchmark)
 
 SHIM = r"""
 #include <valgrind/callgrind.h>
@@ -43,18 +44,6 @@ void txg_dump(const char *name) { CALLGRIND_DUMP_STATS_AT(name); }
 """
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class Row(Base):
-    __tablename__ = "bench_rows"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String(20))
-
-
-SELECT_1 = sa.text("SELECT 1")
 Variant = Callable[[], None]
 
 
