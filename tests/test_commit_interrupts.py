@@ -224,3 +224,21 @@ async def test_cancel_during_commit_awaits_async_callbacks(async_db: AsyncDataba
         await task
     assert seen == ["sync", "async"]
     assert names(async_db.sync) == ["a"]
+
+
+def test_commit_as_you_go_commit_interrupted_after_commit_runs_on_commit_callbacks(
+    maker: sessionmaker[Session], engine: sa.Engine
+) -> None:
+    """session.commit() interrupted after COMMIT succeeded runs the on_commit callbacks, never the on_rollback ones."""
+    registry = txguard.SessionRegistry(maker)
+    seen: list[str] = []
+    fail_after_commit(maker, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        with registry.unit_of_work(mode="commit_as_you_go") as session:
+            session.add(Item(name="a"))
+            registry.on_commit(lambda: seen.append("committed"))
+            registry.on_rollback(lambda: seen.append("rolled back"))
+            session.commit()
+    assert names(engine) == ["a"]
+    assert seen == ["committed"]
+    assert engine.pool.checkedout() == 0

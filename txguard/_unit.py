@@ -263,7 +263,8 @@ class Unit:
             self.base.commit(sync)
         except BaseException as error:
             if transaction is not None and _commit_went_through(self, transaction):
-                mark_after_commit(error)
+                mark_after_commit(error)  # committed all the same: its callbacks run
+                run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=True)
             raise
         run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=False)
 
