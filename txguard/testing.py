@@ -228,9 +228,7 @@ class _Capture:
             if self._execute and exc is None:
                 self._run_all()
         finally:
-            if tokens is not None:
-                capturing_callbacks.reset(tokens[1])
-                capturing.reset(tokens[0])
+            _stop_capturing(tokens)
 
     async def __aenter__(self) -> list[Callable[[], object]]:
         return self.__enter__()
@@ -247,9 +245,7 @@ class _Capture:
             if self._execute and exc is None:
                 await greenlet_spawn(self._run_all)
         finally:
-            if tokens is not None:
-                capturing_callbacks.reset(tokens[1])
-                capturing.reset(tokens[0])
+            _stop_capturing(tokens)
 
     def _run_all(self) -> None:
         # A callback may register more: on_commit outside a transaction is captured
@@ -275,3 +271,10 @@ def capture_on_commit(execute: bool = False) -> _Capture:
             f"execute={option_value(execute)} is not valid; use True or False."
         )
     return _Capture(execute)
+
+
+def _stop_capturing(tokens: tuple[contextvars.Token[Any], contextvars.Token[Any]] | None) -> None:
+    """Stop a capture_on_commit() block from taking callbacks (its tokens, if it began)."""
+    if tokens is not None:
+        capturing_callbacks.reset(tokens[1])
+        capturing.reset(tokens[0])
