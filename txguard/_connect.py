@@ -21,10 +21,11 @@ from ._failures import (
 )
 from ._options import Mode, _isolation, choice
 from ._origin import Origin, caller_origin, capture, shorten_sql, warn_at_user
-from ._registry import SessionRegistry, check_registry, resolve
+from ._async import completed
+from ._registry import Registry, check_registry, resolve
 from ._sessions import refuse_autocommit
 from ._statements import is_write_execution
-from ._unit import caught_failure, completed
+from ._unit import caught_failure
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -242,7 +243,7 @@ def connect(
     *,
     mode: Mode | str = Mode.BEGIN_ONCE,
     isolation_level: str | None = None,
-    registry: SessionRegistry | None = None,
+    registry: Registry | None = None,
 ) -> ConnectionUnit:
     """Open a Core connection: ``mode="begin_once"`` is ``engine.begin()`` with discipline,
     ``mode="commit_as_you_go"`` is ``engine.connect()`` that warns about discarded writes.

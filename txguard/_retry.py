@@ -145,8 +145,6 @@ def next_delay(unit: Unit, exc: BaseException, attempt: int) -> float | None:
     error raised after a commit succeeded is never retried. Every error given up on after
     a retry carries a note saying how many attempts ran.
     """
-    from ._unit import JOIN, ROOT
-
     opts = unit.opts
     if raised_after_commit(exc):
         _note(
@@ -165,8 +163,8 @@ def next_delay(unit: Unit, exc: BaseException, attempt: int) -> float | None:
                 f"{attempt} attempts.",
             )
         return None
-    if unit.kind != ROOT:
-        if unit.kind == JOIN:
+    if unit.owner is not None or unit.parent is not None:  # it joined, or took a savepoint
+        if unit.owner is not None:
             _note(
                 exc,
                 f"txguard: not retried by {unit.where}: it joined the transaction of the "

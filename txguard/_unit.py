@@ -10,20 +10,19 @@ functions inside SQLAlchemy's greenlet bridge, exactly as ``AsyncSession`` drive
 
 from __future__ import annotations
 
-import asyncio
-import inspect
+import enum
 import logging
 import sys
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
-from sqlalchemy.util import await_only, greenlet_spawn
-from sqlalchemy.util.concurrency import in_greenlet
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.util import greenlet_spawn
 
-from ._describe import name_of
+from ._async import completed
+from ._callbacks import ALWAYS, NO_CALLBACKS, ON_COMMIT, ON_ROLLBACK, Callback, run_callbacks
 from ._errors import (
     ConfigurationError,
     DisciplineError,
@@ -33,7 +32,14 @@ from ._errors import (
     UnexpectedRollbackError,
 )
 from ._failures import Failure, aborted, aborted_error, first_failure, session_savepoints
-from ._options import OPTION_NAMES, PLAIN_SESSION, Mode, Propagation, UnitOptions, unit_options
+from ._options import (
+    DEFAULT_OPTIONS,
+    PLAIN_SESSION,
+    Mode,
+    Propagation,
+    UnitOptions,
+    cached_options,
+)
 from ._origin import (
     Origin,
     _is_library,
@@ -43,8 +49,8 @@ from ._origin import (
     line_of,
     warn_at_user,
 )
-from ._registry import SessionRegistry, UnitState, live, resolve
-from ._retry import mark_after_commit
+from ._registry import Registry, check_registry, resolve
+from ._retry import _sqlstate, is_retryable, mark_after_commit, retry_wanted
 from ._sessions import first_change
 
 if TYPE_CHECKING:
@@ -54,7 +60,8 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
 __all__ = [
-    "Unit", "UnitOfWork", "adopt", "aend", "end", "open_unit", "push", "settle", "unit_of_work",
+    "Unit", "UnitOfWork", "UnitState", "adopt", "aend", "current_unit", "end", "open_unit",
+    "push", "settle", "unit_for", "unit_of_work",
 ]
 
 logger = logging.getLogger("txguard")
@@ -63,9 +70,16 @@ ROOT: Final = 0  # falsy: settle() tests "kind" once on its common path
 JOIN: Final = 1
 SAVEPOINT: Final = 2
 
-ON_COMMIT: Final = 0
-ON_ROLLBACK: Final = 1
-ALWAYS: Final = 2  # an on_rollback callback whose savepoint was rolled back: its work is gone
+
+
+class UnitState(enum.Enum):
+    """Where a unit of work is in its life; only an ACTIVE unit can be current."""
+
+    READY = "ready"  # created; its block has not begun
+    ACTIVE = "active"  # its block runs in the unit
+    OUTSIDE = "outside"  # its block runs without a unit (propagation="never" outside any)
+    ORPHANED = "orphaned"  # rolled back because a unit around it ended first; not exited yet
+    ENDED = "ended"  # its block has exited
 
 
 # Enum member access costs ~10 global lookups on Python 3.10/3.11: bind the hot ones once.
@@ -84,20 +98,6 @@ _ORPHANED: Final = UnitState.ORPHANED
 _ENDED: Final = UnitState.ENDED
 _get_ident: Final = threading.get_ident
 _T = TypeVar("_T")
-
-
-class Callback:
-    """A function to run when the transaction it was registered in ends."""
-
-    __slots__ = ("fn", "when", "robust")
-
-    def __init__(self, fn: Callable[[], object], when: int, robust: bool) -> None:
-        self.fn = fn
-        self.when = when
-        self.robust = robust
-
-
-_NO_CALLBACKS: Final[tuple[Callback, ...]] = ()
 
 
 class Unit:
@@ -129,7 +129,7 @@ class Unit:
     mode: Mode
     owner: Unit | None
     parent: Unit | None  # the scope a savepoint was taken in
-    registry: SessionRegistry  # set on commit-as-you-go units, which need it
+    registry: Registry  # set on commit-as-you-go units, which need it
     transaction: SessionTransaction | None
     transactional: bool
     isolation_level: str | None
@@ -192,7 +192,7 @@ class Unit:
         callbacks = self.callbacks
         if not callbacks:
             return []
-        self.callbacks = _NO_CALLBACKS
+        self.callbacks = NO_CALLBACKS
         wanted = ON_COMMIT if committed else ON_ROLLBACK
         return [cb for cb in callbacks if cb.when == wanted or cb.when == ALWAYS]
 
@@ -218,7 +218,7 @@ class Unit:
                 "unit with propagation='requires_new', or open this unit with "
                 "mode='commit_as_you_go'."
             )
-        current = self.registry.current_unit()
+        current = current_unit(self.registry)
         if current is not None and current.scope is not self and current.root is self:
             raise DisciplineError(
                 f"session.commit() inside the savepoint unit opened at {current.where}: the "
@@ -325,67 +325,10 @@ class Finish:
             await greenlet_spawn(run_callbacks, self.callbacks, self.committed, in_flight)
 
 
-def run_callbacks(callbacks: list[Callback], committed: bool, in_flight: bool) -> None:
-    """Run the callbacks of a transaction's outcome, unless ``capture_on_commit()`` takes them."""
-    from ._hooks import intercept
-
-    if committed:
-        callbacks = intercept(callbacks)
-    call_each(callbacks, "on_commit" if committed else "on_rollback", in_flight)
-
-
-def call_each(callbacks: list[Callback], kind: str, in_flight: bool) -> None:
-    """Run callbacks in order; a failure propagates unless robust or another error is in flight.
-
-    A callback that returns a coroutine (an ``async def`` function, or a lambda calling one)
-    is awaited through SQLAlchemy's greenlet bridge, in order with the others and shielded
-    from cancellation as the COMMIT is: the work it reports has happened. A cancellation
-    that arrives meanwhile is raised once every callback ran. A future or task is already
-    scheduled and is left to run on its own.
-    """
-    cancelled: BaseException | None = None
-    for cb in callbacks:
-        try:
-            result = cb.fn()
-            if result is not None and inspect.isawaitable(result) and not asyncio.isfuture(result):
-                cancellation = _await_callback(result, cb, kind)
-                if cancellation is not None:
-                    cancelled = cancellation
-                    in_flight = True  # a failure after it is logged, not raised over it
-        except Exception as error:
-            if not (cb.robust or in_flight):
-                if kind == "on_commit":
-                    mark_after_commit(error)
-                raise
-            logger.error("txguard: %s callback %s failed", kind, name_of(cb.fn), exc_info=True)
-    if cancelled is not None:
-        raise cancelled
-
-
-def _await_callback(result: Any, cb: Callback, kind: str) -> BaseException | None:
-    """Await a callback's coroutine in the greenlet bridge; return a cancellation meanwhile."""
-    if not in_greenlet():
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
-        name = name_of(cb.fn)
-        raise ConfigurationError(
-            f"The {kind} callback {name} returned a coroutine where nothing can await it (a "
-            "sync unit, on_commit() outside any unit, or a plain `with capture_on_commit("
-            "execute=True)`), so it was closed without running. Register a plain function "
-            "there: async units and `async with capture_on_commit(...)` await async "
-            "callbacks, and outside a unit you can await the coroutine yourself."
-        )
-    task: asyncio.Future[Any]
-    task, cancelled = await_only(completed(result))
-    task.result()
-    return cancelled
-
-
 # Opening a unit.
 
 
-def open_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
+def open_unit(registry: Registry, unit: Unit) -> Unit | None:
     """Begin, join or suspend according to ``unit.opts.propagation``; return ``unit``.
 
     ``unit`` is a new unit holding only its options and origin; this fills in the rest.
@@ -405,7 +348,7 @@ def open_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
     unit.mode = _BEGIN_ONCE
     unit.transactional = True
     unit.isolation_level = None
-    unit.callbacks = _NO_CALLBACKS
+    unit.callbacks = NO_CALLBACKS
     unit.rollback_only = False
     unit.committing = False
     if opts.required:
@@ -628,8 +571,6 @@ def _rolls_back(unit: Unit, exc: BaseException) -> bool:
     opts = unit.opts
     if opts.rolls_back(exc):
         return True
-    from ._retry import is_retryable, retry_wanted
-
     # The server already rolled the transaction (or the statement) back, or dropped the
     # connection: a commit now would report work as committed that is gone.
     return is_retryable(exc) or (opts.retries > 0 and retry_wanted(opts, exc))
@@ -761,10 +702,6 @@ def describe_exception(exc: BaseException) -> str:
     with the driver's exception class; a driver's own exception (raised through a raw
     cursor, which SQLAlchemy never wraps) with the SQLSTATE the driver reports, if any.
     """
-    from sqlalchemy.exc import DBAPIError
-
-    from ._retry import _sqlstate
-
     if isinstance(exc, DBAPIError):
         return f"{type(exc).__name__} ({type(exc.orig).__name__} from the database)"
     code = _sqlstate(exc)
@@ -812,7 +749,47 @@ def _deactivated(scope: Unit) -> UnexpectedRollbackError:
 # Entering and leaving the registry's stack.
 
 
-def push(registry: SessionRegistry, unit: UnitOfWork) -> None:
+def current_unit(registry: Registry) -> Unit | None:
+    """Return the unit this thread's code runs in on ``registry``, or None (see ``live``)."""
+    unit = registry._var.get()
+    return None if unit is None else live(unit)
+
+
+def live(unit: Unit) -> Unit | None:
+    """Return the innermost unit of the stack that ``unit`` tops which this thread may use.
+
+    A unit can end where its ``ContextVar`` token cannot be reset (another thread, another
+    copy of the context), so a context may still hold an ended unit. This follows each
+    unit's link to the unit that was current when it was opened, past ended units and
+    units of other threads (see ``usable``); None when there is none. So a new thread
+    starts with none, even one running in a copy of another thread's context, and an
+    asyncio task sees the units of the task that created it.
+    """
+    ident = _get_ident()
+    current: Unit | None = unit
+    while current is not None and not usable(current, ident):
+        current = current.previous
+    return current
+
+
+def usable(unit: Unit, ident: int) -> bool:
+    """Say whether code in thread ``ident`` may use ``unit``: the thread owns it (see
+    ``adopt``), and it and every unit whose transaction it runs in are active.
+
+    The owner thread is the one that opened the unit: a thread that inherits a copy of
+    another thread's context must not share that thread's Session.
+    """
+    if unit.thread != ident:
+        return False
+    scope: Unit | None = unit
+    while scope is not None:
+        if scope.state is not _ACTIVE:
+            return False
+        scope = scope.owner or scope.parent
+    return True
+
+
+def push(registry: Registry, unit: UnitOfWork) -> None:
     """Make ``unit``, just opened by ``open_unit``, the current unit of this context."""
     var = unit._var = registry._var
     unit._token = var.set(unit)
@@ -968,13 +945,13 @@ class UnitOfWork(Unit):
     _token: Token[Unit | None]  # set with state ACTIVE: the registry's stack before it
     _var: ContextVar[Unit | None]  # the registry's stack it was pushed on
 
-    def _registry_for(self, want_async: bool) -> SessionRegistry:
+    def _registry_for(self, want_async: bool) -> Registry:
         registry = self.opts.registry or resolve(None)
         if registry.is_async is not want_async or self.state is not _READY:
             self._refuse(registry, want_async)
         return registry
 
-    def _refuse(self, registry: SessionRegistry, want_async: bool) -> None:
+    def _refuse(self, registry: Registry, want_async: bool) -> None:
         if registry.is_async is not want_async:
             raise ConfigurationError(_mismatch(registry, "async with" if want_async else "with"))
         raise DisciplineError(
@@ -1061,7 +1038,7 @@ class UnitOfWork(Unit):
             raise error
 
 
-def _mismatch(registry: SessionRegistry, statement: str) -> str:
+def _mismatch(registry: Registry, statement: str) -> str:
     if registry.is_async:
         return (
             f"The registry {registry!r} hands out AsyncSessions, so its units need "
@@ -1077,7 +1054,6 @@ def _mismatch(registry: SessionRegistry, statement: str) -> str:
 
 _ROLLBACK_ANY: Final[tuple[type[BaseException], ...]] = (Exception,)
 _NOTHING: Final[tuple[type[BaseException], ...]] = ()
-_DEFAULT_OPTIONS: Final = unit_options()  # of unit_of_work() on the default registry
 
 
 def unit_of_work(
@@ -1089,7 +1065,7 @@ def unit_of_work(
     rollback_for: type[BaseException] | tuple[type[BaseException], ...] = _ROLLBACK_ANY,
     no_rollback_for: type[BaseException] | tuple[type[BaseException], ...] = _NOTHING,
     durable: bool = False,
-    registry: SessionRegistry | None = None,
+    registry: Registry | None = None,
 ) -> UnitOfWork:
     """Open a unit of work: ``with unit_of_work() as session:`` (or ``async with``).
 
@@ -1106,85 +1082,36 @@ def unit_of_work(
         and no_rollback_for is _NOTHING
         and durable is False
     ):
-        opts = _DEFAULT_OPTIONS if registry is None else default_options(registry)
+        checked = check_registry(registry)
+        opts = DEFAULT_OPTIONS if checked is None else checked.default_options
     else:
-        opts = options_for(
-            mode=mode,
-            propagation=propagation,
-            read_only=read_only,
-            isolation_level=isolation_level,
-            rollback_for=rollback_for,
-            no_rollback_for=no_rollback_for,
-            durable=durable,
-            registry=registry,
+        opts = cached_options(
+            check_registry(registry),
+            {
+                "mode": mode,
+                "propagation": propagation,
+                "read_only": read_only,
+                "isolation_level": isolation_level,
+                "rollback_for": rollback_for,
+                "no_rollback_for": no_rollback_for,
+                "durable": durable,
+            },
         )
+    return unit_for(opts)
+
+
+def unit_for(opts: UnitOptions) -> UnitOfWork:
+    """Return a new unit of work with these (validated) options, ready to be entered."""
     unit = _new_unit(UnitOfWork)
     unit.opts = opts
     unit.state = _READY
     return unit
 
 
-def default_options(registry: SessionRegistry) -> UnitOptions:
-    """Return the options of a unit of ``registry`` opened without any, kept on the registry."""
-    if not isinstance(registry, SessionRegistry):
-        return unit_options(registry=registry)  # refuses it, naming what to pass
-    opts = registry._unit_defaults
-    if opts is None:
-        opts = registry._unit_defaults = unit_options(registry=registry)
-    return opts
-
-
-_UNIT_OPTION_NAMES: Final = OPTION_NAMES[: OPTION_NAMES.index("registry")]
-
-
-def registry_options(registry: SessionRegistry, options: dict[str, Any]) -> UnitOptions:
-    """Return the options of ``registry.unit_of_work(**options)``."""
-    if not options:
-        return default_options(registry)
-    unknown = sorted(set(options) - set(_UNIT_OPTION_NAMES))
-    if unknown:
-        raise ConfigurationError(
-            f"unit_of_work() got unknown option(s) {', '.join(map(repr, unknown))}; the "
-            f"options are {', '.join(_UNIT_OPTION_NAMES)} (retries= belongs on @transactional)."
-        )
-    return options_for(registry=registry, **options)
-
-
-def options_for(registry: SessionRegistry | None = None, **options: Any) -> UnitOptions:
-    """Return the validated options of ``unit_of_work(**options)``, cached when hashable.
-
-    A registry's options are cached on the registry, so that the cache never keeps a
-    registry (with its engine and pool) alive; the default registry's in this module.
-    """
-    if registry is None:
-        cache = _options_cache
-    elif isinstance(registry, SessionRegistry):
-        cache = registry._options_cache
-    else:
-        return unit_options(registry=registry, **options)  # refuses it, naming what to pass
-    # The flags' types are part of the key: 0 == False and 1 == True, but only bools are valid.
-    try:
-        key = tuple((name, value, type(value)) for name, value in sorted(options.items()))
-        return cache[key]
-    except (KeyError, TypeError):
-        pass
-    opts = unit_options(registry=registry, **options)
-    if len(cache) < _OPTIONS_CACHE_SIZE:
-        try:
-            cache[key] = opts
-        except TypeError:  # an unhashable option value, e.g. a list of exceptions
-            pass
-    return opts
-
-
-_OPTIONS_CACHE_SIZE: Final = 256
-_options_cache: dict[tuple[object, ...], UnitOptions] = {}  # of units on the default registry
-
-
 # The asyncio driver: the same functions, run through SQLAlchemy's greenlet bridge.
 
 
-async def aopen_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
+async def aopen_unit(registry: Registry, unit: Unit) -> Unit | None:
     """Open a unit for async code; only units that emit SQL at entry need the bridge."""
     if not unit.opts.enter_needs_io:
         return open_unit(registry, unit)
@@ -1205,31 +1132,3 @@ async def asettle(
     finish: Finish | None
     finish, error = task.result()
     return finish, error if cancelled is None else cancelled
-
-
-async def completed(awaitable: Any) -> tuple[asyncio.Future[Any], BaseException | None]:
-    """Run ``awaitable`` to its end in its own task, shielded from the caller's cancellation.
-
-    Return the finished task (its ``result()`` gives the outcome) and the CancelledError
-    that the caller received meanwhile, if any, for the caller to raise when it is done.
-    """
-    task = asyncio.ensure_future(awaitable)
-    cancelled: BaseException | None = None
-    while True:
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError as err:
-            if not task.cancelled():  # the caller was cancelled, not the task
-                cancelled = err
-                continue
-        except BaseException:
-            pass  # the task holds it, for result()
-        return task, cancelled
-
-
-async def run_to_completion(awaitable: Any) -> Any:
-    """Await ``awaitable`` in its own task, shielded; re-raise a cancellation after it ends."""
-    task, cancelled = await completed(awaitable)
-    if cancelled is not None:
-        raise cancelled
-    return task.result()
