@@ -158,11 +158,6 @@ def _backoff(value: object) -> Callable[[int], float] | float:
     )
 
 
-PLAIN_SESSION: Final[tuple[bool, bool, str | None]] = (False, False, None)
-"""The session key of begin-once units with no read-only flag or isolation level; shared,
-so that opening one tests it by identity."""
-
-
 class UnitOptions:
     """The validated options of one unit of work (immutable, shared by every call)."""
 
@@ -181,7 +176,6 @@ class UnitOptions:
         "plain_rollback_rules",
         "enter_needs_io",
         "session_key",
-        "required",
     )
 
     mode: Mode
@@ -198,7 +192,6 @@ class UnitOptions:
     plain_rollback_rules: bool
     enter_needs_io: bool
     session_key: tuple[bool, bool, str | None]  # which of the registry's factories it uses
-    required: bool  # propagation "required" and not durable: join, or begin (the common case)
 
     def rolls_back(self, exc: BaseException) -> bool:
         """Say whether ``exc`` leaving the unit rolls it back (the nearest rule wins)."""
@@ -261,9 +254,7 @@ def unit_options(
             "once, propagation 'required', 'requires_new' or 'nested')."
         )
     opts.plain_rollback_rules = opts.rollback_for == (Exception,) and not opts.no_rollback_for
-    key = (opts.mode is Mode.COMMIT_AS_YOU_GO, opts.read_only, opts.isolation_level)
-    opts.session_key = PLAIN_SESSION if key == PLAIN_SESSION else key
-    opts.required = opts.propagation is Propagation.REQUIRED and not opts.durable
+    opts.session_key = (opts.mode is Mode.COMMIT_AS_YOU_GO, opts.read_only, opts.isolation_level)
     opts.enter_needs_io = bool(
         opts.propagation is Propagation.NESTED or opts.read_only or opts.isolation_level
     )

@@ -15,7 +15,7 @@ from ._options import DECORATOR_OPTION_NAMES, Mode, Propagation, UnitOptions, ch
 from ._origin import Origin, capture
 from ._registry import Registry, check_registry, resolve
 from ._retry import next_delay
-from ._unit import UnitOfWork, _mismatch, _new_unit, aend, aopen_unit, end, open_unit, push
+from ._unit import UnitOfWork, _mismatch, aend, aopen_unit, end, open_unit, push
 
 __all__ = ["transactional"]
 
@@ -115,9 +115,7 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
             raise ConfigurationError(_mismatch(registry, "def"))
         attempt = 1
         while True:
-            unit = _new_unit(UnitOfWork)  # the class of every unit: see UnitOfWork
-            unit.opts = opts
-            unit._origin = where
+            unit = UnitOfWork(opts, where)  # the class of every unit: see UnitOfWork
             if open_unit(registry, unit) is None:
                 return fn(*args, **kwargs)
             push(registry, unit)
@@ -153,9 +151,7 @@ def _async_wrapper(
             raise ConfigurationError(_mismatch(registry, "async def"))
         attempt = 1
         while True:
-            unit = _new_unit(UnitOfWork)  # the class of every unit: see UnitOfWork
-            unit.opts = opts
-            unit._origin = where
+            unit = UnitOfWork(opts, where)  # the class of every unit: see UnitOfWork
             if await aopen_unit(registry, unit) is None:
                 return await fn(*args, **kwargs)
             push(registry, unit)
