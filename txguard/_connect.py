@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = ["connect", "ConnectionUnit"]
 
+# A Connection's class is the engine's, so a begin-once block refuses these calls with
+# attributes of the one connection it holds (removed at its end), where a Session's unit
+# uses a session subclass (_sessions).
 _GUARDED = ("commit", "rollback", "begin", "close")
-_BEGIN_ONCE = Mode.BEGIN_ONCE
 
 
 class _Held:
@@ -103,10 +105,10 @@ def _open(engine: Engine, mode: Mode, isolation_level: str | None, where: Origin
             conn.execution_options(isolation_level=isolation_level)
         held = _Held(conn, mode, where)
         own_connection(conn, held)
-        if mode is _BEGIN_ONCE:
+        if mode is Mode.BEGIN_ONCE:
             held.transaction = type(conn).begin(conn)
-            d = conn.__dict__
-            d["commit"] = d["rollback"] = d["begin"] = d["close"] = held.refuse
+            for name in _GUARDED:
+                conn.__dict__[name] = held.refuse
         else:
             conn.__dict__["commit"] = held.commit
             event.listen(conn, "before_cursor_execute", held.note_statement)
@@ -250,7 +252,7 @@ def connect(
 
     ``engine`` may be omitted when the registry (default or given) has exactly one.
     """
-    checked_mode = mode if mode is _BEGIN_ONCE else choice("mode", mode, Mode)
+    checked_mode = mode if mode is Mode.BEGIN_ONCE else choice("mode", mode, Mode)
     level = None if isolation_level is None else _isolation(isolation_level)
     check_registry(registry)
     if engine is None:

@@ -15,7 +15,7 @@ from ._options import DECORATOR_OPTION_NAMES, Mode, Propagation, UnitOptions, ch
 from ._origin import Origin, capture
 from ._registry import Registry, check_registry, resolve
 from ._retry import next_delay
-from ._unit import UnitOfWork, _mismatch, aend, aopen_unit, end, open_unit, push
+from ._unit import UnitOfWork, _mismatch, aend, end
 
 __all__ = ["transactional"]
 
@@ -116,9 +116,8 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
         attempt = 1
         while True:
             unit = UnitOfWork(opts, where)  # the class of every unit: see UnitOfWork
-            if open_unit(registry, unit) is None:
+            if not unit.enter(registry):
                 return fn(*args, **kwargs)
-            push(registry, unit)
             try:
                 result = fn(*args, **kwargs) if kwargs else fn(*args)
                 if result is not None and hasattr(type(result), "__await__"):  # an Awaitable
@@ -152,9 +151,8 @@ def _async_wrapper(
         attempt = 1
         while True:
             unit = UnitOfWork(opts, where)  # the class of every unit: see UnitOfWork
-            if await aopen_unit(registry, unit) is None:
+            if not await unit.aenter(registry):
                 return await fn(*args, **kwargs)
-            push(registry, unit)
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as exc:

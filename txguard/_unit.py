@@ -904,14 +904,27 @@ class UnitOfWork(Unit):
 
     # The sync and async methods are the same steps; the async ones await the IO.
 
+    def enter(self, registry: Registry) -> bool:
+        """Open this unit on ``registry`` and make it current; False if its block runs without
+        one (``propagation="never"`` outside any unit). ``with`` and ``@transactional`` call it."""
+        if open_unit(registry, self) is None:
+            self.state = UnitState.OUTSIDE
+            return False
+        push(registry, self)
+        return True
+
+    async def aenter(self, registry: Registry) -> bool:
+        """``enter`` for an async unit."""
+        if await aopen_unit(registry, self) is None:
+            self.state = UnitState.OUTSIDE
+            return False
+        push(registry, self)
+        return True
+
     def __enter__(self) -> Any:
         registry = self._registry_for(want_async=False)
         self.where = caller_origin(sys._getframe(1))
-        if open_unit(registry, self) is None:
-            self.state = UnitState.OUTSIDE
-            return None
-        push(registry, self)
-        return self.session
+        return self.session if self.enter(registry) else None
 
     def __exit__(
         self,
@@ -931,11 +944,7 @@ class UnitOfWork(Unit):
     async def __aenter__(self) -> Any:
         registry = self._registry_for(want_async=True)
         self.where = caller_origin(sys._getframe(1))
-        if await aopen_unit(registry, self) is None:
-            self.state = UnitState.OUTSIDE
-            return None
-        push(registry, self)
-        return self.session
+        return self.session if await self.aenter(registry) else None
 
     async def __aexit__(
         self,
