@@ -23,26 +23,28 @@ TABLE = {
 }
 
 
-@pytest.mark.parametrize("propagation", list(TABLE), ids=lambda p: p.value)
-def test_plan_with_an_active_unit_follows_the_table(propagation: txguard.Propagation) -> None:
-    """With a unit active, each propagation value plans (or refuses) as the SPEC's first column says."""
-    expected = TABLE[propagation][0]
-    if isinstance(expected, Plan):
-        assert plan(propagation, False, HERE, OUTER, OUTER) is expected
-    else:
-        with pytest.raises(expected):
-            plan(propagation, False, HERE, OUTER, OUTER)
+CELLS = [
+    (propagation, active, expected)
+    for propagation, row in TABLE.items()
+    for active, expected in zip((True, False), row)
+]
 
 
-@pytest.mark.parametrize("propagation", list(TABLE), ids=lambda p: p.value)
-def test_plan_without_a_unit_follows_the_table(propagation: txguard.Propagation) -> None:
-    """With no unit active, each propagation value plans (or refuses) as the SPEC's second column says."""
-    expected = TABLE[propagation][1]
+@pytest.mark.parametrize(
+    ("propagation", "active", "expected"),
+    CELLS,
+    ids=[f"{p.value}-{'active' if a else 'none'}" for p, a, _ in CELLS],
+)
+def test_plan_follows_the_table(
+    propagation: txguard.Propagation, active: bool, expected: Plan | type[Exception]
+) -> None:
+    """Each propagation value, with a unit active or none, plans (or refuses) as the SPEC's table says."""
+    outer = OUTER if active else None
     if isinstance(expected, Plan):
-        assert plan(propagation, False, HERE, None, None) is expected
+        assert plan(propagation, False, HERE, outer, outer) is expected
     else:
         with pytest.raises(expected):
-            plan(propagation, False, HERE, None, None)
+            plan(propagation, False, HERE, outer, outer)
 
 
 def test_the_table_covers_every_propagation_value() -> None:

@@ -1,8 +1,8 @@
 """Units of work: the transaction logic, written once and driven from sync or async code.
 
 A unit either *owns* a scope (it began the transaction, or a savepoint) or *joins* the
-scope of the unit around it. ``open_unit`` decides that from the propagation and
-``settle`` ends it: commit, release, roll back, or mark the shared scope rollback-only.
+scope of the unit around it. ``open_unit`` carries out what ``_propagation.plan`` decides
+from the propagation, and ``settle`` ends it: commit, release, roll back, or mark the shared scope rollback-only.
 Both are plain functions over a sync ``Session``; the asyncio driver runs the same
 functions inside SQLAlchemy's greenlet bridge, exactly as ``AsyncSession`` drives
 ``Session`` (async is a thin driver, the logic exists once).
@@ -849,16 +849,18 @@ class UnitOfWork(Unit):
     """A unit of work as a context manager: ``with`` for sync, ``async with`` for async.
 
     It is itself the unit its block runs in, so entering one allocates nothing more. Where
-    its block was entered is kept as the code and instruction offset of the caller, and
-    made an ``Origin`` only if a message needs it. Each object runs one block (``state``).
+    its block was entered is an ``Origin`` that keeps the caller's code and instruction
+    offset and looks the line up only if a message shows it. Each object runs one block
+    (``state``; see the README's Decisions for why it is not reusable).
 
     Its block may end in another thread or another copy of the context than the one it
     began in (a web framework's thread-pool generator dependency, an async generator the
     event loop finalises in a new task): it settles there all the same.
 
-    ``@transactional`` runs its calls in UnitOfWork objects too (set up by hand, never
-    entered): CPython specialises each attribute access for one class, so ``open_unit``
-    and ``settle`` stay fast only if every unit they see is of the same class.
+    ``@transactional`` runs each call in a UnitOfWork too, opened with ``enter`` (the
+    function's origin given up front): CPython specialises each attribute access for one
+    class, so ``open_unit`` and ``settle`` stay fast only if every unit they see is of the
+    same class.
     """
 
     __slots__ = ("_token", "_var")
