@@ -9,7 +9,7 @@ without one, which only ``supports`` joins).
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ._errors import DisciplineError, TransactionNotAllowedError, TransactionRequiredError
 from ._options import Propagation
@@ -30,6 +30,20 @@ class Plan(enum.Enum):
     NO_UNIT = "no_unit"  # run the block without any unit
 
 
+# Module constants, not ``Propagation.REQUIRED`` on the hot path: see _unit.
+_REQUIRED: Final = Propagation.REQUIRED
+_REQUIRES_NEW: Final = Propagation.REQUIRES_NEW
+_NESTED: Final = Propagation.NESTED
+_MANDATORY: Final = Propagation.MANDATORY
+_NEVER: Final = Propagation.NEVER
+_SUPPORTS: Final = Propagation.SUPPORTS
+_PLAN_JOIN: Final = Plan.JOIN
+_PLAN_BEGIN: Final = Plan.BEGIN
+_PLAN_SAVEPOINT: Final = Plan.SAVEPOINT
+_PLAN_NO_TRANSACTION: Final = Plan.NO_TRANSACTION
+_PLAN_NO_UNIT: Final = Plan.NO_UNIT
+
+
 def plan(
     propagation: Propagation,
     durable: bool,
@@ -47,29 +61,28 @@ def plan(
             f"A durable unit (opened at {where}) must be the outermost, but the unit opened "
             f"at {active} is active. Call it outside any unit, or drop durable=True."
         )
-    P = Propagation
-    if propagation is P.REQUIRED:
-        return Plan.JOIN if active is not None else Plan.BEGIN
-    if propagation is P.REQUIRES_NEW:
-        return Plan.BEGIN
-    if propagation is P.NESTED:
-        return Plan.SAVEPOINT if active is not None else Plan.BEGIN
-    if propagation is P.MANDATORY:
+    if propagation is _REQUIRED:
+        return _PLAN_JOIN if active is not None else _PLAN_BEGIN
+    if propagation is _REQUIRES_NEW:
+        return _PLAN_BEGIN
+    if propagation is _NESTED:
+        return _PLAN_SAVEPOINT if active is not None else _PLAN_BEGIN
+    if propagation is _MANDATORY:
         if active is not None:
-            return Plan.JOIN
+            return _PLAN_JOIN
         raise TransactionRequiredError(
             f"The unit opened at {where} has propagation='mandatory' but no unit of work "
             "is active. Call it inside `with txguard.unit_of_work():` or from an "
             "@txguard.transactional function, or use propagation='required'."
         )
-    if propagation is P.NEVER:
+    if propagation is _NEVER:
         if active is None:
-            return Plan.NO_UNIT
+            return _PLAN_NO_UNIT
         raise TransactionNotAllowedError(
             f"The unit opened at {where} has propagation='never' but the unit opened at "
             f"{active} is active. Call it outside any unit, or use "
             "propagation='not_supported' to suspend the active one."
         )
-    if propagation is P.SUPPORTS:
-        return Plan.JOIN if current is not None else Plan.NO_TRANSACTION
-    return Plan.NO_TRANSACTION  # not_supported
+    if propagation is _SUPPORTS:
+        return _PLAN_JOIN if current is not None else _PLAN_NO_TRANSACTION
+    return _PLAN_NO_TRANSACTION  # not_supported

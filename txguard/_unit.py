@@ -76,6 +76,26 @@ class UnitState(enum.Enum):
 
 
 _T = TypeVar("_T")
+# Each read of an enum member through its class (``UnitState.ACTIVE``) is a type-attribute
+# lookup that CPython 3.11 does not specialise, and an ORM transaction evicts the type cache
+# it would hit: measured with callgrind (benchmarks/instructions.py, REQUIRED join row),
+# reading the members through the class cost +61k instructions per transaction against
+# +28k with these module constants. So the hot paths read them here.
+_MODE_BEGIN_ONCE: Final = Mode.BEGIN_ONCE
+_MODE_COMMIT_AS_YOU_GO: Final = Mode.COMMIT_AS_YOU_GO
+_PLAN_BEGIN: Final = Plan.BEGIN
+_PLAN_JOIN: Final = Plan.JOIN
+_PLAN_NO_UNIT: Final = Plan.NO_UNIT
+_PLAN_SAVEPOINT: Final = Plan.SAVEPOINT
+_ROLE_BEGINS: Final = Role.BEGINS
+_ROLE_JOINS: Final = Role.JOINS
+_ROLE_SAVEPOINT: Final = Role.SAVEPOINT
+_STATE_ACTIVE: Final = UnitState.ACTIVE
+_STATE_ENDED: Final = UnitState.ENDED
+_STATE_ORPHANED: Final = UnitState.ORPHANED
+_STATE_OUTSIDE: Final = UnitState.OUTSIDE
+_STATE_READY: Final = UnitState.READY
+_REQUIRED: Final = Propagation.REQUIRED
 
 
 class Unit:
@@ -131,7 +151,7 @@ class Unit:
         session.begin() is refused before it begins), so the guards need not walk the
         stack for it; other units answer None.
         """
-        return self.where if self.mode is Mode.BEGIN_ONCE else None
+        return self.where if self.mode is _MODE_BEGIN_ONCE else None
 
     @property
     def scope(self) -> Unit:
@@ -175,7 +195,7 @@ class Unit:
     # The user's calls of the session's own methods, routed here by the session class of the unit (_sessions._guarded_methods).
 
     def session_commit(self) -> None:
-        if self.mode is Mode.BEGIN_ONCE:
+        if self.mode is _MODE_BEGIN_ONCE:
             raise DisciplineError(
                 f"session.commit() inside the begin-once unit opened at {self.where}: the "
                 "unit commits when its block ends (and rolls back if an exception leaves "
@@ -191,9 +211,9 @@ class Unit:
             )
         if (
             current is not None
-            and current.role is Role.JOINS
+            and current.role is _ROLE_JOINS
             and current.owner is self
-            and current.opts.mode is Mode.BEGIN_ONCE
+            and current.opts.mode is _MODE_BEGIN_ONCE
         ):
             raise DisciplineError(
                 f"session.commit() inside the begin-once unit opened at {current.where}, "
@@ -234,7 +254,7 @@ class Unit:
         run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=False)
 
     def session_rollback(self) -> None:
-        if self.mode is Mode.BEGIN_ONCE:
+        if self.mode is _MODE_BEGIN_ONCE:
             raise DisciplineError(
                 f"session.rollback() inside the begin-once unit opened at {self.where}: "
                 "raise an exception to roll the unit back, or use session.begin_nested() / "
@@ -246,7 +266,7 @@ class Unit:
         run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=False)
 
     def session_begin(self) -> None:
-        if self.mode is Mode.BEGIN_ONCE:
+        if self.mode is _MODE_BEGIN_ONCE:
             raise DisciplineError(
                 f"session.begin() inside the begin-once unit opened at {self.where}: the "
                 "unit already began the transaction. Use the session as it is, or "
@@ -254,7 +274,7 @@ class Unit:
             )
 
     def session_close(self) -> None:
-        if self.mode is Mode.BEGIN_ONCE:
+        if self.mode is _MODE_BEGIN_ONCE:
             raise DisciplineError(
                 f"session.close() inside the begin-once unit opened at {self.where}: "
                 "closing now would silently discard the transaction. The unit closes its "
@@ -306,10 +326,10 @@ def open_unit(registry: Registry, unit: Unit) -> Unit | None:
         current = live(current)
     unit.previous = current
     unit.thread = threading.get_ident()
-    unit.role = Role.BEGINS
+    unit.role = _ROLE_BEGINS
     unit.owner = None
     unit.parent = None
-    unit.mode = Mode.BEGIN_ONCE
+    unit.mode = _MODE_BEGIN_ONCE
     unit.transactional = True
     unit.isolation_level = None
     unit.callbacks = NO_CALLBACKS
@@ -325,13 +345,13 @@ def open_unit(registry: Registry, unit: Unit) -> Unit | None:
         None if scope is None else scope.where,
     )
     if scope is not None:  # the plans that run in the active unit
-        if step is Plan.JOIN:
+        if step is _PLAN_JOIN:
             return _join(scope, unit)
-        if step is Plan.SAVEPOINT:
+        if step is _PLAN_SAVEPOINT:
             return _savepoint(scope, unit)
-    if step is Plan.NO_UNIT:
+    if step is _PLAN_NO_UNIT:
         return None
-    if step is Plan.BEGIN:
+    if step is _PLAN_BEGIN:
         key = opts.session_key
     else:
         key = (True, opts.read_only, opts.isolation_level)
@@ -345,7 +365,7 @@ def open_unit(registry: Registry, unit: Unit) -> Unit | None:
     sync._txguard_unit = unit  # type: ignore[attr-defined]  # before begin: the guards ask it
     commit_as_you_go, _, isolation_level = key
     if commit_as_you_go:
-        unit.mode = Mode.COMMIT_AS_YOU_GO
+        unit.mode = _MODE_COMMIT_AS_YOU_GO
         unit.registry = registry
     else:
         unit.transaction = base.begin(sync)
@@ -357,7 +377,7 @@ def open_unit(registry: Registry, unit: Unit) -> Unit | None:
 def _join(active: Unit, unit: Unit) -> Unit:
     if unit.opts.isolation_level is not None:
         _check_isolation(active, unit)
-    unit.role = Role.JOINS
+    unit.role = _ROLE_JOINS
     unit.owner = active
     unit.session = active.session
     unit.sync = active.sync
@@ -386,7 +406,7 @@ def _savepoint(active: Unit, unit: Unit) -> Unit:
     if unit.opts.isolation_level is not None:
         _check_isolation(active, unit)
     unit.transaction = active.sync.begin_nested()
-    unit.role = Role.SAVEPOINT
+    unit.role = _ROLE_SAVEPOINT
     unit.parent = active
     unit.session = active.session
     unit.sync = active.sync
@@ -406,13 +426,13 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
     A unit that joined and a begin-once unit (the common cases) are settled here.
     """
     role = unit.role
-    if role is not Role.BEGINS:
-        if role is Role.JOINS:
+    if role is not _ROLE_BEGINS:
+        if role is _ROLE_JOINS:
             if exc is not None and _rolls_back(unit, exc):
                 unit.owner.mark_rollback_only(exc, unit.where)  # type: ignore[union-attr]
             return None, exc
         return None, _settle_savepoint(unit, exc)
-    if unit.mode is not Mode.BEGIN_ONCE:
+    if unit.mode is not _MODE_BEGIN_ONCE:
         return _settle_commit_as_you_go(unit, exc)
     sync = unit.sync
     sync._txguard_unit = None  # type: ignore[attr-defined]
@@ -704,7 +724,7 @@ def usable(unit: Unit, ident: int) -> bool:
         return False
     scope: Unit | None = unit
     while scope is not None:
-        if scope.state is not UnitState.ACTIVE:
+        if scope.state is not _STATE_ACTIVE:
             return False
         scope = scope.owner or scope.parent
     return True
@@ -714,7 +734,7 @@ def push(registry: Registry, unit: UnitOfWork) -> None:
     """Make ``unit``, just opened by ``open_unit``, the current unit of this context."""
     var = unit._var = registry._var
     unit._token = var.set(unit)
-    unit.state = UnitState.ACTIVE
+    unit.state = _STATE_ACTIVE
 
 
 def adopt(unit: Unit) -> None:
@@ -737,7 +757,7 @@ def _pop(unit: UnitOfWork) -> list[Unit]:
     first: non-empty only for an out-of-order exit. Where its token cannot be reset (it
     was entered in another context), the value stays, and the lookup skips it.
     """
-    unit.state = UnitState.ENDED
+    unit.state = _STATE_ENDED
     var = unit._var
     top = var.get()
     try:
@@ -748,7 +768,7 @@ def _pop(unit: UnitOfWork) -> list[Unit]:
         return _NO_UNITS
     inner: list[Unit] = []
     while top is not None and top is not unit:
-        if top.state is UnitState.ACTIVE:
+        if top.state is _STATE_ACTIVE:
             inner.append(top)
         top = top.previous
     return inner if top is unit else []
@@ -763,7 +783,7 @@ def _orphan(unit: Unit, inner: list[Unit]) -> DisciplineError:
         "unit(s) first (an ExitStack does, in reverse order of entry)."
     )
     for u in inner:
-        u.state = UnitState.ORPHANED
+        u.state = _STATE_ORPHANED
         u.ended_by = unit
         u.scope.mark_rollback_only(error, u.where)
     unit.scope.mark_rollback_only(error, unit.where)
@@ -775,7 +795,7 @@ def _outlived(unit: Unit) -> DisciplineError | None:
     block ended in another context: an async generator finalised by the event loop),
     discard what ``unit`` did since and return the error its exit raises."""
     scope = unit.owner or unit.parent
-    while scope is not None and scope.state is UnitState.ACTIVE:
+    while scope is not None and scope.state is _STATE_ACTIVE:
         scope = scope.owner or scope.parent
     if scope is None:
         return None
@@ -787,7 +807,7 @@ def _outlived(unit: Unit) -> DisciplineError | None:
         "after the units inside it, e.g. exhaust or aclose() the generator first."
     )
     root = unit.root
-    if root.state is UnitState.ACTIVE:
+    if root.state is _STATE_ACTIVE:
         root.mark_rollback_only(error, unit.where)
     else:
         try:
@@ -816,7 +836,7 @@ def end(unit: UnitOfWork, exc: BaseException | None) -> tuple[Finish | None, Bas
     """
     inner = _pop(unit)
     if not inner:
-        error = _outlived(unit) if unit.role is not Role.BEGINS else None
+        error = _outlived(unit) if unit.role is not _ROLE_BEGINS else None
         return settle(unit, exc) if error is None else (None, error)
     error = _orphan(unit, inner)
     for u in inner:
@@ -831,7 +851,7 @@ async def aend(
     """End an async unit's block: ``end`` with ``asettle``."""
     inner = _pop(unit)
     if not inner:
-        error = await greenlet_spawn(_outlived, unit) if unit.role is not Role.BEGINS else None
+        error = await greenlet_spawn(_outlived, unit) if unit.role is not _ROLE_BEGINS else None
         if error is None:
             return await asettle(unit, exc)
         return None, error
@@ -867,7 +887,7 @@ class UnitOfWork(Unit):
 
     def __init__(self, opts: UnitOptions, where: Origin | None = None) -> None:
         self.opts = opts
-        self.state = UnitState.READY
+        self.state = _STATE_READY
         if where is not None:  # a @transactional call's; a with block's is set at entry
             self.where = where
 
@@ -876,7 +896,7 @@ class UnitOfWork(Unit):
 
     def _registry_for(self, want_async: bool) -> Registry:
         registry = self.opts.registry or resolve(None)
-        if registry.is_async is not want_async or self.state is not UnitState.READY:
+        if registry.is_async is not want_async or self.state is not _STATE_READY:
             self._refuse(registry, want_async)
         return registry
 
@@ -885,18 +905,18 @@ class UnitOfWork(Unit):
             raise ConfigurationError(_mismatch(registry, "async with" if want_async else "with"))
         raise DisciplineError(
             f"The unit_of_work() entered at {self.where} is "
-            f"{'done' if self.state is UnitState.ENDED else 'already in use'}: each object runs one "
+            f"{'done' if self.state is _STATE_ENDED else 'already in use'}: each object runs one "
             "`with` block; create a new one for each block."
         )
 
     def _exit_inactive(self, exc: BaseException | None) -> None:
         """Exit a block that ran without a unit, or whose unit an outer unit's exit ended."""
         state = self.state
-        if state is UnitState.READY or state is UnitState.ENDED:
-            how = "twice" if state is UnitState.ENDED else "without being entered"
+        if state is _STATE_READY or state is _STATE_ENDED:
+            how = "twice" if state is _STATE_ENDED else "without being entered"
             raise DisciplineError(f"This unit_of_work() was exited {how}.")
-        self.state = UnitState.ENDED
-        if state is UnitState.ORPHANED and exc is None:
+        self.state = _STATE_ENDED
+        if state is _STATE_ORPHANED and exc is None:
             raise DisciplineError(
                 f"The unit opened at {self.where} was rolled back, its work not committed: the "
                 f"unit opened at {self.ended_by.where if self.ended_by else '?'}, which it was "
@@ -910,7 +930,7 @@ class UnitOfWork(Unit):
         """Open this unit on ``registry`` and make it current; False if its block runs without
         one (``propagation="never"`` outside any unit). ``with`` and ``@transactional`` call it."""
         if open_unit(registry, self) is None:
-            self.state = UnitState.OUTSIDE
+            self.state = _STATE_OUTSIDE
             return False
         push(registry, self)
         return True
@@ -918,7 +938,7 @@ class UnitOfWork(Unit):
     async def aenter(self, registry: Registry) -> bool:
         """``enter`` for an async unit."""
         if await aopen_unit(registry, self) is None:
-            self.state = UnitState.OUTSIDE
+            self.state = _STATE_OUTSIDE
             return False
         push(registry, self)
         return True
@@ -934,7 +954,7 @@ class UnitOfWork(Unit):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.state is not UnitState.ACTIVE:
+        if self.state is not _STATE_ACTIVE:
             self._exit_inactive(exc)
             return
         finish, error = end(self, exc)
@@ -954,7 +974,7 @@ class UnitOfWork(Unit):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.state is not UnitState.ACTIVE:
+        if self.state is not _STATE_ACTIVE:
             self._exit_inactive(exc)
             return
         finish, error = await aend(self, exc)
@@ -1000,8 +1020,8 @@ def unit_of_work(
     session it opened. See ``Propagation`` for what happens when a unit is already active.
     """
     if (
-        mode is Mode.BEGIN_ONCE
-        and propagation is Propagation.REQUIRED
+        mode is _MODE_BEGIN_ONCE
+        and propagation is _REQUIRED
         and read_only is False
         and isolation_level is None
         and rollback_for is _ROLLBACK_ANY
@@ -1049,7 +1069,7 @@ async def asettle(
     A cancellation that arrived becomes the error the unit raises, so the caller still
     delivers what the unit left (the callbacks of a COMMIT that went through) before it.
     """
-    if unit.role is Role.JOINS:
+    if unit.role is _ROLE_JOINS:
         return settle(unit, exc)
     task, cancelled = await completed(greenlet_spawn(settle, unit, exc))
     finish: Finish | None
