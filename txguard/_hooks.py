@@ -52,7 +52,7 @@ def on_commit(
     if not isinstance(robust, bool):
         raise ConfigurationError(f"robust={option_value(robust)} is not valid; use True or False.")
     unit = current_unit(owner)
-    if unit is None or not (unit.scope.transactional or unit.sync.in_transaction()):
+    if unit is None or not (unit.scope.transactional or unit.sync_session.in_transaction()):
         run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)
         return
     unit.scope.add_callback(Callback(fn, ON_COMMIT, robust))

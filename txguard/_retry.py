@@ -172,7 +172,7 @@ def next_delay(unit: Unit, exc: BaseException, attempt: int) -> float | None:
                 "transaction retries it (retries= there, or propagation='requires_new' here).",
             )
         return None
-    if unit.scope.committing and _from_commit(exc) and not _declared_rollback(exc):
+    if unit.scope.commit_in_doubt and _from_commit(exc) and not _declared_rollback(exc):
         _note(
             exc,
             f"txguard: attempt {attempt} of {unit.where} failed while COMMIT was being "

@@ -109,4 +109,4 @@ def current_session(registry: Registry | None = None) -> Any:
 def in_transaction(registry: Registry | None = None) -> bool:
     """Say whether the current unit of work's session has an active transaction."""
     unit = current_unit(resolve(registry))
-    return unit is not None and unit.sync.in_transaction()
+    return unit is not None and unit.sync_session.in_transaction()

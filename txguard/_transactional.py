@@ -11,7 +11,14 @@ from typing import Any, NoReturn, ParamSpec, TypeVar, overload
 
 from ._describe import describe, name_of
 from ._errors import ConfigurationError
-from ._options import DECORATOR_OPTION_NAMES, Mode, Propagation, UnitOptions, check_names, unit_options
+from ._options import (
+    DECORATOR_OPTION_NAMES,
+    Mode,
+    Propagation,
+    UnitOptions,
+    check_names,
+    unit_options,
+)
 from ._origin import Origin, capture
 from ._registry import Registry, check_registry, resolve
 from ._retry import next_delay

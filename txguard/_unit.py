@@ -2,7 +2,8 @@
 
 A unit either *owns* a scope (it began the transaction, or a savepoint) or *joins* the
 scope of the unit around it. ``open_unit`` carries out what ``_propagation.plan`` decides
-from the propagation, and ``settle`` ends it: commit, release, roll back, or mark the shared scope rollback-only.
+from the propagation, and ``settle`` ends it: commit, release, roll back, or mark the
+shared scope rollback-only.
 Both are plain functions over a sync ``Session``; the asyncio driver runs the same
 functions inside SQLAlchemy's greenlet bridge, exactly as ``AsyncSession`` drives
 ``Session`` (async is a thin driver, the logic exists once).
@@ -115,8 +116,9 @@ class Unit:
     __slots__ = (
         "opts", "where", "role", "mode", "owner", "parent",
         "registry", "transaction", "transactional", "isolation_level", "callbacks",
-        "rollback_only", "rollback_cause", "rollback_site", "rollback_unit", "committing",
-        "session", "sync", "base", "state", "previous", "thread", "ended_by", "failures",
+        "rollback_only", "rollback_cause", "rollback_site", "rollback_unit", "commit_in_doubt",
+        "session", "sync_session", "session_class", "state", "previous", "thread", "ended_by",
+        "failures",
     )
 
     opts: UnitOptions
@@ -134,10 +136,10 @@ class Unit:
     rollback_cause: BaseException | None  # set with rollback_only
     rollback_site: Origin | None
     rollback_unit: Origin | None
-    committing: bool
+    commit_in_doubt: bool  # its COMMIT failed before going through: the outcome is unknown
     session: Any
-    sync: Session
-    base: type[Session]  # the user's session class: the unit calls it, past the guards
+    sync_session: Session  # the session itself, or an AsyncSession's sync_session
+    session_class: type[Session]  # the user's session class: the unit calls it, past the guards
     state: UnitState
     previous: Unit | None  # the unit that was current when it was opened
     thread: int  # the ident of the thread that may use it (see adopt)
@@ -183,7 +185,7 @@ class Unit:
 
     def savepoints(self, connection: Connection) -> tuple[object, ...]:
         """The savepoints of this unit's session, innermost first (see _failures)."""
-        return session_savepoints(self.sync)
+        return session_savepoints(self.sync_session)
 
     def mark_rollback_only(self, cause: BaseException, unit: Origin) -> None:
         if not self.rollback_only:
@@ -220,9 +222,9 @@ class Unit:
                 f"which joined the commit-as-you-go unit opened at {self.where}: only that "
                 "unit commits. Remove the call, or give this unit mode='commit_as_you_go'."
             )
-        sync = self.sync
+        sync = self.sync_session
         if self.rollback_only or self.failures:
-            self.base.rollback(sync)
+            self.session_class.rollback(sync)
             if self.rollback_only:
                 error = unexpected_rollback(self)
             else:
@@ -238,14 +240,14 @@ class Unit:
             raise error
         transaction = sync.get_transaction()
         if aborted(transaction):
-            self.base.rollback(sync)
+            self.session_class.rollback(sync)
             run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
             raise aborted_error(
                 f"session.commit() in the commit-as-you-go unit opened at {self.where} was "
                 "refused"
             )
         try:
-            self.base.commit(sync)
+            self.session_class.commit(sync)
         except BaseException as error:
             if transaction is not None and _commit_went_through(self, transaction):
                 mark_after_commit(error)  # committed all the same: its callbacks run
@@ -260,7 +262,7 @@ class Unit:
                 "raise an exception to roll the unit back, or use session.begin_nested() / "
                 "propagation='nested' to undo part of the work."
             )
-        self.base.rollback(self.sync)
+        self.session_class.rollback(self.sync_session)
         self.rollback_only = False
         self.failures = ()
         run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=False)
@@ -334,7 +336,7 @@ def open_unit(registry: Registry, unit: Unit) -> Unit | None:
     unit.isolation_level = None
     unit.callbacks = NO_CALLBACKS
     unit.rollback_only = False
-    unit.committing = False
+    unit.commit_in_doubt = False
     scope = None if current is None else current.scope
     active = scope if scope is not None and scope.transactional else None
     step = plan(
@@ -360,8 +362,8 @@ def open_unit(registry: Registry, unit: Unit) -> Unit | None:
     sync: Session = session.sync_session if registry.is_async else session
     base = registry.base_class
     unit.session = session
-    unit.sync = sync
-    unit.base = base
+    unit.sync_session = sync
+    unit.session_class = base
     sync._txguard_unit = unit  # type: ignore[attr-defined]  # before begin: the guards ask it
     commit_as_you_go, _, isolation_level = key
     if commit_as_you_go:
@@ -380,7 +382,7 @@ def _join(active: Unit, unit: Unit) -> Unit:
     unit.role = _ROLE_JOINS
     unit.owner = active
     unit.session = active.session
-    unit.sync = active.sync
+    unit.sync_session = active.sync_session
     return unit
 
 
@@ -398,19 +400,19 @@ def _check_isolation(active: Unit, unit: Unit) -> None:
 
 
 def _effective_isolation(scope: Unit) -> str:
-    level: str = scope.sync.connection().get_isolation_level()
+    level: str = scope.sync_session.connection().get_isolation_level()
     return level.upper().replace("_", " ")
 
 
 def _savepoint(active: Unit, unit: Unit) -> Unit:
     if unit.opts.isolation_level is not None:
         _check_isolation(active, unit)
-    unit.transaction = active.sync.begin_nested()
+    unit.transaction = active.sync_session.begin_nested()
     unit.role = _ROLE_SAVEPOINT
     unit.parent = active
     unit.session = active.session
-    unit.sync = active.sync
-    unit.base = active.base
+    unit.sync_session = active.sync_session
+    unit.session_class = active.session_class
     unit.isolation_level = active.isolation_level
     return unit
 
@@ -434,7 +436,7 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
         return None, _settle_savepoint(unit, exc)
     if unit.mode is not _MODE_BEGIN_ONCE:
         return _settle_commit_as_you_go(unit, exc)
-    sync = unit.sync
+    sync = unit.sync_session
     sync._txguard_unit = None  # type: ignore[attr-defined]
     transaction: SessionTransaction = unit.transaction  # type: ignore[assignment]
     error = exc
@@ -471,14 +473,14 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
                     committed = True  # an after_commit listener failed, or an interrupt came
                     mark_after_commit(commit_error)
                 else:
-                    unit.committing = True  # for retries: COMMIT may have been sent
+                    unit.commit_in_doubt = True  # for retries: COMMIT may have been sent
                     _rollback(transaction, commit_error)
                 if exc is not None and commit_error.__context__ is None:
                     commit_error.__context__ = exc
                 error = commit_error
     finally:
         try:
-            unit.base.close(sync)
+            unit.session_class.close(sync)
         except BaseException as close_error:
             if error is None:
                 error = close_error
@@ -501,7 +503,7 @@ def _commit_went_through(unit: Unit, transaction: SessionTransaction) -> bool:
     SessionTransaction has no public flag for this.
     """
     state = transaction._state
-    return state is _COMMITTED or (state is _CLOSED and not unit.sync.twophase)
+    return state is _COMMITTED or (state is _CLOSED and not unit.sync_session.twophase)
 
 
 _COMMITTED: Final = SessionTransactionState.COMMITTED
@@ -570,7 +572,7 @@ def _settle_savepoint(unit: Unit, exc: BaseException | None) -> BaseException | 
 def _settle_commit_as_you_go(
     unit: Unit, exc: BaseException | None
 ) -> tuple[Finish, BaseException | None]:
-    sync = unit.sync
+    sync = unit.sync_session
     sync._txguard_unit = None  # type: ignore[attr-defined]
     warning = None
     error = exc
@@ -579,7 +581,7 @@ def _settle_commit_as_you_go(
             warning = _uncommitted_work(unit)
     finally:
         try:
-            unit.base.close(sync)
+            unit.session_class.close(sync)
         except BaseException as close_error:
             if error is None:
                 error = close_error
@@ -599,7 +601,7 @@ def _rollback(transaction: SessionTransaction, cause: BaseException | None) -> N
 
 
 def _uncommitted_work(scope: Unit) -> str | None:
-    sync = scope.sync
+    sync = scope.sync_session
     first = first_change(sync)
     counts = [
         f"{n} {what}"
@@ -811,7 +813,8 @@ def _outlived(unit: Unit) -> DisciplineError | None:
         root.mark_rollback_only(error, unit.where)
     else:
         try:
-            root.base.close(root.sync)  # what autobegan on the closed session since
+            # what autobegan on the closed session since
+            root.session_class.close(root.sync_session)
         except Exception:
             logger.warning("txguard: closing the session failed", exc_info=True)
     return error
