@@ -10,6 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ._describe import option_value
 from ._errors import ConfigurationError
+from ._transaction import TransactionState
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -172,7 +173,7 @@ def next_delay(unit: Unit, exc: BaseException, attempt: int) -> float | None:
                 "transaction retries it (retries= there, or propagation='requires_new' here).",
             )
         return None
-    if unit.scope.commit_in_doubt and _from_commit(exc) and not _declared_rollback(exc):
+    if unit.scope.tx_state is TransactionState.IN_DOUBT and _from_commit(exc) and not _declared_rollback(exc):
         _note(
             exc,
             f"txguard: attempt {attempt} of {unit.where} failed while COMMIT was being "

@@ -41,6 +41,7 @@ from ._options import (
 from ._origin import Origin, _is_library, caller_origin, warn_at_user
 from ._propagation import Plan, plan
 from ._registry import Registry, check_registry, resolve
+from ._transaction import TransactionState, transition
 from ._retry import _sqlstate, is_retryable, mark_after_commit, retry_wanted
 from ._sessions import first_change
 
@@ -97,6 +98,11 @@ _STATE_ORPHANED: Final = UnitState.ORPHANED
 _STATE_OUTSIDE: Final = UnitState.OUTSIDE
 _STATE_READY: Final = UnitState.READY
 _REQUIRED: Final = Propagation.REQUIRED
+_TX_ACTIVE: Final = TransactionState.ACTIVE
+_TX_ROLLBACK_ONLY: Final = TransactionState.ROLLBACK_ONLY
+_TX_COMMITTED: Final = TransactionState.COMMITTED
+_TX_ROLLED_BACK: Final = TransactionState.ROLLED_BACK
+_TX_IN_DOUBT: Final = TransactionState.IN_DOUBT
 
 
 class Unit:
@@ -104,7 +110,8 @@ class Unit:
 
     A unit either begins a transaction (``role`` BEGINS, or SAVEPOINT for a savepoint) and
     is its own ``scope``, or JOINS the scope of an active unit (``owner``). What belongs to
-    the transaction (callbacks, the rollback-only mark) lives on the scope.
+    the transaction (its ``TransactionState``, callbacks, caught failures) lives on the
+    scope; ``state`` is the unit's own life (``UnitState``).
 
     Units have slots, and ``open_unit`` sets every attribute that is read before it is
     set elsewhere. An ORM transaction touches so many types that CPython's type-lookup
@@ -116,7 +123,7 @@ class Unit:
     __slots__ = (
         "opts", "where", "role", "mode", "owner", "parent",
         "registry", "transaction", "transactional", "isolation_level", "callbacks",
-        "rollback_only", "rollback_cause", "rollback_site", "rollback_unit", "commit_in_doubt",
+        "tx_state", "rollback_cause", "rollback_site", "rollback_unit",
         "session", "sync_session", "session_class", "state", "previous", "thread", "ended_by",
         "failures",
     )
@@ -132,11 +139,10 @@ class Unit:
     transactional: bool
     isolation_level: str | None
     callbacks: tuple[Callback, ...] | list[Callback]
-    rollback_only: bool
-    rollback_cause: BaseException | None  # set with rollback_only
+    tx_state: TransactionState  # of the transaction it began (see _transaction)
+    rollback_cause: BaseException | None  # set when it became ROLLBACK_ONLY
     rollback_site: Origin | None
     rollback_unit: Origin | None
-    commit_in_doubt: bool  # its COMMIT failed before going through: the outcome is unknown
     session: Any
     sync_session: Session  # the session itself, or an AsyncSession's sync_session
     session_class: type[Session]  # the user's session class: the unit calls it, past the guards
@@ -187,14 +193,21 @@ class Unit:
         """The savepoints of this unit's session, innermost first (see _failures)."""
         return session_savepoints(self.sync_session)
 
+    def move_to(self, state: TransactionState) -> None:
+        """Move the transaction this unit began to ``state``, if that move is declared legal."""
+        self.tx_state = transition(self.tx_state, state, self.where)
+
     def mark_rollback_only(self, cause: BaseException, unit: Origin) -> None:
-        if not self.rollback_only:
-            self.rollback_only = True
+        """Doom the transaction: it will roll back. The first cause is kept; a transaction
+        that has already ended has nothing left to doom."""
+        if self.tx_state is _TX_ACTIVE:
+            self.move_to(_TX_ROLLBACK_ONLY)
             self.rollback_cause = cause
             self.rollback_site = failure_site(cause)
             self.rollback_unit = unit
 
-    # The user's calls of the session's own methods, routed here by the session class of the unit (_sessions._guarded_methods).
+    # The user's calls of the session's own methods, routed here by the session class of
+    # the unit (_sessions._guarded_methods).
 
     def session_commit(self) -> None:
         if self.mode is _MODE_BEGIN_ONCE:
@@ -223,9 +236,9 @@ class Unit:
                 "unit commits. Remove the call, or give this unit mode='commit_as_you_go'."
             )
         sync = self.sync_session
-        if self.rollback_only or self.failures:
+        if self.tx_state is _TX_ROLLBACK_ONLY or self.failures:
             self.session_class.rollback(sync)
-            if self.rollback_only:
+            if self.tx_state is _TX_ROLLBACK_ONLY:
                 error = unexpected_rollback(self)
             else:
                 error = caught_failure(
@@ -234,13 +247,13 @@ class Unit:
                     "was refused",
                     "the transaction has been rolled back",
                 )
-            self.rollback_only = False
-            self.failures = ()
+            self.begin_again(_TX_ROLLED_BACK)
             run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
             raise error
         transaction = sync.get_transaction()
         if aborted(transaction):
             self.session_class.rollback(sync)
+            self.begin_again(_TX_ROLLED_BACK)
             run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
             raise aborted_error(
                 f"session.commit() in the commit-as-you-go unit opened at {self.where} was "
@@ -251,8 +264,10 @@ class Unit:
         except BaseException as error:
             if transaction is not None and _commit_went_through(self, transaction):
                 mark_after_commit(error)  # committed all the same: its callbacks run
+                self.begin_again(_TX_COMMITTED)
                 run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=True)
             raise
+        self.begin_again(_TX_COMMITTED)
         run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=False)
 
     def session_rollback(self) -> None:
@@ -263,9 +278,15 @@ class Unit:
                 "propagation='nested' to undo part of the work."
             )
         self.session_class.rollback(self.sync_session)
-        self.rollback_only = False
-        self.failures = ()
+        self.begin_again(_TX_ROLLED_BACK)
         run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=False)
+
+    def begin_again(self, ended: TransactionState) -> None:
+        """Record that a commit-as-you-go session's transaction ended (``ended``) and that the
+        session goes on, in a new one; its failures and rollback-only mark are gone with it."""
+        self.move_to(ended)
+        self.move_to(_TX_ACTIVE)
+        self.failures = ()
 
     def session_begin(self) -> None:
         if self.mode is _MODE_BEGIN_ONCE:
@@ -335,8 +356,7 @@ def open_unit(registry: Registry, unit: Unit) -> Unit | None:
     unit.transactional = True
     unit.isolation_level = None
     unit.callbacks = NO_CALLBACKS
-    unit.rollback_only = False
-    unit.commit_in_doubt = False
+    unit.tx_state = _TX_ACTIVE
     scope = None if current is None else current.scope
     active = scope if scope is not None and scope.transactional else None
     step = plan(
@@ -444,7 +464,7 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
     try:
         if exc is not None and _rolls_back(unit, exc):
             _rollback(transaction, exc)
-        elif unit.rollback_only:
+        elif unit.tx_state is _TX_ROLLBACK_ONLY:
             _rollback(transaction, exc)
             if exc is None:
                 error = unexpected_rollback(unit)
@@ -473,12 +493,16 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
                     committed = True  # an after_commit listener failed, or an interrupt came
                     mark_after_commit(commit_error)
                 else:
-                    unit.commit_in_doubt = True  # for retries: COMMIT may have been sent
+                    unit.move_to(_TX_IN_DOUBT)  # for retries: COMMIT may have been sent
                     _rollback(transaction, commit_error)
                 if exc is not None and commit_error.__context__ is None:
                     commit_error.__context__ = exc
                 error = commit_error
     finally:
+        if committed:
+            unit.move_to(_TX_COMMITTED)
+        elif unit.tx_state is not _TX_IN_DOUBT:
+            unit.move_to(_TX_ROLLED_BACK)
         try:
             unit.session_class.close(sync)
         except BaseException as close_error:
@@ -528,7 +552,7 @@ def _settle_savepoint(unit: Unit, exc: BaseException | None) -> BaseException | 
     try:
         if exc is not None and _rolls_back(unit, exc):
             savepoint.rollback()
-        elif unit.rollback_only:
+        elif unit.tx_state is _TX_ROLLBACK_ONLY:
             savepoint.rollback()
             if exc is None:
                 error = unexpected_rollback(unit)
