@@ -27,6 +27,8 @@ class TransactionState(enum.Enum):
     ROLLED_BACK = "rolled_back"
     IN_DOUBT = "in_doubt"  # its COMMIT failed before it went through: the outcome is unknown
 
+    may_become: tuple[TransactionState, ...]  # the legal moves from it (TRANSITIONS)
+
 
 _S = TransactionState
 
@@ -40,15 +42,20 @@ TRANSITIONS: Final[dict[TransactionState, frozenset[TransactionState]]] = {
 }
 """The legal moves: from each state, the states it may become."""
 
+# Each member keeps its moves as a tuple, so a move is checked without hashing the members
+# (Enum.__hash__ is Python code: two hashes per move cost ~10k instructions per unit).
+for _state, _targets in TRANSITIONS.items():
+    _state.may_become = tuple(sorted(_targets, key=lambda s: s.value))
+
 
 def transition(current: TransactionState, new: TransactionState, where: Origin) -> TransactionState:
     """Return ``new`` if a transaction in state ``current`` may become it; else raise.
 
     ``where`` is where the unit that began the transaction was opened, for the message.
     """
-    if new in TRANSITIONS[current]:
+    if new in current.may_become:
         return new
-    allowed = ", ".join(sorted(s.value for s in TRANSITIONS[current])) or "nothing: it is final"
+    allowed = ", ".join(s.value for s in current.may_become) or "nothing: it is final"
     raise DisciplineError(
         f"The transaction of the unit opened at {where} is {current.value!r} and cannot "
         f"become {new.value!r} (from {current.value!r} it may become {allowed}). A unit "
