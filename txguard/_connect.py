@@ -30,6 +30,8 @@ from ._unit import caught_failure
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
 __all__ = ["connect", "ConnectionUnit"]
 
 # A Connection's class is the engine's, so a begin-once block refuses these calls with
@@ -168,7 +170,7 @@ class ConnectionUnit:
 
     __slots__ = ("_engine", "_mode", "_isolation_level", "_where", "_held")
 
-    def __init__(self, engine: Any, mode: Mode, isolation_level: str | None, where: Origin) -> None:
+    def __init__(self, engine: Engine | AsyncEngine, mode: Mode, isolation_level: str | None, where: Origin) -> None:
         self._engine = engine
         self._mode = mode
         self._isolation_level = isolation_level
@@ -205,7 +207,7 @@ class ConnectionUnit:
         warning, error = _settle(held, exc)
         _deliver(warning, error, exc)
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self) -> AsyncConnection:
         from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
         engine = self._engine
@@ -241,7 +243,7 @@ def _deliver(warning: str | None, error: BaseException | None, exc: BaseExceptio
 
 
 def connect(
-    engine: Any = None,
+    engine: Engine | AsyncEngine | None = None,
     *,
     mode: Mode | str = Mode.BEGIN_ONCE,
     isolation_level: str | None = None,

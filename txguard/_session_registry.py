@@ -9,9 +9,10 @@ do that, and ``configure()`` builds this class.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from ._connect import ConnectionUnit, connect
 from ._errors import TransactionRequiredError
@@ -22,24 +23,52 @@ from ._transactional import transactional
 from ._unit import Unit, UnitOfWork, current_unit, unit_for
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncSession
-
-    from ._registry import Bind
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 __all__ = ["SessionRegistry", "configure", "current_session", "in_transaction"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+S = TypeVar("S", bound="Session | AsyncSession")  # what the registry's units yield
+SyncS = TypeVar("SyncS", bound=Session)
+AsyncS = TypeVar("AsyncS", bound="AsyncSession")
 
 
-class SessionRegistry(Registry):
+class SessionRegistry(Registry, Generic[S]):
     """Hand out sessions for units of work and remember, per context, which unit is current.
 
     Each registry keeps its stack of active units in its own ``ContextVar``: a new thread
     starts with none, and an asyncio task sees the units of the task that created it.
     The module-level functions (``txguard.unit_of_work`` …) are these methods on the
     default registry, or on the one passed as ``registry=``.
+
+    It is generic in the session it hands out, inferred from the bind: an Engine gives a
+    ``SessionRegistry[Session]``, an AsyncEngine a ``SessionRegistry[AsyncSession]``, a
+    ``sessionmaker`` of a subclass that subclass.
     """
+
+    @overload
+    def __init__(
+        self: SessionRegistry[Session], bind: Engine, **session_options: Any
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: SessionRegistry[SyncS], bind: sessionmaker[SyncS], **session_options: Any
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: SessionRegistry[AsyncSession], bind: AsyncEngine, **session_options: Any
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: SessionRegistry[AsyncS], bind: async_sessionmaker[AsyncS], **session_options: Any
+    ) -> None: ...
+
+    def __init__(self, bind: Any, **session_options: Any) -> None:
+        super().__init__(bind, **session_options)
 
     def unit_of_work(self, **options: Any) -> UnitOfWork:
         """Open a unit of work on this registry (see ``txguard.unit_of_work``)."""
@@ -63,9 +92,9 @@ class SessionRegistry(Registry):
         """Return the unit this thread's code runs in, or None."""
         return current_unit(self)
 
-    def current_session(self) -> Session | AsyncSession:
+    def current_session(self) -> S:
         """Return the session of the current unit of work of this registry."""
-        return current_session(self)  # type: ignore[no-any-return]
+        return current_session(self)
 
     def in_transaction(self) -> bool:
         """Say whether the current unit's session has an active transaction."""
@@ -79,21 +108,51 @@ class SessionRegistry(Registry):
         """Run ``fn`` after the current transaction rolls back (see ``txguard.on_rollback``)."""
         on_rollback(fn, registry=self)
 
-    def connect(self, engine: Any = None, **options: Any) -> ConnectionUnit:
+    def connect(
+        self, engine: Engine | AsyncEngine | None = None, **options: Any
+    ) -> ConnectionUnit:
         """Open a disciplined Core connection (see ``txguard.connect``)."""
         return connect(engine, registry=self, **options)
 
 
-def configure(bind: Bind, **session_options: Any) -> SessionRegistry:
+@overload
+def configure(bind: Engine, **session_options: Any) -> SessionRegistry[Session]: ...
+
+
+@overload
+def configure(bind: sessionmaker[SyncS], **session_options: Any) -> SessionRegistry[SyncS]: ...
+
+
+@overload
+def configure(bind: AsyncEngine, **session_options: Any) -> SessionRegistry[AsyncSession]: ...
+
+
+@overload
+def configure(
+    bind: async_sessionmaker[AsyncS], **session_options: Any
+) -> SessionRegistry[AsyncS]: ...
+
+
+def configure(bind: Any, **session_options: Any) -> SessionRegistry[Any]:
     """Create the default registry that the module-level functions use, and return it."""
-    registry = SessionRegistry(bind, **session_options)
+    registry: SessionRegistry[Any] = SessionRegistry(bind, **session_options)
     set_default(registry)
     return registry
+
+
+@overload
+def current_session(registry: SessionRegistry[S]) -> S: ...
+
+
+@overload
+def current_session(registry: None = None) -> Session | AsyncSession: ...
 
 
 def current_session(registry: Registry | None = None) -> Any:
     """Return the session of the current unit of work (a Session, or an AsyncSession).
 
+    Typed by the registry given; without one, the default registry's kind is only known
+    at run time, hence the union (see the README's Decisions).
     Raises TransactionRequiredError outside any unit, saying how to open one.
     """
     unit = current_unit(resolve(registry))

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from sqlalchemy.engine import Connection
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 __all__ = [
     "Unit", "UnitOfWork", "UnitState", "adopt", "aend", "current_unit", "end", "open_unit",
@@ -970,10 +971,13 @@ class UnitOfWork(Unit):
         push(registry, self)
         return True
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Session:
         registry = self._registry_for(want_async=False)
         self.where = caller_origin(sys._getframe(1))
-        return self.session if self.enter(registry) else None
+        if self.enter(registry):
+            session: Session = self.session
+            return session
+        return None  # type: ignore[return-value]  # propagation="never" outside a unit
 
     def __exit__(
         self,
@@ -990,10 +994,13 @@ class UnitOfWork(Unit):
         if error is not None and error is not exc:
             raise error
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self) -> AsyncSession:
         registry = self._registry_for(want_async=True)
         self.where = caller_origin(sys._getframe(1))
-        return self.session if await self.aenter(registry) else None
+        if await self.aenter(registry):
+            session: AsyncSession = self.session
+            return session
+        return None  # type: ignore[return-value]  # propagation="never" outside a unit
 
     async def __aexit__(
         self,

@@ -53,7 +53,7 @@ def apply_async_on_commit(
     args: Sequence[Any] | None = None,
     kwargs: Mapping[str, Any] | None = None,
     *,
-    registry: SessionRegistry | None = None,
+    registry: SessionRegistry[Any] | None = None,
     **options: Any,
 ) -> None:
     """Call ``task.apply_async(args, kwargs, **options)`` once the current unit commits.

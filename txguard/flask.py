@@ -83,7 +83,7 @@ class TxGuard:
     """
 
     def __init__(
-        self, app: Flask | None = None, registry: SessionRegistry | None = None, **unit_options: Any
+        self, app: Flask | None = None, registry: SessionRegistry[Any] | None = None, **unit_options: Any
     ) -> None:
         unknown = sorted(set(unit_options) - set(_OPTIONS))
         if unknown:

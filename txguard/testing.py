@@ -160,7 +160,7 @@ def _is_async(engine: Any) -> bool:
 
 
 def rollback_after(
-    bind: Engine | SessionRegistry | Any = None, *, registry: SessionRegistry | None = None
+    bind: Engine | SessionRegistry[Any] | Any = None, *, registry: SessionRegistry[Any] | None = None
 ) -> RollbackAfter:
     """Run a block in one outer transaction that is rolled back at its end.
 
