@@ -35,10 +35,17 @@ from typing import TYPE_CHECKING, Any, Callable, Final, Protocol
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, ExecutionContext
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import session as orm_session
 
 from ._errors import UnexpectedRollbackError
 from ._origin import Origin, capture, shorten_sql
+from ._sqla import (
+    DIALECT_EXECUTE_HOOKS,
+    PQTRANS_INERROR,
+    enclosing_savepoint,
+    held_connections,
+    holds_connection,
+    live_sessions,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -58,9 +65,8 @@ __all__ = [
     "session_savepoints",
 ]
 
-_INERROR: Final = 3  # libpq's PQTRANS_INERROR, as psycopg 3 and psycopg2 report it
 _STATUS_DRIVERS: Final = ("psycopg", "psycopg2")  # psycopg 3 (sync and async), psycopg2
-_WRAPPED: Final = ("do_execute", "do_execute_no_params", "do_executemany")
+_WRAPPED: Final = DIALECT_EXECUTE_HOOKS
 # The connection of each connect() block -> its holder. Weak keys: a connection that is
 # garbage goes back to the pool as before.
 _holders: weakref.WeakKeyDictionary[Connection, Holder] = weakref.WeakKeyDictionary()
@@ -178,12 +184,11 @@ def _unit_of(connection: Connection) -> Holder | None:
     """Return the unit whose session holds ``connection``: SQLAlchemy's live sessions are
     searched, newest first (a session a unit opened carries its unit while it runs)."""
     # valuerefs() copies the registry in one step: other threads may add sessions meanwhile.
-    for ref in reversed(orm_session._sessions.valuerefs()):
-        session = ref()
-        unit: Holder | None = None if session is None else vars(session).get("_txguard_unit")
-        if session is not None and unit is not None:
+    for session in live_sessions():
+        unit: Holder | None = vars(session).get("_txguard_unit")
+        if unit is not None:
             root = session.get_transaction()
-            if root is not None and connection in root._connections:
+            if root is not None and holds_connection(root, connection):
                 return unit
     return None
 
@@ -222,7 +227,7 @@ def connection_savepoints(connection: Connection) -> tuple[object, ...]:
     savepoint = connection.get_nested_transaction()
     while savepoint is not None:
         chain.append(savepoint)
-        savepoint = savepoint._previous_nested  # the only record of the enclosing ones
+        savepoint = enclosing_savepoint(savepoint)
     if chain and not event.contains(connection, "rollback_savepoint", _savepoint_rolled_back):
         event.listen(connection, "rollback_savepoint", _savepoint_rolled_back)
     return tuple(chain)
@@ -259,11 +264,11 @@ def aborted(transaction: SessionTransaction | Connection | None) -> bool:
     if isinstance(transaction, Connection):
         connections = [transaction]
     else:
-        connections = [conn for conn, *_ in transaction._connections.values()]
+        connections = [conn for conn, _ in held_connections(transaction)]
     for connection in connections:
         if connection.dialect in _status_dialects and not connection.closed:
             info = getattr(connection.connection.driver_connection, "info", None)
-            if getattr(info, "transaction_status", None) == _INERROR:
+            if getattr(info, "transaction_status", None) == PQTRANS_INERROR:
                 return True
     return False
 

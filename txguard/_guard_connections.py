@@ -20,32 +20,26 @@ import weakref
 from collections.abc import Callable
 from threading import get_ident
 from time import monotonic
-from types import CodeType, FrameType
+from types import FrameType
 from typing import Any, Final
 
 from sqlalchemy.engine import Connection, Engine, RootTransaction
-from sqlalchemy.orm.session import SessionTransaction
 
 from . import _guard_records as shared
 from ._errors import LeakedConnectionWarning
 from ._guard_records import OFF, Record, log_end, open_transactions, report_late, report_mixed_begin
 from ._origin import Origin, _is_library_frame, capture
+from ._sqla import (
+    ENGINE_FILE,
+    RECONNECT_CODE,
+    SESSION_CONNECT_CODE,
+    autobegin_statement,
+    is_session_connect,
+    pool_record,
+)
 
 __all__ = ["begin", "forget", "on_checkin", "on_checkout", "on_detach"]
 
-# Where the frames that tell who began a transaction come from.
-_SESSION_FILE: Final = SessionTransaction.__init__.__code__.co_filename
-_ENGINE_FILE: Final = Connection.in_transaction.__code__.co_filename
-# The code that acquires a Session's connection (inside SQLAlchemy's state-check wrapper).
-_SESSION_CONNECT_CODE: Final = getattr(
-    SessionTransaction._connection_for_bind, "__wrapped__", SessionTransaction._connection_for_bind
-).__code__
-
-
-def _is_session_connect(code: CodeType) -> bool:
-    return code is _SESSION_CONNECT_CODE or (
-        code.co_name == "_connection_for_bind" and code.co_filename == _SESSION_FILE
-    )
 
 
 class ConnectionRecord(Record, weakref.ref):  # type: ignore[type-arg]
@@ -76,7 +70,7 @@ _records: weakref.WeakKeyDictionary[Any, ConnectionRecord] = weakref.WeakKeyDict
 
 
 def _key(fairy: Any) -> Any:
-    record = fairy._connection_record
+    record = pool_record(fairy)
     return fairy if record is None else record
 
 
@@ -155,7 +149,7 @@ def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy:
             caller: FrameType | None = sys._getframe(depth + 1)  # whoever called connect()
         except ValueError:
             caller = None
-        if caller is not None and caller.f_code is _SESSION_CONNECT_CODE:
+        if caller is not None and caller.f_code is SESSION_CONNECT_CODE:
             return  # a Session's connection: the Session's record speaks for it
     connect: FrameType | None = None
     frame: FrameType | None = sys._getframe(1)
@@ -173,7 +167,7 @@ def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy:
         depth += 1
     caller = sys._getframe(1) if connect is None else connect.f_back
     if caller is not None:
-        if _is_session_connect(caller.f_code):
+        if is_session_connect(caller.f_code):
             return
         while caller is not None and _is_library_frame(caller):
             caller = caller.f_back
@@ -184,7 +178,7 @@ def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy:
 # How many frames above on_checkout Engine.connect() ran last time (0: not known yet).
 _connect_depth = 0
 _CONNECT_CODE: Final = Engine.connect.__code__
-_RECONNECT_CODE: Final = Connection._revalidate_connection.__code__
+_RECONNECT_CODE: Final = RECONNECT_CODE
 
 
 def on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
@@ -222,7 +216,7 @@ def begin(self: Connection) -> RootTransaction:
     caller = sys._getframe().f_back  # None when begin() runs first in a greenlet
     if caller is not None:
         code = caller.f_code
-        if code is _SESSION_CONNECT_CODE or _is_session_connect(code):
+        if is_session_connect(code):
             return transaction  # a Session's connection: the Session's record speaks for it
     _note_begin(self, transaction, caller, cfg.long_transaction is not None)
     return transaction
@@ -241,11 +235,11 @@ def _note_begin(
     autobegun = (
         caller is not None
         and caller.f_code.co_name == "_autobegin"
-        and caller.f_code.co_filename == _ENGINE_FILE
+        and caller.f_code.co_filename == ENGINE_FILE
     )
     record.where = capture(1)
     record.autobegun = autobegun
-    record.sql = _autobegin_statement(caller.f_back) if caller is not None and autobegun else None
+    record.sql = autobegin_statement(caller.f_back) if caller is not None and autobegun else None
     record.thread = get_ident()
     record.warned = 0
     previous = record.tx
@@ -259,21 +253,6 @@ def _note_begin(
         open_transactions[id(record)] = lambda: record
     else:
         record.tx = weakref.ref(transaction)
-
-
-def _autobegin_statement(frame: FrameType | None) -> str | None:
-    """Return the SQL that ``Connection._execute_context`` is about to run, if it is there.
-
-    Read from the frame that autobegins (no event tells it without a per-statement
-    dispatch); if a SQLAlchemy release moves it, messages just lose the SQL.
-    """
-    if frame is None or frame.f_code.co_name != "_execute_context":
-        return None
-    statement = frame.f_locals.get("statement")
-    if isinstance(statement, str):
-        return statement
-    text = getattr(statement, "string", None)  # a Compiled: the SQL with placeholders
-    return text if isinstance(text, str) else None
 
 
 # For long_transaction: the record of each watched transaction, by id of its weakref.

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from ._errors import MixedBeginError, MixedBeginWarning
 from ._origin import Origin, capture, shorten_sql, warn_at, warn_at_user
+from ._sqla import running_loop
 
 __all__ = [
     "ERROR",
@@ -215,7 +216,7 @@ def report_late(level: str, category: type[Warning], message: str, origin: Origi
 
 def current_task() -> asyncio.Task[Any] | None:
     """Return the running asyncio task, or None outside one (cheaply, in sync code too)."""
-    loop = asyncio._get_running_loop()
+    loop = running_loop()
     return None if loop is None else asyncio.current_task(loop)
 
 

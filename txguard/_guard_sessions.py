@@ -49,6 +49,7 @@ from ._guard_records import (
     report_mixed_begin,
 )
 from ._origin import Origin, _is_library, capture, is_user_frame
+from ._sqla import held_connections, running_loop
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import ORMExecuteState
@@ -129,10 +130,10 @@ def _leaked(record: SessionRecord) -> None:
 def _what_was_lost(record: SessionRecord) -> str:
     """Say what became of a leaked Session's work and connection (the end of a sentence)."""
     transaction = record.transaction
-    held = [] if transaction is None else list(transaction._connections.values())
+    held = [] if transaction is None else held_connections(transaction)
     if not held:
         return ", so its work was silently discarded (it held no connection yet)."
-    if any(autoclose for _, _, _, autoclose in held):
+    if any(autoclose for _, autoclose in held):
         return (
             ", so its work was silently discarded, and the pooled connection it held went "
             "back only because the garbage collector found it."
@@ -232,7 +233,7 @@ def on_transaction_create(session: Session, transaction: SessionTransaction) -> 
     record.thread = get_ident()
     record.task = None
     record.gen = shared.generation
-    if watch_tasks and asyncio._get_running_loop() is not None:
+    if watch_tasks and running_loop() is not None:
         task = asyncio.current_task()
         if task is not None:
             record.task = weakref.ref(task)

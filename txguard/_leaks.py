@@ -36,6 +36,7 @@ from ._creation import want as want_creation
 from ._errors import LeakError
 from ._options import _flag
 from ._origin import Origin, _short_path, _user_files, is_user_frame, line_of, parent_greenlet
+from ._sqla import async_session_of, held_connections, pool_connection, pool_record
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -368,7 +369,7 @@ def _checked_out(fairy: Any) -> bool:
     """Say whether a pool connection object is alive and still checked out of its pool."""
     return (
         fairy is not None
-        and fairy._connection_record is not None
+        and pool_record(fairy) is not None
         and fairy.dbapi_connection is not None
     )
 
@@ -419,21 +420,18 @@ def _connections_of(session: Session) -> list[Any]:
     transaction = session.get_transaction()
     if transaction is None:
         return []
-    held = getattr(transaction, "_connections", None) or {}
     fairies: list[Any] = []
-    for value in list(held.values()):
-        fairy = getattr(value[0], "_dbapi_connection", None)
+    for connection, _ in held_connections(transaction):
+        fairy = pool_connection(connection)
         if fairy is not None and fairy not in fairies:
             fairies.append(fairy)
     return fairies
 
 
 def _describe_session(session: Session) -> str:
-    module = sys.modules.get("sqlalchemy.ext.asyncio.session")
-    if module is not None:
-        proxy = module.AsyncSession._retrieve_proxy_for_target(session, regenerate=False)
-        if proxy is not None:
-            return f"an {type(proxy).__name__}"
+    proxy = async_session_of(session)
+    if proxy is not None:
+        return f"an {type(proxy).__name__}"
     name = type(session).__name__
     return f"an {name}" if name[:1] in "AEIOU" else f"a {name}"
 

@@ -44,6 +44,7 @@ from ._registry import Registry, check_registry, resolve
 from ._transaction import TransactionState, transition
 from ._retry import _sqlstate, is_retryable, mark_after_commit, retry_wanted
 from ._sessions import first_change
+from ._sqla import transaction_state
 
 if TYPE_CHECKING:
     from contextvars import ContextVar, Token
@@ -527,7 +528,7 @@ def _commit_went_through(unit: Unit, transaction: SessionTransaction) -> bool:
     DEACTIVE after a failed flush); only a two-phase PREPARE that failed closes it too.
     SessionTransaction has no public flag for this.
     """
-    state = transaction._state
+    state = transaction_state(transaction)
     return state is _COMMITTED or (state is _CLOSED and not unit.sync_session.twophase)
 
 

@@ -1,0 +1,157 @@
+"""Every private SQLAlchemy (and CPython) detail txguard reads, named once.
+
+SQLAlchemy has no public API for these; each is read here, behind a function or constant
+whose docstring says what it reads and why, and ``tests/test_sqla_internals.py`` has one
+named test per detail, run on SQLAlchemy 2.0.x and 2.1.x: a release that changes one
+fails that test instead of silently degrading a message. ``PRIVATE_NAMES`` lists the
+private names, and a test checks that no other txguard module spells them.
+Where a public equivalent exists, callers use it (``Session.get_transaction()``,
+``Session.in_transaction()``, ``Connection.get_transaction()``,
+``Connection.get_nested_transaction()``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from types import CodeType, FrameType
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import session as orm_session
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import NestedTransaction
+    from sqlalchemy.orm.session import SessionTransactionState
+
+__all__ = [
+    "DIALECT_EXECUTE_HOOKS", "ENGINE_FILE", "PQTRANS_INERROR", "PRIVATE_NAMES",
+    "RECONNECT_CODE", "SESSION_CONNECT_CODE", "SESSION_FILE", "async_session_of", "autobegin_statement",
+    "enclosing_savepoint", "held_connections", "holds_connection", "is_session_connect",
+    "live_sessions", "pool_connection", "pool_record", "running_loop", "transaction_state",
+]
+
+PRIVATE_NAMES: Final = (
+    "_connections", "_state", "_previous_nested", "_sessions", "_connection_for_bind",
+    "_revalidate_connection", "_connection_record", "_dbapi_connection",
+    "_retrieve_proxy_for_target", "_execute_context", "_get_running_loop",
+)
+
+SESSION_FILE: Final = SessionTransaction.__init__.__code__.co_filename
+"""The file of SQLAlchemy's ORM session code: frames from it began a Session's transaction."""
+
+ENGINE_FILE: Final = Connection.in_transaction.__code__.co_filename
+"""The file of SQLAlchemy's Core connection code: frames from it autobegin a transaction."""
+
+SESSION_CONNECT_CODE: Final = getattr(
+    SessionTransaction._connection_for_bind, "__wrapped__", SessionTransaction._connection_for_bind
+).__code__
+"""The code of ``SessionTransaction._connection_for_bind`` (inside SQLAlchemy's state-check
+wrapper), where a Session acquires its connection: compared by identity on hot paths."""
+
+RECONNECT_CODE: Final = Connection._revalidate_connection.__code__
+"""The code by which a Connection checks a new DBAPI connection out after an invalidation."""
+
+DIALECT_EXECUTE_HOOKS: Final = ("do_execute", "do_execute_no_params", "do_executemany")
+"""The dialect methods every statement runs through (the DBAPI ``cursor.execute*`` calls).
+
+They are public dialect methods, but wrapping them per dialect instance is txguard's only
+way to see a failed statement without a per-statement event dispatch."""
+
+PQTRANS_INERROR: Final = 3
+"""libpq's ``PQTRANS_INERROR``, as psycopg 3's and psycopg2's ``info.transaction_status``
+report a transaction the server has aborted; SQLAlchemy has no flag for it."""
+
+
+def live_sessions() -> list[Session]:
+    """Return SQLAlchemy's live sessions, newest first (``orm.session._sessions``).
+
+    No public API lists sessions; the registry maps ids to weak references, and
+    ``valuerefs()`` copies it in one step while other threads may add sessions.
+    """
+    found = []
+    for ref in reversed(orm_session._sessions.valuerefs()):
+        session = ref()
+        if session is not None:
+            found.append(session)
+    return found
+
+
+def holds_connection(transaction: SessionTransaction, connection: Connection) -> bool:
+    """Say whether a Session's transaction holds ``connection`` (``_connections`` keys).
+
+    ``SessionTransaction`` has no public view of its connections."""
+    return connection in transaction._connections
+
+
+def held_connections(transaction: SessionTransaction) -> list[tuple[Connection, bool]]:
+    """Return the connections a Session's transaction holds, each with whether the session
+    opened it and will close it (``_connections`` values: conn, transaction,
+    should_commit, autoclose); each appears once, though it is keyed by engine and by itself.
+    """
+    seen: list[tuple[Connection, bool]] = []
+    for conn, _, _, autoclose in list(transaction._connections.values()):
+        if all(conn is not other for other, _ in seen):
+            seen.append((conn, autoclose))
+    return seen
+
+
+def transaction_state(transaction: SessionTransaction) -> SessionTransactionState:
+    """Return a SessionTransaction's state (``_state``): whether a COMMIT went through
+    has no public flag."""
+    return transaction._state
+
+
+def enclosing_savepoint(savepoint: NestedTransaction) -> NestedTransaction | None:
+    """Return the savepoint enclosing ``savepoint`` (``_previous_nested``): Core keeps only
+    the innermost public (``get_nested_transaction()``)."""
+    return savepoint._previous_nested
+
+
+def is_session_connect(code: CodeType) -> bool:
+    """Say whether ``code`` is ``SessionTransaction._connection_for_bind``, where a Session
+    acquires its connection (no event says a Session, not user code, began it)."""
+    return code is SESSION_CONNECT_CODE or (
+        code.co_name == "_connection_for_bind" and code.co_filename == SESSION_FILE
+    )
+
+
+def pool_record(fairy: Any) -> Any:
+    """Return the pool record of a checked-out connection (``_connection_record``), or None
+    once it was returned or detached; the pool has no public accessor."""
+    return fairy._connection_record
+
+
+def pool_connection(connection: Connection) -> Any:
+    """Return a Connection's pool connection (``_dbapi_connection``) without reconnecting:
+    the public ``Connection.connection`` revalidates an invalidated one."""
+    return getattr(connection, "_dbapi_connection", None)
+
+
+def async_session_of(session: Session) -> Any:
+    """Return the AsyncSession proxying ``session``, or None, without creating one
+    (``AsyncSession._retrieve_proxy_for_target``); only named when asyncio is loaded."""
+    module = sys.modules.get("sqlalchemy.ext.asyncio.session")
+    if module is None:
+        return None
+    return module.AsyncSession._retrieve_proxy_for_target(session, regenerate=False)
+
+
+def autobegin_statement(frame: FrameType | None) -> str | None:
+    """Return the SQL that ``Connection._execute_context`` (its ``statement`` local) is
+    about to run, if ``frame`` is that call; no event tells it without a per-statement
+    dispatch."""
+    if frame is None or frame.f_code.co_name != "_execute_context":
+        return None
+    statement = frame.f_locals.get("statement")
+    if isinstance(statement, str):
+        return statement
+    text = getattr(statement, "string", None)  # a Compiled: the SQL with placeholders
+    return text if isinstance(text, str) else None
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """Return the running event loop or None (CPython's ``asyncio._get_running_loop``):
+    the public ``get_running_loop()`` raises instead, which costs more on hot paths."""
+    return asyncio._get_running_loop()
