@@ -75,4 +75,6 @@ def test_an_origin_decodes_the_line_it_was_taken_at_after_the_code_ran_on() -> N
     for _ in range(3):
         pass  # the frame runs on: its current line is no longer the one captured
     assert origin.lineno == taken_at
-    assert str(origin).endswith(f"test_guard_settings.py:{taken_at} in {sys._getframe().f_code.co_name}()")
+    assert str(origin).endswith(
+        f"test_guard_settings.py:{taken_at} in {sys._getframe().f_code.co_name}()"
+    )
