@@ -29,7 +29,7 @@ from sqlalchemy.orm.session import SessionTransaction
 from . import _guard_records as guard_records
 from ._errors import LeakedConnectionWarning
 from ._guard_records import OFF, Record, log_end, open_transactions, report_late, report_mixed_begin
-from ._origin import Origin, _is_library_frame, capture
+from ._origin import Origin, caller_origin, capture
 
 __all__ = ["begin", "forget", "on_checkin", "on_checkout", "on_detach"]
 
@@ -172,12 +172,12 @@ def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy:
         frame = frame.f_back
         depth += 1
     caller = sys._getframe(1) if connect is None else connect.f_back
-    if caller is not None:
-        if _is_session_connect(caller.f_code):
-            return
-        while caller is not None and _is_library_frame(caller):
-            caller = caller.f_back
-    opened = capture(1) if caller is None else Origin(caller.f_code, caller.f_lasti)
+    if caller is None:
+        opened = capture(1)
+    elif _is_session_connect(caller.f_code):
+        return
+    else:
+        opened = caller_origin(caller)
     _records[connection_record] = _new_record(connection_proxy, opened, raw)
 
 

@@ -35,7 +35,7 @@ from ._creation import created_at
 from ._creation import want as want_creation
 from ._errors import LeakError
 from ._options import _flag
-from ._origin import UNKNOWN, Origin, _short_path, _user_files, is_user_frame, parent_greenlet
+from ._origin import UNKNOWN, Origin, _short_path, _user_files, first_user_frame, is_user_frame
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -329,24 +329,16 @@ def _where(limit: int, hints: list[int]) -> Origin:
 
 def _walk_to_user(hints: list[int]) -> FrameType | None:
     """Return the innermost user frame above ``_where``'s caller; note its depth in hints."""
-    users = _user_files
-    frame: FrameType | None = sys._getframe(3)
+    start = sys._getframe(3)
+    found = first_user_frame(start)
+    frame: FrameType | None = start
     depth = 2  # as seen from _where
-    while frame is not None:
-        user = users.get(frame.f_code.co_filename)
-        if user or (user is None and is_user_frame(frame)):
-            hints[:] = [depth, *(hint for hint in hints if hint != depth)][:3]
-            return frame
+    while frame is not None and frame is not found:
         frame = frame.f_back
         depth += 1
-    # Inside SQLAlchemy's asyncio bridge the user's coroutine is in the parent greenlet.
-    glet = parent_greenlet()
-    spawner: FrameType | None = None if glet is None else glet.gr_frame
-    while spawner is not None:
-        if is_user_frame(spawner):
-            return spawner
-        spawner = spawner.f_back
-    return None
+    if frame is not None:  # on this stack, not in a parent greenlet: note its depth
+        hints[:] = [depth, *(hint for hint in hints if hint != depth)][:3]
+    return found
 
 
 def _origin(where: Origin, depth: int) -> Origin:

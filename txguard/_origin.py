@@ -27,6 +27,7 @@ __all__ = [
     "capture",
     "code_origin",
     "describe_location",
+    "first_user_frame",
     "is_user_frame",
     "parent_greenlet",
     "shorten_sql",
@@ -146,10 +147,16 @@ def user_frame(depth: int = 1) -> FrameType | None:
         frame: FrameType | None = sys._getframe(depth + 1)
     except ValueError:  # called from a shallower stack than depth (e.g. module level)
         frame = None
-    return _user_frame_from(frame)
+    return first_user_frame(frame)
 
 
-def _user_frame_from(frame: FrameType | None) -> FrameType | None:
+def first_user_frame(frame: FrameType | None) -> FrameType | None:
+    """Return ``frame`` if it runs the user's code, else the nearest caller that does.
+
+    The one frame walker of txguard: units, guards and the leak detector all find the user's
+    line with it. Past the outermost frame of a greenlet that SQLAlchemy's asyncio bridge
+    spawned, it goes on in the parent greenlet, where the user's coroutine runs.
+    """
     glet = None
     while True:
         while frame is not None:
@@ -261,7 +268,7 @@ def caller_origin(frame: FrameType) -> Origin:
     code = frame.f_code
     if _user_files.get(code.co_filename):
         return Origin(code, frame.f_lasti)
-    user = _user_frame_from(frame)
+    user = first_user_frame(frame)
     if user is None:
         return UNKNOWN
     return Origin(user.f_code, user.f_lasti)
