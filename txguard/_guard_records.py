@@ -1,8 +1,8 @@
-"""What the guards share: the active settings, the record of each watched transaction, and
+"""What the guards share: the settings in force, the record of each watched transaction, and
 how a finding reaches the user.
 
-A record is one small object per transaction: where and how it began (a code object and
-a line, formatted only if a message needs it), in which thread and task, and when. A
+A record is one small object per transaction: where and how it began (an ``Origin``, its
+line decoded only if a message needs it), in which thread and task, and when. A
 Session's record lives on the Session; a checked-out connection's is a weak reference to
 the pooled connection, kept in the pool record's ``info``. Neither keeps anything alive,
 and each notices a leak when what it describes is garbage-collected too early.
@@ -17,7 +17,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import monotonic
-from types import CodeType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from ._errors import MixedBeginError, MixedBeginWarning

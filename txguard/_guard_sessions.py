@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable
 from threading import get_ident
 from time import monotonic
-from types import AsyncGeneratorType, CodeType, CoroutineType, FrameType, GeneratorType
+from types import AsyncGeneratorType, CoroutineType, FrameType, GeneratorType
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy.orm import Session, SessionTransaction
