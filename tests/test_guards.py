@@ -64,9 +64,7 @@ def strict() -> Iterator[None]:
 
 def where(line: int, function: str) -> str:
     """Name a line of this file as txguard's messages do."""
-    return str(txguard._origin.Origin(((sys._getframe(1).f_code, line),))).replace(
-        sys._getframe(1).f_code.co_name, function
-    )
+    return txguard._origin.describe_location(sys._getframe(1).f_code.co_filename, line, function)
 
 
 # install() and uninstall()

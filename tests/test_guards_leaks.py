@@ -36,7 +36,7 @@ def unraisable() -> Iterator[list[BaseException]]:
 def where(line: int, function: str) -> str:
     """Name a line of this file as txguard's messages do."""
     code = sys._getframe(1).f_code
-    return str(txguard._origin.Origin(((code, line),))).replace(code.co_name, function)
+    return txguard._origin.describe_location(code.co_filename, line, function)
 
 
 def leak_session(engine: sa.Engine) -> int:

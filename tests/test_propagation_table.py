@@ -8,8 +8,8 @@ import txguard
 from txguard._origin import Origin
 from txguard._propagation import Plan, plan
 
-HERE = Origin(())
-OUTER = Origin(())
+HERE = Origin(None)
+OUTER = Origin(None)
 
 # propagation: (an active unit exists, none exists), as the SPEC's table reads
 TABLE = {

@@ -10,7 +10,7 @@ from txguard._origin import Origin
 from txguard._transaction import TRANSITIONS, TransactionState, transition
 
 S = TransactionState
-WHERE = Origin(())
+WHERE = Origin(None)
 LEGAL = [(old, new) for old, targets in TRANSITIONS.items() for new in targets]
 ILLEGAL = [(old, new) for old in S for new in S if new not in TRANSITIONS[old]]
 

@@ -25,10 +25,10 @@ from typing import Any, Final
 
 from sqlalchemy.engine import Connection, Engine, RootTransaction
 
-from . import _guard_records as shared
+from . import _guard_records as guard_records
 from ._errors import LeakedConnectionWarning
 from ._guard_records import OFF, Record, log_end, open_transactions, report_late, report_mixed_begin
-from ._origin import Origin, _is_library_frame, capture
+from ._origin import Origin, caller_origin, capture
 from ._sqla import (
     ENGINE_FILE,
     RECONNECT_CODE,
@@ -86,7 +86,7 @@ def _new_record(fairy: Any, opened: Origin | None, raw: bool = False) -> Connect
     record.raw = raw
     record.returned = False
     record.tx = None
-    record.gen = shared.leak_generation
+    record.gen = guard_records.leak_generation
     record.where = record.sql = None
     record.autobegun = False
     record.thread = record.warned = 0
@@ -101,9 +101,9 @@ def _connection_gone(record: ConnectionRecord) -> None:
     record.returned = True
     if open_transactions.pop(id(record), None) is not None:
         log_end(record)
-    cfg = shared.settings
+    cfg = guard_records.settings
     opened = record.opened
-    if opened is None or cfg is None or cfg.leaks == OFF or record.gen != shared.leak_generation:
+    if opened is None or cfg is None or cfg.leaks == OFF or record.gen != guard_records.leak_generation:
         return  # not followed from its checkout: whether it was returned is unknown
     if record.raw:
         what = (
@@ -166,12 +166,12 @@ def on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy:
         frame = frame.f_back
         depth += 1
     caller = sys._getframe(1) if connect is None else connect.f_back
-    if caller is not None:
-        if is_session_connect(caller.f_code):
-            return
-        while caller is not None and _is_library_frame(caller):
-            caller = caller.f_back
-    opened = capture(1) if caller is None else Origin(((caller.f_code, caller.f_lineno),))
+    if caller is None:
+        opened = capture(1)
+    elif is_session_connect(caller.f_code):
+        return
+    else:
+        opened = caller_origin(caller)
     _records[connection_record] = _new_record(connection_proxy, opened, raw)
 
 
@@ -204,7 +204,7 @@ original_begin: Callable[[Connection], RootTransaction] = Connection.begin  # se
 
 def begin(self: Connection) -> RootTransaction:
     """Begin as SQLAlchemy does; first say where the transaction already active began."""
-    cfg = shared.settings
+    cfg = guard_records.settings
     if cfg is None:
         return original_begin(self)
     current = self._transaction

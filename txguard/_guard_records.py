@@ -1,8 +1,8 @@
-"""What the guards share: the active settings, the record of each watched transaction, and
+"""What the guards share: the settings in force, the record of each watched transaction, and
 how a finding reaches the user.
 
-A record is one small object per transaction: where and how it began (a code object and
-a line, formatted only if a message needs it), in which thread and task, and when. A
+A record is one small object per transaction: where and how it began (an ``Origin``, its
+line decoded only if a message needs it), in which thread and task, and when. A
 Session's record lives on the Session; a checked-out connection's is a weak reference to
 the pooled connection, kept in the pool record's ``info``. Neither keeps anything alive,
 and each notices a leak when what it describes is garbage-collected too early.
@@ -15,12 +15,12 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from time import monotonic
-from types import CodeType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from ._errors import MixedBeginError, MixedBeginWarning
-from ._origin import Origin, capture, shorten_sql, warn_at, warn_at_user
+from ._origin import UNKNOWN, Origin, capture, shorten_sql, warn_at, warn_at_user
 from ._sqla import running_loop
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "Settings",
     "describe_thread",
     "open_transactions",
+    "put_in_force",
     "report",
     "report_late",
     "report_mixed_begin",
@@ -51,24 +52,28 @@ WARNED_TASK: Final = 2
 WARNED_LONG: Final = 4
 
 
+@dataclass(frozen=True, slots=True, repr=False)
 class Settings:
-    """The level of each guard while txguard.install() is in force."""
+    """The level of each guard, as txguard.install() asks for them; never changed in place.
 
-    __slots__ = ("mixed_begin", "leaks", "cross_thread", "cross_task", "long_transaction")
+    ``install()`` and ``uninstall()`` put a new one in force with ``put_in_force()``; the
+    guards read the one in force (``settings``) and the flags derived from it here, once.
+    """
 
-    def __init__(
-        self,
-        mixed_begin: str,
-        leaks: str,
-        cross_thread: str,
-        cross_task: str,
-        long_transaction: float | None,
-    ) -> None:
-        self.mixed_begin = mixed_begin
-        self.leaks = leaks
-        self.cross_thread = cross_thread
-        self.cross_task = cross_task
-        self.long_transaction = long_transaction
+    mixed_begin: str
+    leaks: str
+    cross_thread: str
+    cross_task: str
+    long_transaction: float | None
+    # Derived once, read by the listeners on every transaction.
+    wraps_begin: bool = field(init=False)  # Session.begin is wrapped to see its caller
+    watches_tasks: bool = field(init=False)  # records note the asyncio task
+    watches_age: bool = field(init=False)  # records note when they began
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "wraps_begin", self.mixed_begin != OFF)
+        object.__setattr__(self, "watches_tasks", self.cross_task != OFF)
+        object.__setattr__(self, "watches_age", self.long_transaction is not None)
 
     def __repr__(self) -> str:
         return (
@@ -78,7 +83,8 @@ class Settings:
         )
 
 
-# None while the guards are not installed; listeners read it on every call.
+# The settings in force; None while the guards are not installed. Listeners read it on every
+# call; only put_in_force() changes it (and the counters below).
 settings: Settings | None = None
 
 # Transactions the long_transaction sweep watches: id of their record -> a callable that
@@ -86,11 +92,29 @@ settings: Settings | None = None
 # leak guard to see it go), or None once it is gone.
 open_transactions: dict[int, Callable[[], Record | None]] = {}
 
-# Bumped by uninstall(): records made before it may have missed events, so they are stale.
+# Bumped when the guards stop listening: records made before may have missed events, so they
+# are stale.
 generation = 0
 # Bumped when leak tracking of connections stops (leaks="off", or uninstall()): connection
 # records made before can no longer tell a returned connection from a leaked one.
 leak_generation = 0
+
+
+def put_in_force(new: Settings | None, listening: bool) -> None:
+    """Make ``new`` the settings the guards read (None: uninstalled).
+
+    ``listening`` says whether the guards still receive events under ``new``; when they stop,
+    or stop tracking leaks, the records made before become stale.
+    """
+    global settings, generation, leak_generation
+    old = settings
+    if new is None or (old is not None and not listening):
+        generation += 1
+    if new is None or (old is not None and old.leaks != OFF and new.leaks == OFF):
+        leak_generation += 1
+    if new is None or new.long_transaction is None:
+        open_transactions.clear()
+    settings = new
 
 
 class Record:
@@ -105,9 +129,8 @@ class Record:
         "bypassed it)"
     )
 
-    # Where the transaction began: an Origin, or a bare (code, lineno) pair when the caller
-    # of begin() was at hand (an Origin is built only if a message needs it).
-    where: Origin | tuple[CodeType, int] | None
+    # Where the transaction began (its line decoded only if a message shows it).
+    where: Origin | None
     autobegun: bool
     sql: object
     thread: int
@@ -116,10 +139,8 @@ class Record:
 
     @property
     def origin(self) -> Origin | None:
-        where = self.where
-        if where is None or isinstance(where, Origin):
-            return where
-        return Origin((where,))
+        """Where the transaction began, if the guards saw it."""
+        return self.where
 
     def is_open(self) -> bool:
         """Say whether the transaction recorded here is still open."""
@@ -211,7 +232,7 @@ def report_late(level: str, category: type[Warning], message: str, origin: Origi
         return
     if level == ERROR:
         raise category(message)
-    warn_at(origin if origin is not None else Origin(()), message, category, _late_registry)
+    warn_at(origin if origin is not None else UNKNOWN, message, category, _late_registry)
 
 
 def current_task() -> asyncio.Task[Any] | None:

@@ -21,13 +21,13 @@ import weakref
 from collections.abc import Callable
 from threading import get_ident
 from time import monotonic
-from types import AsyncGeneratorType, CodeType, CoroutineType, FrameType, GeneratorType
+from types import AsyncGeneratorType, CoroutineType, FrameType, GeneratorType
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionOrigin
 
-from . import _guard_records as shared
+from . import _guard_records as guard_records
 from ._creation import created_at
 from ._errors import (
     CrossTaskWarning,
@@ -88,7 +88,7 @@ class SessionRecord(Record):
     transaction: SessionTransaction | None  # while active: the one its Session must hold
     created: Origin | None  # where its Session was created, if the leak guard saw it
     task: weakref.ref[asyncio.Task[Any]] | None
-    gen: int  # shared.generation when it began: records from before an uninstall() are stale
+    gen: int  # guard_records.generation when it began: records from before an uninstall() are stale
 
     def is_open(self) -> bool:
         """Say whether the Session still holds the transaction.
@@ -111,8 +111,8 @@ class SessionRecord(Record):
 
 
 def _leaked(record: SessionRecord) -> None:
-    cfg = shared.settings
-    if cfg is None or cfg.leaks == OFF or record.gen != shared.generation:
+    cfg = guard_records.settings
+    if cfg is None or cfg.leaks == OFF or record.gen != guard_records.generation:
         return
     created = "" if record.created is None else f" created at {record.created}"
     report_late(
@@ -148,16 +148,10 @@ def _what_was_lost(record: SessionRecord) -> str:
 def record_of(session: Session) -> SessionRecord | None:
     """Return the record of ``session``'s open root transaction, if the guards saw it begin."""
     record: SessionRecord | None = session.__dict__.get(KEY)
-    if record is None or not record.active or record.gen != shared.generation:
+    if record is None or not record.active or record.gen != guard_records.generation:
         return None
     return record
 
-
-# Set by install(): whether Session.begin is wrapped, and which details records keep.
-begin_wrapped = False
-watch_tasks = False
-watch_age = False
-age_threshold = 0.0
 
 # How many frames above on_transaction_create the Session.begin() wrapper ran last time
 # (0: not known yet). The frames between are SQLAlchemy's own and the same every time, so
@@ -178,7 +172,7 @@ def _find_begin_wrapper() -> Any:
     return None  # begin() was not called through the wrapper (mixed_begin is off)
 
 
-def _begin_caller() -> tuple[CodeType, int] | None:
+def _begin_caller() -> Origin | None:
     """Where the user called Session.begin(): the caller of our wrapper, when it is user
     code (not sessionmaker.begin(), a txguard unit, or a generated proxy)."""
     try:
@@ -189,7 +183,7 @@ def _begin_caller() -> tuple[CodeType, int] | None:
         wrapper = _find_begin_wrapper()
     caller = None if wrapper is None else wrapper.f_back  # None first in a greenlet
     if caller is not None and is_user_frame(caller):
-        return (caller.f_code, caller.f_lineno)
+        return Origin(caller.f_code, caller.f_lasti)
     return None
 
 
@@ -203,14 +197,17 @@ _pending: tuple[int, object, Origin] | None = None
 def on_transaction_create(session: Session, transaction: SessionTransaction) -> None:
     """Note where a root transaction began, how, and in which thread and task."""
     global _pending
+    settings = guard_records.settings
+    if settings is None:
+        return
     how = transaction.origin
-    where: Origin | tuple[CodeType, int] | None = None
+    where: Origin | None = None
     sql = None
     if how is _BEGIN:
         unit = session.__dict__.get("_txguard_unit")
         if unit is not None:
             where = unit.begins_at()  # a txguard unit beginning its own transaction
-        if where is None and begin_wrapped:
+        if where is None and settings.wraps_begin:
             where = _begin_caller()
     elif how is not _AUTOBEGIN:
         return  # savepoints and flush subtransactions belong to the root transaction
@@ -221,7 +218,7 @@ def on_transaction_create(session: Session, transaction: SessionTransaction) -> 
         if pending is not None:
             _pending = None
             # The statement counts only if it is the one now autobeginning it.
-            if pending[0] == id(session) and pending[2].frames[:1] == origin.frames[:1]:
+            if pending[0] == id(session) and pending[2].same_line_as(origin):
                 sql = pending[1]
     record = SessionRecord()
     record.where = where
@@ -232,12 +229,12 @@ def on_transaction_create(session: Session, transaction: SessionTransaction) -> 
     record.created = created_at(session)
     record.thread = get_ident()
     record.task = None
-    record.gen = shared.generation
-    if watch_tasks and running_loop() is not None:
+    record.gen = guard_records.generation
+    if settings.watches_tasks and running_loop() is not None:
         task = asyncio.current_task()
         if task is not None:
             record.task = weakref.ref(task)
-    if watch_age:
+    if settings.watches_age:
         record.began = monotonic()
         open_transactions[id(record)] = weakref.ref(record)  # weak: the leak guard needs it
     session.__dict__[KEY] = record
@@ -253,8 +250,13 @@ def on_transaction_end(session: Session, transaction: SessionTransaction) -> Non
         return
     record.active = False
     record.transaction = None
-    if watch_age and open_transactions.pop(id(record), None) is not None:
-        if monotonic() - record.began >= age_threshold:
+    settings = guard_records.settings
+    if (
+        settings is not None
+        and settings.long_transaction is not None
+        and open_transactions.pop(id(record), None) is not None
+    ):
+        if monotonic() - record.began >= settings.long_transaction:
             log_end(record)
     if record.task is not None:
         check_task(session, record, _ENDS)
@@ -269,7 +271,7 @@ def on_orm_execute(state: ORMExecuteState) -> None:
             check_task(session, record, _STATEMENT)
     elif not session.in_transaction():
         global _pending
-        cfg = shared.settings
+        cfg = guard_records.settings
         if cfg is not None and cfg.mixed_begin != OFF:
             _pending = (id(session), state.statement, capture(1))
 
@@ -334,7 +336,7 @@ def watch_threads(original: Callable[..., Any], operation: str) -> Callable[...,
 
 
 def _concurrent_threads(session: Session, inside: int, operation: str) -> None:
-    cfg = shared.settings
+    cfg = guard_records.settings
     if cfg is None or cfg.cross_thread == OFF:
         return
     record = record_of(session)
@@ -361,8 +363,8 @@ def _concurrent_threads(session: Session, inside: int, operation: str) -> None:
 
 def check_task(session: Session, record: SessionRecord, operation: str) -> None:
     """Report use from another task while the task that began the transaction runs."""
-    cfg = shared.settings
-    if cfg is None or record.gen != shared.generation or cfg.cross_task == OFF:
+    cfg = guard_records.settings
+    if cfg is None or record.gen != guard_records.generation or cfg.cross_task == OFF:
         return
     owner_ref = record.task
     if owner_ref is None or record.thread != get_ident():
@@ -390,7 +392,7 @@ def _awaits(owner: asyncio.Task[Any], task: asyncio.Task[Any]) -> bool:
     SQLAlchemy closes (and commits) an ``async with`` session in a task of its own that the
     owner awaits, shielded; txguard settles async units the same way, and
     ``asyncio.wait_for`` (before Python 3.12) runs its awaitable in a task: the owner is
-    suspended until that task ends, so the session is handed over, not shared. Found by
+    suspended until that task ends, so the session is handed over, not guard_records. Found by
     following the owner's chain of awaits to its innermost frame, which must be a library
     frame holding ``task`` itself. The chain passes through the async generators of
     ``@asynccontextmanager`` (FastAPI's dependencies with ``yield``) too.
@@ -455,7 +457,7 @@ original_begin: Callable[..., SessionTransaction] = Session.begin  # set again b
 def begin(self: Session, nested: bool = False) -> SessionTransaction:
     """Begin as SQLAlchemy does; first say where the transaction already active began."""
     if not nested and self._transaction is not None:
-        cfg = shared.settings
+        cfg = guard_records.settings
         if cfg is not None and cfg.mixed_begin != OFF:
             _mixed_begin(self, cfg.mixed_begin)
     return original_begin(self, nested)

@@ -32,7 +32,7 @@ from sqlalchemy.pool import Pool
 
 from . import _creation as creation
 from . import _guard_connections as connections
-from . import _guard_records as shared
+from . import _guard_records as guard_records
 from . import _guard_sessions as sessions
 from ._describe import option_value
 from ._errors import (
@@ -144,19 +144,8 @@ def _apply() -> None:
 def _install(new: Settings) -> None:
     """Put ``new`` in force: attach what its guards need, and only that."""
     with _lock:
-        old = shared.settings
         listeners = _wanted_listeners(new)
-        if old is not None and not listeners:
-            shared.generation += 1  # as uninstall(): records made before may miss their end
-        if old is not None and old.leaks != OFF and new.leaks == OFF:
-            shared.leak_generation += 1
-        if new.long_transaction is None:
-            shared.open_transactions.clear()
-        shared.settings = new
-        sessions.begin_wrapped = new.mixed_begin != OFF
-        sessions.watch_tasks = new.cross_task != OFF
-        sessions.watch_age = new.long_transaction is not None
-        sessions.age_threshold = new.long_transaction or 0.0
+        guard_records.put_in_force(new, listening=bool(listeners))
         _attach(listeners, _wanted_patches(new))
         creation.want("guards", new.leaks != OFF)
         _show_leak_warnings(new.leaks == WARN)
@@ -166,15 +155,11 @@ def _install(new: Settings) -> None:
 def _uninstall() -> None:
     """Detach everything and forget what the guards knew."""
     with _lock:
-        shared.settings = None
-        sessions.begin_wrapped = sessions.watch_tasks = sessions.watch_age = False
+        guard_records.put_in_force(None, listening=False)
         _attach(set(), {})
         creation.want("guards", False)
         _show_leak_warnings(False)
         _run_sweeper(None)
-        shared.generation += 1
-        shared.leak_generation += 1
-        shared.open_transactions.clear()
         connections.forget()
 
 
@@ -344,18 +329,18 @@ class _Sweeper(threading.Thread):
 
 def _sweep(threshold: float) -> None:
     now = monotonic()
-    for key, ref in shared.open_transactions.copy().items():
+    for key, ref in guard_records.open_transactions.copy().items():
         record = ref()
         if record is None or not record.is_open():
-            if shared.open_transactions.pop(key, None) is not None and record is not None:
-                shared.log_end(record)
+            if guard_records.open_transactions.pop(key, None) is not None and record is not None:
+                guard_records.log_end(record)
             continue
         age = now - record.began
         warned = getattr(record, "warned", 0)
         if age < threshold or warned & WARNED_LONG:
             continue
         record.warned = warned | WARNED_LONG
-        shared.report_late(
+        guard_records.report_late(
             WARN,
             LongTransactionWarning,
             f"A {record.owner}'s transaction has been open for {seconds(age)} "

@@ -35,7 +35,7 @@ from ._creation import created_at
 from ._creation import want as want_creation
 from ._errors import LeakError
 from ._options import _flag
-from ._origin import Origin, _short_path, _user_files, is_user_frame, line_of, parent_greenlet
+from ._origin import UNKNOWN, Origin, _short_path, _user_files, first_user_frame, is_user_frame
 from ._sqla import async_session_of, held_connections, pool_connection, pool_record
 
 if TYPE_CHECKING:
@@ -140,13 +140,12 @@ class Leak:
 
 
 # What the tracker keeps of one opening: a weak reference to the Session (or the pool's
-# connection object), where (raw ``(code, instruction offset)`` pairs, turned into an
-# Origin with line numbers only when reported), when, and its number. Session entries
+# connection object), where (an Origin: its line numbers are decoded only when reported),
+# when, and its number. Session entries
 # have no weak-reference callback: dead ones are pruned in batches, cheaper than a call
 # each.
-_Where = Tuple[Tuple[CodeType, int], ...]
-_SessionSeen = Tuple["weakref.ref[Session]", _Where, float, int]
-_ConnectionSeen = Tuple["weakref.ref[Any]", _Where, float, int]
+_SessionSeen = Tuple["weakref.ref[Session]", Origin, float, int]
+_ConnectionSeen = Tuple["weakref.ref[Any]", Origin, float, int]
 
 
 def _unused(ref: object) -> None:
@@ -246,7 +245,7 @@ class _Tracker:
             if start <= seq < stop:
                 began = _origin(origin, depth)
                 created = created_at(session)
-                if created is not None and created.frames[:1] == began.frames[:1]:
+                if created is not None and created.same_line_as(began):
                     created = None  # created where its transaction began: said once
                 found.append(
                     Leak(
@@ -284,7 +283,7 @@ _session_hints: list[int] = []
 _checkout_hints: list[int] = []
 
 
-def _where(limit: int, hints: list[int]) -> _Where:
+def _where(limit: int, hints: list[int]) -> Origin:
     """Capture the user's frames above an event handler: ``capture()``, made cheap here.
 
     An event fires a dozen SQLAlchemy frames below the user's code, and walking them costs
@@ -314,44 +313,40 @@ def _where(limit: int, hints: list[int]) -> _Where:
     if frame is None:
         frame = _walk_to_user(hints)
         if frame is None:
-            return ()
-    frames = [(frame.f_code, frame.f_lasti)]
-    frame = frame.f_back
+            return UNKNOWN
+    if limit == 1:
+        return Origin(frame.f_code, frame.f_lasti)
+    callers: list[tuple[CodeType, int]] = []
+    caller = frame.f_back
     budget = _SCAN_ABOVE
-    while frame is not None and len(frames) < limit and budget:
-        user = users.get(frame.f_code.co_filename)
-        if user or (user is None and is_user_frame(frame)):
-            frames.append((frame.f_code, frame.f_lasti))
-        frame = frame.f_back
+    while caller is not None and len(callers) < limit - 1 and budget:
+        user = users.get(caller.f_code.co_filename)
+        if user or (user is None and is_user_frame(caller)):
+            callers.append((caller.f_code, caller.f_lasti))
+        caller = caller.f_back
         budget -= 1
-    return tuple(frames)
+    return Origin(frame.f_code, frame.f_lasti, tuple(callers))
 
 
 def _walk_to_user(hints: list[int]) -> FrameType | None:
     """Return the innermost user frame above ``_where``'s caller; note its depth in hints."""
-    users = _user_files
-    frame: FrameType | None = sys._getframe(3)
+    start = sys._getframe(3)
+    found = first_user_frame(start)
+    frame: FrameType | None = start
     depth = 2  # as seen from _where
-    while frame is not None:
-        user = users.get(frame.f_code.co_filename)
-        if user or (user is None and is_user_frame(frame)):
-            hints[:] = [depth, *(hint for hint in hints if hint != depth)][:3]
-            return frame
+    while frame is not None and frame is not found:
         frame = frame.f_back
         depth += 1
-    # Inside SQLAlchemy's asyncio bridge the user's coroutine is in the parent greenlet.
-    glet = parent_greenlet()
-    spawner: FrameType | None = None if glet is None else glet.gr_frame
-    while spawner is not None:
-        if is_user_frame(spawner):
-            return spawner
-        spawner = spawner.f_back
-    return None
+    if frame is not None:  # on this stack, not in a parent greenlet: note its depth
+        hints[:] = [depth, *(hint for hint in hints if hint != depth)][:3]
+    return found
 
 
-def _origin(where: _Where, depth: int) -> Origin:
-    """Turn what ``_where()`` recorded into an Origin, with line numbers."""
-    return Origin(tuple((code, line_of(code, offset)) for code, offset in where[:depth]))
+def _origin(where: Origin, depth: int) -> Origin:
+    """Return what ``_where()`` recorded, with at most ``depth`` frames."""
+    if len(where.callers) < depth:
+        return where
+    return Origin(where.code, where.offset, where.callers[: depth - 1])
 
 
 def _on_transaction(session: Session, transaction: SessionTransaction) -> None:

@@ -1,9 +1,11 @@
 """Cheap capture of where something happened in the user's code, formatted only when shown.
 
 A transaction origin is recorded on every unit of work, so it must cost next to nothing:
-we keep ``(code, lineno)`` pairs of the first few frames outside txguard, SQLAlchemy and
-the test runner, never frame objects (they would keep locals alive) and never a formatted
-traceback (``traceback.extract_stack`` costs tens of microseconds).
+an ``Origin`` keeps the code object and instruction offset of the first few frames outside
+txguard, SQLAlchemy and the test runner, and decodes their line numbers only when shown;
+never frame objects (they would keep locals alive) and never a formatted traceback
+(``traceback.extract_stack`` costs tens of microseconds). Units, guards and the leak
+detector all record this one kind of origin.
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ from typing import Any, Final
 import sqlalchemy
 
 __all__ = [
+    "UNKNOWN",
     "Origin",
+    "caller_origin",
+    "line_of",
     "capture",
     "code_origin",
+    "describe_location",
+    "first_user_frame",
     "is_user_frame",
     "parent_greenlet",
     "shorten_sql",
@@ -140,10 +147,16 @@ def user_frame(depth: int = 1) -> FrameType | None:
         frame: FrameType | None = sys._getframe(depth + 1)
     except ValueError:  # called from a shallower stack than depth (e.g. module level)
         frame = None
-    return _user_frame_from(frame)
+    return first_user_frame(frame)
 
 
-def _user_frame_from(frame: FrameType | None) -> FrameType | None:
+def first_user_frame(frame: FrameType | None) -> FrameType | None:
+    """Return ``frame`` if it runs the user's code, else the nearest caller that does.
+
+    The one frame walker of txguard: units, guards and the leak detector all find the user's
+    line with it. Past the outermost frame of a greenlet that SQLAlchemy's asyncio bridge
+    spawned, it goes on in the parent greenlet, where the user's coroutine runs.
+    """
     glet = None
     while True:
         while frame is not None:
@@ -156,35 +169,67 @@ def _user_frame_from(frame: FrameType | None) -> FrameType | None:
         frame = glet.gr_frame
 
 
+_DEFINITION: Final = -1  # an offset no instruction has: it decodes to the code's first line
+
+
 class Origin:
-    """Where something began: the user's innermost frame first, then a few of its callers."""
+    """Where something began: the user's innermost frame, then a few of its callers.
 
-    __slots__ = ("frames",)
+    Each frame is kept as its code object and instruction offset (``f_lasti``), which cost
+    nothing to take; the line number is decoded from the code's line table only when the
+    origin is shown (``str()``, ``lineno``, a warning), and most never are. No frame object
+    is kept (it would keep locals alive). ``code`` is None for an unknown origin.
+    """
 
-    def __init__(self, frames: tuple[tuple[CodeType, int], ...]) -> None:
-        self.frames = frames
+    __slots__ = ("code", "offset", "callers")
+
+    def __init__(
+        self,
+        code: CodeType | None,
+        offset: int = _DEFINITION,
+        callers: tuple[tuple[CodeType, int], ...] = (),
+    ) -> None:
+        self.code = code
+        self.offset = offset
+        self.callers = callers  # (code, offset) of the callers worth showing, innermost first
 
     @classmethod
     def of_code(cls, code: CodeType) -> Origin:
         """Name a function by its definition (used for ``@transactional`` functions)."""
-        return cls(((code, code.co_firstlineno),))
+        return cls(code)
+
+    @property
+    def frames(self) -> tuple[tuple[CodeType, int], ...]:
+        """The recorded frames as ``(code, line)`` pairs, innermost first (lines decoded)."""
+        if self.code is None:
+            return ()
+        sites = ((self.code, self.offset), *self.callers)
+        return tuple((code, line_of(code, offset)) for code, offset in sites)
 
     @property
     def filename(self) -> str:
-        return self.frames[0][0].co_filename if self.frames else "<unknown>"
+        return "<unknown>" if self.code is None else self.code.co_filename
 
     @property
     def lineno(self) -> int:
-        return self.frames[0][1] if self.frames else 0
+        return 0 if self.code is None else line_of(self.code, self.offset)
 
     @property
     def function(self) -> str:
-        return self.frames[0][0].co_name if self.frames else "<unknown>"
+        return "<unknown>" if self.code is None else self.code.co_name
+
+    def same_line_as(self, other: Origin) -> bool:
+        """Say whether both origins name the same line of the same code (innermost frame)."""
+        return (
+            self.code is not None
+            and self.code is other.code
+            and (self.offset == other.offset or self.lineno == other.lineno)
+        )
 
     def __str__(self) -> str:
-        if not self.frames:
+        if self.code is None:
             return "<unknown location>"
-        return f"{_short_path(self.filename)}:{self.lineno} in {self.function}()"
+        return describe_location(self.filename, self.lineno, self.function)
 
     def __repr__(self) -> str:
         return f"<Origin {self}>"
@@ -192,26 +237,14 @@ class Origin:
     def format_stack(self) -> str:
         """Return the recorded frames, outermost last, one per line."""
         return "\n".join(
-            f"  {_short_path(code.co_filename)}:{lineno} in {code.co_name}()"
+            "  " + describe_location(code.co_filename, lineno, code.co_name)
             for code, lineno in self.frames
         )
 
 
-class _CallerOrigin(Origin):
-    """An Origin of one frame, kept as its code and instruction offset.
-
-    Looking up a line number decodes the code's line table, the largest part of a
-    capture's cost; most origins are never shown, so the lookup waits until one is.
-    """
-
-    __slots__ = ("code", "offset")
-
-    code: CodeType
-    offset: int
-
-    @property
-    def frames(self) -> tuple[tuple[CodeType, int], ...]:  # type: ignore[override]
-        return ((self.code, line_of(self.code, self.offset)),)
+def describe_location(filename: str, lineno: int, function: str) -> str:
+    """Name a line as every txguard message does: ``path:line in function()``."""
+    return f"{_short_path(filename)}:{lineno} in {function}()"
 
 
 def line_of(code: CodeType, offset: int) -> int:
@@ -222,31 +255,23 @@ def line_of(code: CodeType, offset: int) -> int:
     return code.co_firstlineno
 
 
-_UNKNOWN: Final = Origin(())
-_new_origin = object.__new__
+UNKNOWN: Final = Origin(None)
 
 
 def code_origin(code: CodeType, offset: int) -> Origin:
-    """Return the Origin of the instruction at ``offset`` of ``code``, its line looked up
-    only if it is shown."""
-    origin = _new_origin(_CallerOrigin)
-    origin.code = code
-    origin.offset = offset
-    return origin
+    """Return the Origin of the instruction at ``offset`` of ``code``."""
+    return Origin(code, offset)
 
 
 def caller_origin(frame: FrameType) -> Origin:
     """Return the Origin of ``frame`` if it runs the user's code, else of the nearest above."""
     code = frame.f_code
     if _user_files.get(code.co_filename):
-        origin = _new_origin(_CallerOrigin)
-        origin.code = code
-        origin.offset = frame.f_lasti
-        return origin
-    user = _user_frame_from(frame)
+        return Origin(code, frame.f_lasti)
+    user = first_user_frame(frame)
     if user is None:
-        return _UNKNOWN
-    return Origin(((user.f_code, user.f_lineno),))
+        return UNKNOWN
+    return Origin(user.f_code, user.f_lasti)
 
 
 def capture(depth: int = 1, limit: int = 1) -> Origin:
@@ -255,17 +280,17 @@ def capture(depth: int = 1, limit: int = 1) -> Origin:
         try:
             return caller_origin(sys._getframe(depth + 1))
         except ValueError:  # called from a shallower stack than depth (e.g. module level)
-            return _UNKNOWN
+            return UNKNOWN
     frame = user_frame(depth + 1)
     if frame is None:
-        return _UNKNOWN
-    frames: list[tuple[CodeType, int]] = []
-    current: FrameType | None = frame
-    while current is not None and len(frames) < limit:
+        return UNKNOWN
+    callers: list[tuple[CodeType, int]] = []
+    current = frame.f_back
+    while current is not None and len(callers) < limit - 1:
         if is_user_frame(current):
-            frames.append((current.f_code, current.f_lineno))
+            callers.append((current.f_code, current.f_lasti))
         current = current.f_back
-    return Origin(tuple(frames))
+    return Origin(frame.f_code, frame.f_lasti, tuple(callers))
 
 
 def _short_path(filename: str) -> str:
@@ -300,7 +325,7 @@ def warn_at(
     """Emit ``message`` as if raised at ``origin``: for findings made away from the user's
     code (the garbage collector, a background thread), where the origin is the useful line.
     """
-    if not origin.frames:
+    if origin.code is None:
         warnings.warn(message, category, stacklevel=2)
         return
     warnings.warn_explicit(message, category, origin.filename, origin.lineno, registry=registry)

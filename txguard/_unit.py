@@ -38,7 +38,7 @@ from ._options import (
     UnitOptions,
     cached_options,
 )
-from ._origin import Origin, _is_library, caller_origin, warn_at_user
+from ._origin import UNKNOWN, Origin, _is_library, caller_origin, warn_at_user
 from ._propagation import Plan, plan
 from ._registry import Registry, check_registry, resolve
 from ._transaction import TransactionState, transition
@@ -654,13 +654,13 @@ def _uncommitted_work(scope: Unit) -> str | None:
 def failure_site(exc: BaseException) -> Origin:
     """Return the innermost user frame of ``exc``'s traceback."""
     tb = exc.__traceback__
-    site = None
+    site = UNKNOWN
     while tb is not None:
         code = tb.tb_frame.f_code
         if not _is_library(code.co_filename):
-            site = (code, tb.tb_lineno)
+            site = Origin(code, tb.tb_lasti)
         tb = tb.tb_next
-    return Origin((site,)) if site is not None else Origin(())
+    return site
 
 
 def describe_exception(exc: BaseException) -> str:
