@@ -248,13 +248,13 @@ class Unit:
                     "the transaction has been rolled back",
                 )
             self.begin_again(_TX_ROLLED_BACK)
-            run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
+            self.run_callbacks_outside(committed=False, in_flight=True)
             raise error
         transaction = sync.get_transaction()
         if aborted(transaction):
             self.session_class.rollback(sync)
             self.begin_again(_TX_ROLLED_BACK)
-            run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
+            self.run_callbacks_outside(committed=False, in_flight=True)
             raise aborted_error(
                 f"session.commit() in the commit-as-you-go unit opened at {self.where} was "
                 "refused"
@@ -265,10 +265,10 @@ class Unit:
             if transaction is not None and _commit_went_through(self, transaction):
                 mark_after_commit(error)  # committed all the same: its callbacks run
                 self.begin_again(_TX_COMMITTED)
-                run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=True)
+                self.run_callbacks_outside(committed=True, in_flight=True)
             raise
         self.begin_again(_TX_COMMITTED)
-        run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=False)
+        self.run_callbacks_outside(committed=True, in_flight=False)
 
     def session_rollback(self) -> None:
         if self.mode is _MODE_BEGIN_ONCE:
@@ -279,7 +279,21 @@ class Unit:
             )
         self.session_class.rollback(self.sync_session)
         self.begin_again(_TX_ROLLED_BACK)
-        run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=False)
+        self.run_callbacks_outside(committed=False, in_flight=False)
+
+    def run_callbacks_outside(self, committed: bool, in_flight: bool) -> None:
+        """Run the callbacks of a commit-as-you-go transaction that ended inside the unit's
+        block, with the registry's stack as it was before the unit opened: a unit opened in
+        a callback begins its own transaction instead of joining the next one (SPEC §4)."""
+        callbacks = self.take_callbacks(committed)
+        if not callbacks:
+            return
+        var = self.registry._var
+        token = var.set(self.previous)
+        try:
+            run_callbacks(callbacks, committed, in_flight)
+        finally:
+            var.reset(token)
 
     def begin_again(self, ended: TransactionState) -> None:
         """Record that a commit-as-you-go session's transaction ended (``ended``) and that the
