@@ -549,3 +549,55 @@ def test_session_bound_to_a_connection_with_rollback_after(engine: sa.Engine) ->
             assert session.scalars(sa.select(Item.name)).all() == ["inside"]
         outer.rollback()
     assert names(engine) == []
+
+
+# The user ending a transaction the unit owns, from inside.
+
+
+def test_rollback_inside_a_savepoint_unit_of_a_commit_as_you_go_unit_is_refused(
+    engine: sa.Engine,
+) -> None:
+    """session.rollback() inside a nested unit raises DisciplineError, as commit() does."""
+    txguard.configure(engine)
+    with txguard.unit_of_work(mode="commit_as_you_go") as session:
+        session.add(Item(name="before"))
+        session.commit()
+        with pytest.raises(txguard.DisciplineError, match="savepoint unit"):
+            with txguard.unit_of_work(propagation="nested") as inner:
+                inner.add(Item(name="in savepoint"))
+                inner.flush()
+                session.rollback()
+        session.add(Item(name="after"))
+        session.commit()
+    assert names(engine) == ["after", "before"]
+
+
+def test_rollback_inside_a_joined_begin_once_unit_is_refused(engine: sa.Engine) -> None:
+    """session.rollback() inside a begin-once unit that joined commit-as-you-go raises."""
+    txguard.configure(engine)
+    with txguard.unit_of_work(mode="commit_as_you_go") as session:
+        with pytest.raises(txguard.DisciplineError, match="only that unit commits or rolls back"):
+            with txguard.unit_of_work() as joined:
+                joined.add(Item(name="joined"))
+                joined.flush()
+                session.rollback()
+        session.rollback()
+    assert names(engine) == []
+
+
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_ending_the_transaction_through_get_transaction_is_a_discipline_error(
+    engine: sa.Engine, end: str
+) -> None:
+    """session.get_transaction().commit()/rollback() in a begin-once unit is named at exit."""
+    txguard.configure(engine)
+    with pytest.raises(txguard.DisciplineError, match="was ended inside its block"):
+        with txguard.unit_of_work() as session:
+            session.add(Item(name="x"))
+            session.flush()
+            transaction = session.get_transaction()
+            assert transaction is not None
+            getattr(transaction, end)()
+            session.add(Item(name="after"))
+    assert names(engine) == (["x"] if end == "commit" else [])
+    assert engine.pool.checkedout() == 0

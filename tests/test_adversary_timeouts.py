@@ -376,3 +376,176 @@ def test_keyboard_interrupt_before_commit_is_not_retried(engine: sa.Engine) -> N
         sa.event.remove(engine, "commit", interrupt)
     assert calls == [1]
     assert names(engine) == []
+
+
+def test_keyboard_interrupt_in_a_retrying_function_during_a_statement_is_not_retried(
+    pg: sa.Engine,
+) -> None:
+    """Ctrl-C while a statement of @transactional(retries=3) runs ends the call at once."""
+    txguard.configure(pg)
+    calls: list[int] = []
+
+    @txguard.transactional(retries=3, backoff=0)
+    def slow() -> None:
+        calls.append(1)
+        txguard.current_session().execute(SLEEP_PG)
+
+    watcher = _interrupt_when_sleeping(pg, threading.main_thread().ident or 0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            slow()
+    finally:
+        watcher.join()
+    assert calls == [1]
+    assert pg.pool.checkedout() == 0
+
+
+def test_commit_as_you_go_commit_after_a_caught_timeout_raises_and_rollback_clears(
+    pg: sa.Engine,
+) -> None:
+    """In commit-as-you-go, commit() after a caught timeout raises; rollback() lets work go on."""
+    txguard.configure(pg)
+    with txguard.unit_of_work(mode="commit_as_you_go") as session:
+        session.add(Item(name="lost"))
+        session.flush()
+        try:
+            statement_timeout(session)
+        except OperationalError:
+            pass
+        with pytest.raises(txguard.UnexpectedRollbackError):
+            session.commit()
+        session.add(Item(name="kept"))
+        session.commit()
+    assert names(pg) == ["kept"]
+
+
+def test_caught_max_statement_time_dooms_the_unit_on_mariadb(engine: sa.Engine, backend: str) -> None:
+    """A MariaDB max_statement_time interruption the code catches dooms the unit."""
+    if backend != "mariadb":
+        pytest.skip("a MariaDB server setting")
+    txguard.configure(engine)
+    with pytest.raises(txguard.UnexpectedRollbackError):
+        with txguard.unit_of_work() as session:
+            session.add(Item(name="lost"))
+            session.flush()
+            try:
+                session.execute(sa.text("SET STATEMENT max_statement_time=0.001 FOR SELECT SLEEP(2)"))
+            except OperationalError:
+                pass
+            else:
+                pytest.skip("SLEEP() returned 1 instead of raising on this server")
+    assert names(engine) == []
+
+
+def _deadlock_in_nested(engine: sa.Engine, catch: bool) -> dict[int, BaseException | None]:
+    """Two units deadlock inside nested units; return each unit's outcome."""
+    registry = txguard.SessionRegistry(engine)
+    barrier = threading.Barrier(2, timeout=20)
+    outcomes: dict[int, BaseException | None] = {}
+
+    def run(first: int, second: int) -> None:
+        try:
+            with registry.unit_of_work() as session:
+                session.add(Item(name=f"outer{first}"))
+                session.flush()
+                try:
+                    with registry.unit_of_work(propagation="nested") as inner:
+                        inner.execute(sa.update(Account).where(Account.id == first).values(balance=0))
+                        barrier.wait()
+                        inner.execute(sa.update(Account).where(Account.id == second).values(balance=0))
+                except OperationalError:
+                    if not catch:
+                        raise
+            outcomes[first] = None
+        except BaseException as exc:
+            outcomes[first] = exc
+
+    threads = [threading.Thread(target=run, args=(1, 2)), threading.Thread(target=run, args=(2, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+def test_deadlock_caught_around_a_nested_unit(accounts: sa.Engine, backend: str) -> None:
+    """A deadlock caught around a nested unit: contained on PostgreSQL, dooms on MariaDB."""
+    outcomes = _deadlock_in_nested(accounts, catch=True)
+    failed = [exc for exc in outcomes.values() if exc is not None]
+    if backend == "postgresql":
+        assert failed == []
+        assert names(accounts) == ["outer1", "outer2"]
+    else:
+        assert len(failed) == 1
+        assert isinstance(failed[0], (txguard.UnexpectedRollbackError, OperationalError))
+        assert len(names(accounts)) == 1
+    assert accounts.pool.checkedout() == 0
+
+
+def test_deadlock_through_a_nested_unit_is_retried_by_the_owner(accounts: sa.Engine) -> None:
+    """A deadlock escaping a nested unit makes the owning @transactional(retries=) run again."""
+    registry = txguard.SessionRegistry(accounts)
+    barrier = threading.Barrier(2, timeout=20)
+    attempts = {1: 0, 2: 0}
+    errors: list[BaseException] = []
+
+    @txguard.transactional(retries=3, backoff=0, registry=registry)
+    def transfer(first: int, second: int) -> None:
+        attempts[first] += 1
+        registry.current_session().add(Item(name=f"outer{first}"))
+        with registry.unit_of_work(propagation="nested") as inner:
+            inner.execute(sa.update(Account).where(Account.id == first).values(balance=Account.balance - 10))
+            if attempts[first] == 1:
+                barrier.wait()
+            inner.execute(sa.update(Account).where(Account.id == second).values(balance=Account.balance + 10))
+
+    def run(first: int, second: int) -> None:
+        try:
+            transfer(first, second)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(1, 2)), threading.Thread(target=run, args=(2, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert names(accounts) == ["outer1", "outer2"]
+    with accounts.connect() as conn:
+        assert list(conn.scalars(sa.select(Account.balance).order_by(Account.id))) == [100, 100]
+
+
+def test_serialization_failure_at_commit_is_retried(pg: sa.Engine) -> None:
+    """A SERIALIZABLE write skew that PostgreSQL refuses at COMMIT (40001) is run again."""
+    registry = txguard.SessionRegistry(pg)
+    barrier = threading.Barrier(2, timeout=20)
+    attempts: dict[str, int] = {"a": 0, "b": 0}
+    errors: list[BaseException] = []
+
+    @txguard.transactional(retries=3, backoff=0, isolation_level="SERIALIZABLE", registry=registry)
+    def add_if_few(name: str) -> None:
+        attempts[name] += 1
+        session = registry.current_session()
+        count = session.scalar(sa.select(sa.func.count()).select_from(Item))
+        if attempts[name] == 1:
+            barrier.wait()
+        session.add(Item(name=f"{name}{count}"))
+        session.flush()
+        if attempts[name] == 1:
+            barrier.wait()
+
+    def run(name: str) -> None:
+        try:
+            add_if_few(name)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(attempts.values()) == [1, 2]
+    assert sorted(n[1] for n in names(pg)) == ["0", "1"]
