@@ -220,23 +220,7 @@ class Unit:
                 "unit with propagation='requires_new', or open this unit with "
                 "mode='commit_as_you_go'."
             )
-        current = current_unit(self.registry)
-        if current is not None and current.scope is not self and current.root is self:
-            raise DisciplineError(
-                f"session.commit() inside the savepoint unit opened at {current.where}: the "
-                "savepoint is released when its block ends; commit after it."
-            )
-        if (
-            current is not None
-            and current.role is _ROLE_JOINS
-            and current.owner is self
-            and current.opts.mode is _MODE_BEGIN_ONCE
-        ):
-            raise DisciplineError(
-                f"session.commit() inside the begin-once unit opened at {current.where}, "
-                f"which joined the commit-as-you-go unit opened at {self.where}: only that "
-                "unit commits. Remove the call, or give this unit mode='commit_as_you_go'."
-            )
+        self._refuse_inside_inner_unit("commit")
         sync = self.sync_session
         if self.tx_state is _TX_ROLLBACK_ONLY or self.failures:
             self.session_class.rollback(sync)
@@ -250,13 +234,13 @@ class Unit:
                     "the transaction has been rolled back",
                 )
             self.begin_again(_TX_ROLLED_BACK)
-            run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
+            self.run_callbacks_outside(committed=False, in_flight=True)
             raise error
         transaction = sync.get_transaction()
         if aborted(transaction):
             self.session_class.rollback(sync)
             self.begin_again(_TX_ROLLED_BACK)
-            run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
+            self.run_callbacks_outside(committed=False, in_flight=True)
             raise aborted_error(
                 f"session.commit() in the commit-as-you-go unit opened at {self.where} was "
                 "refused"
@@ -267,10 +251,10 @@ class Unit:
             if transaction is not None and _commit_went_through(self, transaction):
                 mark_after_commit(error)  # committed all the same: its callbacks run
                 self.begin_again(_TX_COMMITTED)
-                run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=True)
+                self.run_callbacks_outside(committed=True, in_flight=True)
             raise
         self.begin_again(_TX_COMMITTED)
-        run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=False)
+        self.run_callbacks_outside(committed=True, in_flight=False)
 
     def session_rollback(self) -> None:
         if self.mode is _MODE_BEGIN_ONCE:
@@ -279,9 +263,49 @@ class Unit:
                 "raise an exception to roll the unit back, or use session.begin_nested() / "
                 "propagation='nested' to undo part of the work."
             )
+        self._refuse_inside_inner_unit("rollback")
         self.session_class.rollback(self.sync_session)
         self.begin_again(_TX_ROLLED_BACK)
-        run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=False)
+        self.run_callbacks_outside(committed=False, in_flight=False)
+
+    def _refuse_inside_inner_unit(self, call: str) -> None:
+        """Refuse ``session.commit()``/``rollback()`` of this commit-as-you-go unit while a
+        savepoint unit or a begin-once unit that joined it runs: that unit's block still
+        counts on the transaction it runs in."""
+        current = current_unit(self.registry)
+        if current is None or current is self:
+            return
+        if current.scope is not self and current.root is self:
+            raise DisciplineError(
+                f"session.{call}() inside the savepoint unit opened at {current.where}: the "
+                "savepoint is released when its block ends (raise an exception to roll it "
+                f"back); {call} after it."
+            )
+        if (
+            current.role is _ROLE_JOINS
+            and current.owner is self
+            and current.opts.mode is _MODE_BEGIN_ONCE
+        ):
+            raise DisciplineError(
+                f"session.{call}() inside the begin-once unit opened at {current.where}, "
+                f"which joined the commit-as-you-go unit opened at {self.where}: only that "
+                "unit commits or rolls back. Remove the call (raise an exception to roll back), "
+                "or give this unit mode='commit_as_you_go'."
+            )
+
+    def run_callbacks_outside(self, committed: bool, in_flight: bool) -> None:
+        """Run the callbacks of a commit-as-you-go transaction that ended inside the unit's
+        block, with the registry's stack as it was before the unit opened: a unit opened in
+        a callback begins its own transaction instead of joining the next one (SPEC §4)."""
+        callbacks = self.take_callbacks(committed)
+        if not callbacks:
+            return
+        var = self.registry._var
+        token = var.set(self.previous)
+        try:
+            run_callbacks(callbacks, committed, in_flight)
+        finally:
+            var.reset(token)
 
     def begin_again(self, ended: TransactionState) -> None:
         """Record that a commit-as-you-go session's transaction ended (``ended``) and that the
@@ -479,9 +503,12 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
                     "its transaction has been rolled back",
                 )
         elif not transaction.is_active:
-            _rollback(transaction, exc)
-            if exc is None:
-                error = _deactivated(unit)
+            if sync.get_transaction() is transaction:
+                _rollback(transaction, exc)
+                if exc is None:
+                    error = _deactivated(unit)
+            elif exc is None:
+                error = _ended_inside(unit)
         elif aborted(transaction):
             _rollback(transaction, exc)
             if exc is None:
@@ -704,6 +731,15 @@ def caught_failure(failure: Failure, refused: str, undone: str) -> UnexpectedRol
     )
     error.__cause__ = failure.cause
     return error
+
+
+def _ended_inside(unit: Unit) -> DisciplineError:
+    return DisciplineError(
+        f"The transaction of the begin-once unit opened at {unit.where} was ended inside its "
+        "block (session.get_transaction().commit() or .rollback()), so the unit had nothing "
+        "left to commit: work after that call was discarded. The unit owns its transaction: "
+        "raise an exception to roll it back, or open it with mode='commit_as_you_go'."
+    )
 
 
 def _deactivated(scope: Unit) -> UnexpectedRollbackError:
