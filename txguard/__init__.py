@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ._guards import install, uninstall
     from ._hooks import on_commit, on_rollback
     from ._leaks import Leak, LeakDetector
-    from ._registry import SessionRegistry, configure, current_session, in_transaction
+    from ._session_registry import SessionRegistry, configure, current_session, in_transaction
     from ._retry import is_retryable
     from ._transactional import transactional
     from ._unit import UnitOfWork, unit_of_work
@@ -48,10 +48,10 @@ _LAZY = {
     "on_rollback": "_hooks",
     "Leak": "_leaks",
     "LeakDetector": "_leaks",
-    "SessionRegistry": "_registry",
-    "configure": "_registry",
-    "current_session": "_registry",
-    "in_transaction": "_registry",
+    "SessionRegistry": "_session_registry",
+    "configure": "_session_registry",
+    "current_session": "_session_registry",
+    "in_transaction": "_session_registry",
     "is_retryable": "_retry",
     "transactional": "_transactional",
     "UnitOfWork": "_unit",

@@ -21,18 +21,21 @@ from ._failures import (
 )
 from ._options import Mode, _isolation, choice
 from ._origin import Origin, caller_origin, capture, shorten_sql, warn_at_user
-from ._registry import SessionRegistry, check_registry, resolve
+from ._async import completed
+from ._registry import Registry, check_registry, resolve
 from ._sessions import refuse_autocommit
 from ._statements import is_write_execution
-from ._unit import caught_failure, completed
+from ._unit import caught_failure
 
 if TYPE_CHECKING:
     from types import TracebackType
 
 __all__ = ["connect", "ConnectionUnit"]
 
+# A Connection's class is the engine's, so a begin-once block refuses these calls with
+# attributes of the one connection it holds (removed at its end), where a Session's unit
+# uses a session subclass (_sessions).
 _GUARDED = ("commit", "rollback", "begin", "close")
-_BEGIN_ONCE = Mode.BEGIN_ONCE
 
 
 class _Held:
@@ -102,10 +105,10 @@ def _open(engine: Engine, mode: Mode, isolation_level: str | None, where: Origin
             conn.execution_options(isolation_level=isolation_level)
         held = _Held(conn, mode, where)
         own_connection(conn, held)
-        if mode is _BEGIN_ONCE:
+        if mode is Mode.BEGIN_ONCE:
             held.transaction = type(conn).begin(conn)
-            d = conn.__dict__
-            d["commit"] = d["rollback"] = d["begin"] = d["close"] = held.refuse
+            for name in _GUARDED:
+                conn.__dict__[name] = held.refuse
         else:
             conn.__dict__["commit"] = held.commit
             event.listen(conn, "before_cursor_execute", held.note_statement)
@@ -242,14 +245,14 @@ def connect(
     *,
     mode: Mode | str = Mode.BEGIN_ONCE,
     isolation_level: str | None = None,
-    registry: SessionRegistry | None = None,
+    registry: Registry | None = None,
 ) -> ConnectionUnit:
     """Open a Core connection: ``mode="begin_once"`` is ``engine.begin()`` with discipline,
     ``mode="commit_as_you_go"`` is ``engine.connect()`` that warns about discarded writes.
 
     ``engine`` may be omitted when the registry (default or given) has exactly one.
     """
-    checked_mode = mode if mode is _BEGIN_ONCE else choice("mode", mode, Mode)
+    checked_mode = mode if mode is Mode.BEGIN_ONCE else choice("mode", mode, Mode)
     level = None if isolation_level is None else _isolation(isolation_level)
     check_registry(registry)
     if engine is None:

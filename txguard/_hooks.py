@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 from collections.abc import Callable
 
+from ._callbacks import ON_COMMIT, ON_ROLLBACK, Callback, run_callbacks
 from ._describe import describe, option_value
 from ._errors import ConfigurationError
-from ._registry import SessionRegistry, resolve
-from ._unit import ON_COMMIT, ON_ROLLBACK, Callback, run_callbacks
+from ._registry import Registry, resolve
+from ._unit import current_unit
 
-__all__ = ["on_commit", "on_rollback", "intercept", "capturing", "capturing_callbacks"]
-
-capturing: contextvars.ContextVar[list[Callable[[], object]] | None] = contextvars.ContextVar(
-    "txguard_capture_on_commit", default=None
-)
-# The same captured callbacks with their options (``robust``), for capture_on_commit(execute=True).
-capturing_callbacks: contextvars.ContextVar[list[Callback] | None] = contextvars.ContextVar(
-    "txguard_capture_on_commit_callbacks", default=None
-)
+__all__ = ["on_commit", "on_rollback"]
 
 
-def _check(name: str, fn: object, registry: SessionRegistry) -> None:
+def _check(name: str, fn: object, registry: Registry) -> None:
     """Refuse what could never run as a callback of ``registry``'s units."""
     if not callable(fn):
         if inspect.iscoroutine(fn):
@@ -45,7 +37,7 @@ def _check(name: str, fn: object, registry: SessionRegistry) -> None:
 
 
 def on_commit(
-    fn: Callable[[], object], *, robust: bool = False, registry: SessionRegistry | None = None
+    fn: Callable[[], object], *, robust: bool = False, registry: Registry | None = None
 ) -> None:
     """Run ``fn`` after the outermost transaction of the current unit commits.
 
@@ -59,14 +51,14 @@ def on_commit(
     _check("on_commit", fn, owner)
     if not isinstance(robust, bool):
         raise ConfigurationError(f"robust={option_value(robust)} is not valid; use True or False.")
-    unit = owner.current_unit()
-    if unit is None or not (unit.scope.transactional or unit.sync.in_transaction()):
+    unit = current_unit(owner)
+    if unit is None or not (unit.scope.transactional or unit.sync_session.in_transaction()):
         run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)
         return
     unit.scope.add_callback(Callback(fn, ON_COMMIT, robust))
 
 
-def on_rollback(fn: Callable[[], object], *, registry: SessionRegistry | None = None) -> None:
+def on_rollback(fn: Callable[[], object], *, registry: Registry | None = None) -> None:
     """Run ``fn`` after the current transaction rolls back (or its savepoint's work is undone).
 
     A callback registered inside a savepoint that rolls back runs when the outermost
@@ -75,19 +67,9 @@ def on_rollback(fn: Callable[[], object], *, registry: SessionRegistry | None = 
     """
     owner = resolve(registry)
     _check("on_rollback", fn, owner)
-    unit = owner.current_unit()
+    unit = current_unit(owner)
     if unit is None:
         return
     unit.scope.add_callback(Callback(fn, ON_ROLLBACK, False))
 
 
-def intercept(callbacks: list[Callback]) -> list[Callback]:
-    """Hand on_commit callbacks to an active ``capture_on_commit()`` instead of running them."""
-    captured = capturing.get()
-    if captured is None:
-        return callbacks
-    captured.extend(cb.fn for cb in callbacks if cb.when == ON_COMMIT)
-    details = capturing_callbacks.get()
-    if details is not None:
-        details.extend(cb for cb in callbacks if cb.when == ON_COMMIT)
-    return [cb for cb in callbacks if cb.when != ON_COMMIT]

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from ._describe import option_value
 from ._errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from ._registry import SessionRegistry
+    from ._registry import Registry
 
-__all__ = ["Mode", "Propagation", "UnitOptions", "unit_options", "choice"]
+__all__ = [
+    "DECORATOR_OPTION_NAMES", "DEFAULT_OPTIONS", "Mode", "Propagation", "UNIT_OPTION_NAMES",
+    "UnitOptions", "cached_options", "check_names", "choice", "unit_options",
+]
 
 
 class Mode(str, enum.Enum):
@@ -43,10 +46,14 @@ _E = TypeVar("_E", bound=enum.Enum)
 _NEVER_OWNS_A_TRANSACTION: Final = frozenset(
     {Propagation.MANDATORY, Propagation.NEVER, Propagation.SUPPORTS, Propagation.NOT_SUPPORTED}
 )
-OPTION_NAMES: Final = (
+UNIT_OPTION_NAMES: Final = (
     "mode", "propagation", "read_only", "isolation_level", "rollback_for", "no_rollback_for",
-    "durable", "registry", "retries", "retry_on", "backoff",
+    "durable",
 )
+"""The options of ``registry.unit_of_work(...)``; ``txguard.unit_of_work`` adds ``registry``."""
+RETRY_OPTION_NAMES: Final = ("retries", "retry_on", "backoff")
+DECORATOR_OPTION_NAMES: Final = (*UNIT_OPTION_NAMES, "registry", *RETRY_OPTION_NAMES)
+"""The options of ``@transactional(...)``."""
 
 ISOLATION_LEVELS: Final = ("READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 
@@ -151,11 +158,6 @@ def _backoff(value: object) -> Callable[[int], float] | float:
     )
 
 
-PLAIN_SESSION: Final[tuple[bool, bool, str | None]] = (False, False, None)
-"""The session key of begin-once units with no read-only flag or isolation level; shared,
-so that opening one tests it by identity."""
-
-
 class UnitOptions:
     """The validated options of one unit of work (immutable, shared by every call)."""
 
@@ -174,7 +176,6 @@ class UnitOptions:
         "plain_rollback_rules",
         "enter_needs_io",
         "session_key",
-        "required",
     )
 
     mode: Mode
@@ -184,14 +185,13 @@ class UnitOptions:
     rollback_for: tuple[type[BaseException], ...]
     no_rollback_for: tuple[type[BaseException], ...]
     durable: bool
-    registry: SessionRegistry | None
+    registry: Registry | None
     retries: int
     retry_on: Callable[[BaseException], bool] | None
     backoff: Callable[[int], float] | float
     plain_rollback_rules: bool
     enter_needs_io: bool
     session_key: tuple[bool, bool, str | None]  # which of the registry's factories it uses
-    required: bool  # propagation "required" and not durable: join, or begin (the common case)
 
     def rolls_back(self, exc: BaseException) -> bool:
         """Say whether ``exc`` leaving the unit rolls it back (the nearest rule wins)."""
@@ -222,10 +222,12 @@ def unit_options(
     retry_on: object = None,
     backoff: object = 0.05,
 ) -> UnitOptions:
-    """Validate every option and return them frozen; raise ConfigurationError naming the fix."""
-    from ._registry import check_registry
+    """Validate every option and return them frozen; raise ConfigurationError naming the fix.
 
-    opts = UnitOptions.__new__(UnitOptions)
+    ``registry`` must already be a registry or None (``_registry.check_registry``): this
+    layer lies below the registries.
+    """
+    opts = UnitOptions()
     opts.mode = choice("mode", mode, Mode)
     opts.propagation = choice("propagation", propagation, Propagation)
     opts.read_only = _flag("read_only", read_only)
@@ -233,7 +235,7 @@ def unit_options(
     opts.rollback_for = exception_types("rollback_for", rollback_for)
     opts.no_rollback_for = exception_types("no_rollback_for", no_rollback_for)
     opts.durable = _flag("durable", durable)
-    opts.registry = check_registry(registry)
+    opts.registry = registry  # type: ignore[assignment]  # checked by the caller
     opts.retries = _retries(retries)
     opts.retry_on = _retry_on(retry_on)
     opts.backoff = _backoff(backoff)
@@ -252,13 +254,54 @@ def unit_options(
             "once, propagation 'required', 'requires_new' or 'nested')."
         )
     opts.plain_rollback_rules = opts.rollback_for == (Exception,) and not opts.no_rollback_for
-    key = (opts.mode is Mode.COMMIT_AS_YOU_GO, opts.read_only, opts.isolation_level)
-    opts.session_key = PLAIN_SESSION if key == PLAIN_SESSION else key
-    opts.required = opts.propagation is Propagation.REQUIRED and not opts.durable
+    opts.session_key = (opts.mode is Mode.COMMIT_AS_YOU_GO, opts.read_only, opts.isolation_level)
     opts.enter_needs_io = bool(
         opts.propagation is Propagation.NESTED or opts.read_only or opts.isolation_level
     )
     return opts
+
+
+DEFAULT_OPTIONS: Final = unit_options()
+"""The options of ``unit_of_work()`` with none given, on the default registry."""
+
+
+def check_names(what: str, given: Mapping[str, object], allowed: tuple[str, ...]) -> None:
+    """Refuse an option name ``what`` does not take, listing the ones it does."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        hint = "" if "retries" in allowed else " (retries= belongs on @transactional)"
+        raise ConfigurationError(
+            f"{what} got unknown option(s) {', '.join(map(repr, unknown))}; the "
+            f"options are {', '.join(allowed)}{hint}."
+        )
+
+
+def cached_options(registry: Registry | None, given: Mapping[str, object]) -> UnitOptions:
+    """Return the validated options of a unit of ``registry``, built once per set of values.
+
+    ``registry`` is a checked registry or None (the default one). Its options are cached on
+    the registry (``options_cache``), so that the cache never keeps a registry, with its
+    engine and pool, alive; the default registry's are cached here. Unhashable values
+    (a list of exception classes) are validated on every call.
+    """
+    cache = _default_registry_options if registry is None else registry.options_cache
+    # The flags' types are part of the key: 0 == False and 1 == True, but only bools are valid.
+    try:
+        key = tuple((name, value, type(value)) for name, value in sorted(given.items()))
+        return cache[key]
+    except (KeyError, TypeError):
+        pass
+    opts = unit_options(registry=registry, **given)
+    if len(cache) < _OPTIONS_CACHE_SIZE:
+        try:
+            cache[key] = opts
+        except TypeError:  # an unhashable option value, e.g. a list of exceptions
+            pass
+    return opts
+
+
+_OPTIONS_CACHE_SIZE: Final = 256
+_default_registry_options: dict[tuple[object, ...], UnitOptions] = {}
 
 
 def validate_guard_level(name: str, value: object, allowed: tuple[str, ...]) -> str:

@@ -10,6 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ._describe import option_value
 from ._errors import ConfigurationError
+from ._transaction import TransactionState
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -145,8 +146,6 @@ def next_delay(unit: Unit, exc: BaseException, attempt: int) -> float | None:
     error raised after a commit succeeded is never retried. Every error given up on after
     a retry carries a note saying how many attempts ran.
     """
-    from ._unit import JOIN, ROOT
-
     opts = unit.opts
     if raised_after_commit(exc):
         _note(
@@ -165,8 +164,8 @@ def next_delay(unit: Unit, exc: BaseException, attempt: int) -> float | None:
                 f"{attempt} attempts.",
             )
         return None
-    if unit.kind != ROOT:
-        if unit.kind == JOIN:
+    if unit.owner is not None or unit.parent is not None:  # it joined, or took a savepoint
+        if unit.owner is not None:
             _note(
                 exc,
                 f"txguard: not retried by {unit.where}: it joined the transaction of the "
@@ -174,7 +173,7 @@ def next_delay(unit: Unit, exc: BaseException, attempt: int) -> float | None:
                 "transaction retries it (retries= there, or propagation='requires_new' here).",
             )
         return None
-    if unit.scope.committing and _from_commit(exc) and not _declared_rollback(exc):
+    if unit.scope.tx_state is TransactionState.IN_DOUBT and _from_commit(exc) and not _declared_rollback(exc):
         _note(
             exc,
             f"txguard: attempt {attempt} of {unit.where} failed while COMMIT was being "

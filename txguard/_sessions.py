@@ -179,7 +179,7 @@ def _guarded_methods(
     """The methods a unit of work must see, for a private subclass of ``base``.
 
     ``_txguard_unit`` is the unit that owns the session, or None outside one; units set it
-    on every session they open. Units call the user's class (``unit.base``) directly, so
+    on every session they open. Units call the user's class (``unit.session_class``) directly, so
     these methods run only for the user's calls. They go straight into the subclass (no
     mixin class): every lookup in the session's type that misses CPython's type cache,
     which an ORM flush does many times, walks the class's MRO, and each extra class on

@@ -11,11 +11,18 @@ from typing import Any, NoReturn, ParamSpec, TypeVar, overload
 
 from ._describe import describe, name_of
 from ._errors import ConfigurationError
-from ._options import OPTION_NAMES, Mode, Propagation, UnitOptions, unit_options
+from ._options import (
+    DECORATOR_OPTION_NAMES,
+    Mode,
+    Propagation,
+    UnitOptions,
+    check_names,
+    unit_options,
+)
 from ._origin import Origin, capture
-from ._registry import SessionRegistry, resolve
+from ._registry import Registry, check_registry, resolve
 from ._retry import next_delay
-from ._unit import UnitOfWork, _mismatch, _new_unit, aend, aopen_unit, end, open_unit, push
+from ._unit import UnitOfWork, _mismatch, aend, end
 
 __all__ = ["transactional"]
 
@@ -37,7 +44,7 @@ def transactional(
     rollback_for: type[BaseException] | tuple[type[BaseException], ...] = ...,
     no_rollback_for: type[BaseException] | tuple[type[BaseException], ...] = ...,
     durable: bool = ...,
-    registry: SessionRegistry | None = ...,
+    registry: Registry | None = ...,
     retries: int = ...,
     retry_on: Any = ...,
     backoff: float | Callable[[int], float] = ...,
@@ -53,13 +60,8 @@ def transactional(fn: Any = None, /, **options: Any) -> Any:
     backoff with full jitter, or a function of the attempt number). Options are checked
     here, once, so a mistake fails at import time rather than at the first call.
     """
-    unknown = sorted(set(options) - set(OPTION_NAMES))
-    if unknown:
-        raise ConfigurationError(
-            f"@transactional got unknown option(s) {', '.join(map(repr, unknown))}; the options "
-            f"are {', '.join(OPTION_NAMES)}."
-        )
-    opts = unit_options(**options)
+    check_names("@transactional", options, DECORATOR_OPTION_NAMES)
+    opts = unit_options(**{**options, "registry": check_registry(options.get("registry"))})
     if fn is None:
         return lambda f: _decorate(f, opts, capture(1))
     return _decorate(fn, opts, capture(1))
@@ -120,12 +122,9 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
             raise ConfigurationError(_mismatch(registry, "def"))
         attempt = 1
         while True:
-            unit = _new_unit(UnitOfWork)  # the class of every unit: see UnitOfWork
-            unit.opts = opts
-            unit._origin = where
-            if open_unit(registry, unit) is None:
+            unit = UnitOfWork(opts, where)  # the class of every unit: see UnitOfWork
+            if not unit.enter(registry):
                 return fn(*args, **kwargs)
-            push(registry, unit)
             try:
                 result = fn(*args, **kwargs) if kwargs else fn(*args)
                 if result is not None and hasattr(type(result), "__await__"):  # an Awaitable
@@ -158,12 +157,9 @@ def _async_wrapper(
             raise ConfigurationError(_mismatch(registry, "async def"))
         attempt = 1
         while True:
-            unit = _new_unit(UnitOfWork)  # the class of every unit: see UnitOfWork
-            unit.opts = opts
-            unit._origin = where
-            if await aopen_unit(registry, unit) is None:
+            unit = UnitOfWork(opts, where)  # the class of every unit: see UnitOfWork
+            if not await unit.aenter(registry):
                 return await fn(*args, **kwargs)
-            push(registry, unit)
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as exc:

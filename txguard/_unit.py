@@ -1,8 +1,9 @@
 """Units of work: the transaction logic, written once and driven from sync or async code.
 
 A unit either *owns* a scope (it began the transaction, or a savepoint) or *joins* the
-scope of the unit around it. ``open_unit`` decides that from the propagation and
-``settle`` ends it: commit, release, roll back, or mark the shared scope rollback-only.
+scope of the unit around it. ``open_unit`` carries out what ``_propagation.plan`` decides
+from the propagation, and ``settle`` ends it: commit, release, roll back, or mark the
+shared scope rollback-only.
 Both are plain functions over a sync ``Session``; the asyncio driver runs the same
 functions inside SQLAlchemy's greenlet bridge, exactly as ``AsyncSession`` drives
 ``Session`` (async is a thin driver, the logic exists once).
@@ -10,102 +11,107 @@ functions inside SQLAlchemy's greenlet bridge, exactly as ``AsyncSession`` drive
 
 from __future__ import annotations
 
-import asyncio
-import inspect
+import enum
 import logging
 import sys
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
-from sqlalchemy.util import await_only, greenlet_spawn
-from sqlalchemy.util.concurrency import in_greenlet
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.util import greenlet_spawn
 
-from ._describe import name_of
+from ._async import completed
+from ._callbacks import ALWAYS, NO_CALLBACKS, ON_COMMIT, ON_ROLLBACK, Callback, run_callbacks
 from ._errors import (
     ConfigurationError,
     DisciplineError,
-    TransactionNotAllowedError,
-    TransactionRequiredError,
     UncommittedWorkWarning,
     UnexpectedRollbackError,
 )
 from ._failures import Failure, aborted, aborted_error, first_failure, session_savepoints
-from ._options import OPTION_NAMES, PLAIN_SESSION, Mode, Propagation, UnitOptions, unit_options
-from ._origin import (
-    Origin,
-    _is_library,
-    _user_files,
-    caller_origin,
-    code_origin,
-    line_of,
-    warn_at_user,
+from ._options import (
+    DEFAULT_OPTIONS,
+    Mode,
+    Propagation,
+    UnitOptions,
+    cached_options,
 )
-from ._registry import SessionRegistry, UnitState, live, resolve
-from ._retry import mark_after_commit
+from ._origin import Origin, _is_library, caller_origin, warn_at_user
+from ._propagation import Plan, plan
+from ._registry import Registry, check_registry, resolve
+from ._transaction import TransactionState, transition
+from ._retry import _sqlstate, is_retryable, mark_after_commit, retry_wanted
 from ._sessions import first_change
 
 if TYPE_CHECKING:
     from contextvars import ContextVar, Token
-    from types import CodeType, TracebackType
+    from types import TracebackType
 
     from sqlalchemy.engine import Connection
 
 __all__ = [
-    "Unit", "UnitOfWork", "adopt", "aend", "end", "open_unit", "push", "settle", "unit_of_work",
+    "Unit", "UnitOfWork", "UnitState", "adopt", "aend", "current_unit", "end", "open_unit",
+    "push", "settle", "unit_for", "unit_of_work",
 ]
 
 logger = logging.getLogger("txguard")
 
-ROOT: Final = 0  # falsy: settle() tests "kind" once on its common path
-JOIN: Final = 1
-SAVEPOINT: Final = 2
+class Role(enum.Enum):
+    """How a unit stands to the transaction it runs in."""
 
-ON_COMMIT: Final = 0
-ON_ROLLBACK: Final = 1
-ALWAYS: Final = 2  # an on_rollback callback whose savepoint was rolled back: its work is gone
+    BEGINS = "begins"  # it began the transaction (or runs a commit-as-you-go session)
+    JOINS = "joins"  # it runs in the transaction of an active unit (its ``owner``)
+    SAVEPOINT = "savepoint"  # it took a savepoint in the transaction of its ``parent``
 
 
-# Enum member access costs ~10 global lookups on Python 3.10/3.11: bind the hot ones once.
-_BEGIN_ONCE: Final = Mode.BEGIN_ONCE
-_COMMIT_AS_YOU_GO: Final = Mode.COMMIT_AS_YOU_GO
-_REQUIRED: Final = Propagation.REQUIRED
-_REQUIRES_NEW: Final = Propagation.REQUIRES_NEW
-_NESTED: Final = Propagation.NESTED
-_MANDATORY: Final = Propagation.MANDATORY
-_NEVER: Final = Propagation.NEVER
-_SUPPORTS: Final = Propagation.SUPPORTS
-_READY: Final = UnitState.READY
-_ACTIVE: Final = UnitState.ACTIVE
-_OUTSIDE: Final = UnitState.OUTSIDE
-_ORPHANED: Final = UnitState.ORPHANED
-_ENDED: Final = UnitState.ENDED
-_get_ident: Final = threading.get_ident
+
+class UnitState(enum.Enum):
+    """Where a unit of work is in its life; only an ACTIVE unit can be current."""
+
+    READY = "ready"  # created; its block has not begun
+    ACTIVE = "active"  # its block runs in the unit
+    OUTSIDE = "outside"  # its block runs without a unit (propagation="never" outside any)
+    ORPHANED = "orphaned"  # rolled back because a unit around it ended first; not exited yet
+    ENDED = "ended"  # its block has exited
+
+
 _T = TypeVar("_T")
-
-
-class Callback:
-    """A function to run when the transaction it was registered in ends."""
-
-    __slots__ = ("fn", "when", "robust")
-
-    def __init__(self, fn: Callable[[], object], when: int, robust: bool) -> None:
-        self.fn = fn
-        self.when = when
-        self.robust = robust
-
-
-_NO_CALLBACKS: Final[tuple[Callback, ...]] = ()
+# Each read of an enum member through its class (``UnitState.ACTIVE``) is a type-attribute
+# lookup that CPython 3.11 does not specialise, and an ORM transaction evicts the type cache
+# it would hit: measured with callgrind (benchmarks/instructions.py, REQUIRED join row),
+# reading the members through the class cost +61k instructions per transaction against
+# +28k with these module constants. So the hot paths read them here.
+_MODE_BEGIN_ONCE: Final = Mode.BEGIN_ONCE
+_MODE_COMMIT_AS_YOU_GO: Final = Mode.COMMIT_AS_YOU_GO
+_PLAN_BEGIN: Final = Plan.BEGIN
+_PLAN_JOIN: Final = Plan.JOIN
+_PLAN_NO_UNIT: Final = Plan.NO_UNIT
+_PLAN_SAVEPOINT: Final = Plan.SAVEPOINT
+_ROLE_BEGINS: Final = Role.BEGINS
+_ROLE_JOINS: Final = Role.JOINS
+_ROLE_SAVEPOINT: Final = Role.SAVEPOINT
+_STATE_ACTIVE: Final = UnitState.ACTIVE
+_STATE_ENDED: Final = UnitState.ENDED
+_STATE_ORPHANED: Final = UnitState.ORPHANED
+_STATE_OUTSIDE: Final = UnitState.OUTSIDE
+_STATE_READY: Final = UnitState.READY
+_REQUIRED: Final = Propagation.REQUIRED
+_TX_ACTIVE: Final = TransactionState.ACTIVE
+_TX_ROLLBACK_ONLY: Final = TransactionState.ROLLBACK_ONLY
+_TX_COMMITTED: Final = TransactionState.COMMITTED
+_TX_ROLLED_BACK: Final = TransactionState.ROLLED_BACK
+_TX_IN_DOUBT: Final = TransactionState.IN_DOUBT
 
 
 class Unit:
     """One active unit of work: the entry of a registry's stack.
 
-    A unit either owns a transaction (``kind`` ROOT, or SAVEPOINT for a savepoint) and is
-    its own ``scope``, or JOINs the scope of an active unit (``owner``). What belongs to
-    the transaction (callbacks, the rollback-only mark) lives on the scope.
+    A unit either begins a transaction (``role`` BEGINS, or SAVEPOINT for a savepoint) and
+    is its own ``scope``, or JOINS the scope of an active unit (``owner``). What belongs to
+    the transaction (its ``TransactionState``, callbacks, caught failures) lives on the
+    scope; ``state`` is the unit's own life (``UnitState``).
 
     Units have slots, and ``open_unit`` sets every attribute that is read before it is
     set elsewhere. An ORM transaction touches so many types that CPython's type-lookup
@@ -115,46 +121,36 @@ class Unit:
     """
 
     __slots__ = (
-        "opts", "_origin", "_code", "_offset", "kind", "mode", "owner", "parent",
+        "opts", "where", "role", "mode", "owner", "parent",
         "registry", "transaction", "transactional", "isolation_level", "callbacks",
-        "rollback_only", "rollback_cause", "rollback_site", "rollback_unit", "committing",
-        "session", "sync", "base", "state", "previous", "thread", "ended_by", "failures",
+        "tx_state", "rollback_cause", "rollback_site", "rollback_unit",
+        "session", "sync_session", "session_class", "state", "previous", "thread", "ended_by",
+        "failures",
     )
 
     opts: UnitOptions
-    _origin: Origin | None  # where it was opened; None until asked, when _code is set
-    _code: CodeType
-    _offset: int
-    kind: int
+    where: Origin  # where it was opened (a ``with`` block, or a ``@transactional`` function)
+    role: Role
     mode: Mode
     owner: Unit | None
     parent: Unit | None  # the scope a savepoint was taken in
-    registry: SessionRegistry  # set on commit-as-you-go units, which need it
+    registry: Registry  # set on commit-as-you-go units, which need it
     transaction: SessionTransaction | None
     transactional: bool
     isolation_level: str | None
     callbacks: tuple[Callback, ...] | list[Callback]
-    rollback_only: bool
-    rollback_cause: BaseException | None  # set with rollback_only
+    tx_state: TransactionState  # of the transaction it began (see _transaction)
+    rollback_cause: BaseException | None  # set when it became ROLLBACK_ONLY
     rollback_site: Origin | None
     rollback_unit: Origin | None
-    committing: bool
     session: Any
-    sync: Session
-    base: type[Session]  # the user's session class: the unit calls it, past the guards
+    sync_session: Session  # the session itself, or an AsyncSession's sync_session
+    session_class: type[Session]  # the user's session class: the unit calls it, past the guards
     state: UnitState
     previous: Unit | None  # the unit that was current when it was opened
     thread: int  # the ident of the thread that may use it (see adopt)
     ended_by: Unit | None  # set when it is ORPHANED: the unit around it that ended first
     failures: list[Failure] | tuple[Failure, ...]  # caught statement failures (see _failures)
-
-    @property
-    def where(self) -> Origin:
-        """Where the unit was opened (a ``with`` block, or a ``@transactional`` function)."""
-        origin = self._origin
-        if origin is None:
-            origin = self._origin = Origin(((self._code, line_of(self._code, self._offset)),))
-        return origin
 
     def begins_at(self) -> Origin | None:
         """Where the transaction being begun on this unit's session began, for the guards.
@@ -163,10 +159,7 @@ class Unit:
         session.begin() is refused before it begins), so the guards need not walk the
         stack for it; other units answer None.
         """
-        if self.mode is not _BEGIN_ONCE:
-            return None
-        origin = self._origin
-        return code_origin(self._code, self._offset) if origin is None else origin
+        return self.where if self.mode is _MODE_BEGIN_ONCE else None
 
     @property
     def scope(self) -> Unit:
@@ -192,25 +185,32 @@ class Unit:
         callbacks = self.callbacks
         if not callbacks:
             return []
-        self.callbacks = _NO_CALLBACKS
+        self.callbacks = NO_CALLBACKS
         wanted = ON_COMMIT if committed else ON_ROLLBACK
         return [cb for cb in callbacks if cb.when == wanted or cb.when == ALWAYS]
 
     def savepoints(self, connection: Connection) -> tuple[object, ...]:
         """The savepoints of this unit's session, innermost first (see _failures)."""
-        return session_savepoints(self.sync)
+        return session_savepoints(self.sync_session)
+
+    def move_to(self, state: TransactionState) -> None:
+        """Move the transaction this unit began to ``state``, if that move is declared legal."""
+        self.tx_state = transition(self.tx_state, state, self.where)
 
     def mark_rollback_only(self, cause: BaseException, unit: Origin) -> None:
-        if not self.rollback_only:
-            self.rollback_only = True
+        """Doom the transaction: it will roll back. The first cause is kept; a transaction
+        that has already ended has nothing left to doom."""
+        if self.tx_state is _TX_ACTIVE:
+            self.move_to(_TX_ROLLBACK_ONLY)
             self.rollback_cause = cause
             self.rollback_site = failure_site(cause)
             self.rollback_unit = unit
 
-    # The user's calls of the session's own methods, routed here by the session class of the unit (_sessions._guarded_methods).
+    # The user's calls of the session's own methods, routed here by the session class of
+    # the unit (_sessions._guarded_methods).
 
     def session_commit(self) -> None:
-        if self.mode is _BEGIN_ONCE:
+        if self.mode is _MODE_BEGIN_ONCE:
             raise DisciplineError(
                 f"session.commit() inside the begin-once unit opened at {self.where}: the "
                 "unit commits when its block ends (and rolls back if an exception leaves "
@@ -218,7 +218,7 @@ class Unit:
                 "unit with propagation='requires_new', or open this unit with "
                 "mode='commit_as_you_go'."
             )
-        current = self.registry.current_unit()
+        current = current_unit(self.registry)
         if current is not None and current.scope is not self and current.root is self:
             raise DisciplineError(
                 f"session.commit() inside the savepoint unit opened at {current.where}: the "
@@ -226,19 +226,19 @@ class Unit:
             )
         if (
             current is not None
-            and current.kind == JOIN
+            and current.role is _ROLE_JOINS
             and current.owner is self
-            and current.opts.mode is _BEGIN_ONCE
+            and current.opts.mode is _MODE_BEGIN_ONCE
         ):
             raise DisciplineError(
                 f"session.commit() inside the begin-once unit opened at {current.where}, "
                 f"which joined the commit-as-you-go unit opened at {self.where}: only that "
                 "unit commits. Remove the call, or give this unit mode='commit_as_you_go'."
             )
-        sync = self.sync
-        if self.rollback_only or self.failures:
-            self.base.rollback(sync)
-            if self.rollback_only:
+        sync = self.sync_session
+        if self.tx_state is _TX_ROLLBACK_ONLY or self.failures:
+            self.session_class.rollback(sync)
+            if self.tx_state is _TX_ROLLBACK_ONLY:
                 error = unexpected_rollback(self)
             else:
                 error = caught_failure(
@@ -247,41 +247,49 @@ class Unit:
                     "was refused",
                     "the transaction has been rolled back",
                 )
-            self.rollback_only = False
-            self.failures = ()
+            self.begin_again(_TX_ROLLED_BACK)
             run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
             raise error
         transaction = sync.get_transaction()
         if aborted(transaction):
-            self.base.rollback(sync)
+            self.session_class.rollback(sync)
+            self.begin_again(_TX_ROLLED_BACK)
             run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=True)
             raise aborted_error(
                 f"session.commit() in the commit-as-you-go unit opened at {self.where} was "
                 "refused"
             )
         try:
-            self.base.commit(sync)
+            self.session_class.commit(sync)
         except BaseException as error:
             if transaction is not None and _commit_went_through(self, transaction):
                 mark_after_commit(error)  # committed all the same: its callbacks run
+                self.begin_again(_TX_COMMITTED)
                 run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=True)
             raise
+        self.begin_again(_TX_COMMITTED)
         run_callbacks(self.take_callbacks(committed=True), committed=True, in_flight=False)
 
     def session_rollback(self) -> None:
-        if self.mode is _BEGIN_ONCE:
+        if self.mode is _MODE_BEGIN_ONCE:
             raise DisciplineError(
                 f"session.rollback() inside the begin-once unit opened at {self.where}: "
                 "raise an exception to roll the unit back, or use session.begin_nested() / "
                 "propagation='nested' to undo part of the work."
             )
-        self.base.rollback(self.sync)
-        self.rollback_only = False
-        self.failures = ()
+        self.session_class.rollback(self.sync_session)
+        self.begin_again(_TX_ROLLED_BACK)
         run_callbacks(self.take_callbacks(committed=False), committed=False, in_flight=False)
 
+    def begin_again(self, ended: TransactionState) -> None:
+        """Record that a commit-as-you-go session's transaction ended (``ended``) and that the
+        session goes on, in a new one; its failures and rollback-only mark are gone with it."""
+        self.move_to(ended)
+        self.move_to(_TX_ACTIVE)
+        self.failures = ()
+
     def session_begin(self) -> None:
-        if self.mode is _BEGIN_ONCE:
+        if self.mode is _MODE_BEGIN_ONCE:
             raise DisciplineError(
                 f"session.begin() inside the begin-once unit opened at {self.where}: the "
                 "unit already began the transaction. Use the session as it is, or "
@@ -289,7 +297,7 @@ class Unit:
             )
 
     def session_close(self) -> None:
-        if self.mode is _BEGIN_ONCE:
+        if self.mode is _MODE_BEGIN_ONCE:
             raise DisciplineError(
                 f"session.close() inside the begin-once unit opened at {self.where}: "
                 "closing now would silently discard the transaction. The unit closes its "
@@ -325,178 +333,76 @@ class Finish:
             await greenlet_spawn(run_callbacks, self.callbacks, self.committed, in_flight)
 
 
-def run_callbacks(callbacks: list[Callback], committed: bool, in_flight: bool) -> None:
-    """Run the callbacks of a transaction's outcome, unless ``capture_on_commit()`` takes them."""
-    from ._hooks import intercept
-
-    if committed:
-        callbacks = intercept(callbacks)
-    call_each(callbacks, "on_commit" if committed else "on_rollback", in_flight)
-
-
-def call_each(callbacks: list[Callback], kind: str, in_flight: bool) -> None:
-    """Run callbacks in order; a failure propagates unless robust or another error is in flight.
-
-    A callback that returns a coroutine (an ``async def`` function, or a lambda calling one)
-    is awaited through SQLAlchemy's greenlet bridge, in order with the others and shielded
-    from cancellation as the COMMIT is: the work it reports has happened. A cancellation
-    that arrives meanwhile is raised once every callback ran. A future or task is already
-    scheduled and is left to run on its own.
-    """
-    cancelled: BaseException | None = None
-    for cb in callbacks:
-        try:
-            result = cb.fn()
-            if result is not None and inspect.isawaitable(result) and not asyncio.isfuture(result):
-                cancellation = _await_callback(result, cb, kind)
-                if cancellation is not None:
-                    cancelled = cancellation
-                    in_flight = True  # a failure after it is logged, not raised over it
-        except Exception as error:
-            if not (cb.robust or in_flight):
-                if kind == "on_commit":
-                    mark_after_commit(error)
-                raise
-            logger.error("txguard: %s callback %s failed", kind, name_of(cb.fn), exc_info=True)
-    if cancelled is not None:
-        raise cancelled
-
-
-def _await_callback(result: Any, cb: Callback, kind: str) -> BaseException | None:
-    """Await a callback's coroutine in the greenlet bridge; return a cancellation meanwhile."""
-    if not in_greenlet():
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
-        name = name_of(cb.fn)
-        raise ConfigurationError(
-            f"The {kind} callback {name} returned a coroutine where nothing can await it (a "
-            "sync unit, on_commit() outside any unit, or a plain `with capture_on_commit("
-            "execute=True)`), so it was closed without running. Register a plain function "
-            "there: async units and `async with capture_on_commit(...)` await async "
-            "callbacks, and outside a unit you can await the coroutine yourself."
-        )
-    task: asyncio.Future[Any]
-    task, cancelled = await_only(completed(result))
-    task.result()
-    return cancelled
-
-
 # Opening a unit.
 
 
-def open_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
-    """Begin, join or suspend according to ``unit.opts.propagation``; return ``unit``.
+def open_unit(registry: Registry, unit: Unit) -> Unit | None:
+    """Begin, join or take a savepoint as ``_propagation.plan`` says; return ``unit``.
 
     ``unit`` is a new unit holding only its options and origin; this fills in the rest.
     Returns None for ``propagation="never"`` outside any unit (the call runs without one).
     The caller pushes the unit on ``registry._var`` and later passes it to ``settle``.
-    The common case (``required``) is decided here; ``_decide`` handles the others.
     """
     opts = unit.opts
     current = registry._var.get()
     if current is not None:
         current = live(current)
     unit.previous = current
-    unit.thread = _get_ident()
-    unit.kind = ROOT
+    unit.thread = threading.get_ident()
+    unit.role = _ROLE_BEGINS
     unit.owner = None
     unit.parent = None
-    unit.mode = _BEGIN_ONCE
+    unit.mode = _MODE_BEGIN_ONCE
     unit.transactional = True
     unit.isolation_level = None
-    unit.callbacks = _NO_CALLBACKS
-    unit.rollback_only = False
-    unit.committing = False
-    if opts.required:
-        if current is not None:
-            active = current.owner or current
-            if active.transactional:
-                return _join(active, unit)
+    unit.callbacks = NO_CALLBACKS
+    unit.tx_state = _TX_ACTIVE
+    scope = None if current is None else current.scope
+    active = scope if scope is not None and scope.transactional else None
+    step = plan(
+        opts.propagation,
+        opts.durable,
+        unit.where,
+        None if active is None else active.where,
+        None if scope is None else scope.where,
+    )
+    if scope is not None:  # the plans that run in the active unit
+        if step is _PLAN_JOIN:
+            return _join(scope, unit)
+        if step is _PLAN_SAVEPOINT:
+            return _savepoint(scope, unit)
+    if step is _PLAN_NO_UNIT:
+        return None
+    if step is _PLAN_BEGIN:
         key = opts.session_key
     else:
-        decision = _decide(current, unit)
-        if decision is None or isinstance(decision, Unit):
-            return decision
-        key, transactional = decision
-        if not transactional:
-            unit.transactional = False
+        key = (True, opts.read_only, opts.isolation_level)
+        unit.transactional = False
     session = (registry._factories.get(key) or registry.session_factory(*key))()
     sync: Session = session.sync_session if registry.is_async else session
     base = registry.base_class
     unit.session = session
-    unit.sync = sync
-    unit.base = base
+    unit.sync_session = sync
+    unit.session_class = base
     sync._txguard_unit = unit  # type: ignore[attr-defined]  # before begin: the guards ask it
-    if key is PLAIN_SESSION:
-        unit.transaction = base.begin(sync)
+    commit_as_you_go, _, isolation_level = key
+    if commit_as_you_go:
+        unit.mode = _MODE_COMMIT_AS_YOU_GO
+        unit.registry = registry
     else:
-        if key[0]:  # commit as you go
-            unit.mode = _COMMIT_AS_YOU_GO
-            unit.registry = registry
-        else:
-            unit.transaction = base.begin(sync)
-        if key[2] is not None:
-            unit.isolation_level = key[2]
+        unit.transaction = base.begin(sync)
+    unit.isolation_level = isolation_level
     unit.failures = ()
     return unit
-
-
-def _decide(
-    current: Unit | None, unit: Unit
-) -> Unit | tuple[tuple[bool, bool, str | None], bool] | None:
-    """Join, take a savepoint or refuse (the unit, or None for none); or say how to begin:
-    the session factory's key, and whether the unit is transactional."""
-    opts, where = unit.opts, unit.where
-    active = None
-    if current is not None:
-        active = current.owner or current
-        if not active.transactional:
-            active = None
-    propagation = opts.propagation
-    if opts.durable and active is not None:
-        raise DisciplineError(
-            f"A durable unit (opened at {where}) must be the outermost, but the unit opened "
-            f"at {active.where} is active. Call it outside any unit, or drop durable=True."
-        )
-    if propagation is _REQUIRED or propagation is _REQUIRES_NEW:
-        return opts.session_key, True  # a required unit with an active one joined in open_unit
-    if propagation is _NESTED:
-        if active is not None:
-            return _savepoint(active, unit)
-        return opts.session_key, True
-    if propagation is _MANDATORY:
-        if active is None:
-            raise TransactionRequiredError(
-                f"The unit opened at {where} has propagation='mandatory' but no unit of work "
-                "is active. Call it inside `with txguard.unit_of_work():` or from an "
-                "@txguard.transactional function, or use propagation='required'."
-            )
-        return _join(active, unit)
-    if propagation is _NEVER:
-        if active is not None:
-            raise TransactionNotAllowedError(
-                f"The unit opened at {where} has propagation='never' but the unit opened at "
-                f"{active.where} is active. Call it outside any unit, or use "
-                "propagation='not_supported' to suspend the active one."
-            )
-        return None
-    if propagation is _SUPPORTS and current is not None:
-        return _join(current.owner or current, unit)
-    return (True, opts.read_only, opts.isolation_level), False
-
-
-_new_unit = object.__new__
-_getframe = sys._getframe
 
 
 def _join(active: Unit, unit: Unit) -> Unit:
     if unit.opts.isolation_level is not None:
         _check_isolation(active, unit)
-    unit.kind = JOIN
+    unit.role = _ROLE_JOINS
     unit.owner = active
     unit.session = active.session
-    unit.sync = active.sync
+    unit.sync_session = active.sync_session
     return unit
 
 
@@ -514,19 +420,19 @@ def _check_isolation(active: Unit, unit: Unit) -> None:
 
 
 def _effective_isolation(scope: Unit) -> str:
-    level: str = scope.sync.connection().get_isolation_level()
+    level: str = scope.sync_session.connection().get_isolation_level()
     return level.upper().replace("_", " ")
 
 
 def _savepoint(active: Unit, unit: Unit) -> Unit:
     if unit.opts.isolation_level is not None:
         _check_isolation(active, unit)
-    unit.transaction = active.sync.begin_nested()
-    unit.kind = SAVEPOINT
+    unit.transaction = active.sync_session.begin_nested()
+    unit.role = _ROLE_SAVEPOINT
     unit.parent = active
     unit.session = active.session
-    unit.sync = active.sync
-    unit.base = active.base
+    unit.sync_session = active.sync_session
+    unit.session_class = active.session_class
     unit.isolation_level = active.isolation_level
     return unit
 
@@ -541,16 +447,16 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
     (``exc`` itself, or a new error chained to it), or None when it returns normally.
     A unit that joined and a begin-once unit (the common cases) are settled here.
     """
-    kind = unit.kind
-    if kind:
-        if kind == JOIN:
+    role = unit.role
+    if role is not _ROLE_BEGINS:
+        if role is _ROLE_JOINS:
             if exc is not None and _rolls_back(unit, exc):
                 unit.owner.mark_rollback_only(exc, unit.where)  # type: ignore[union-attr]
             return None, exc
         return None, _settle_savepoint(unit, exc)
-    if unit.mode is not _BEGIN_ONCE:
+    if unit.mode is not _MODE_BEGIN_ONCE:
         return _settle_commit_as_you_go(unit, exc)
-    sync = unit.sync
+    sync = unit.sync_session
     sync._txguard_unit = None  # type: ignore[attr-defined]
     transaction: SessionTransaction = unit.transaction  # type: ignore[assignment]
     error = exc
@@ -558,7 +464,7 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
     try:
         if exc is not None and _rolls_back(unit, exc):
             _rollback(transaction, exc)
-        elif unit.rollback_only:
+        elif unit.tx_state is _TX_ROLLBACK_ONLY:
             _rollback(transaction, exc)
             if exc is None:
                 error = unexpected_rollback(unit)
@@ -587,14 +493,18 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
                     committed = True  # an after_commit listener failed, or an interrupt came
                     mark_after_commit(commit_error)
                 else:
-                    unit.committing = True  # for retries: COMMIT may have been sent
+                    unit.move_to(_TX_IN_DOUBT)  # for retries: COMMIT may have been sent
                     _rollback(transaction, commit_error)
                 if exc is not None and commit_error.__context__ is None:
                     commit_error.__context__ = exc
                 error = commit_error
     finally:
+        if committed:
+            unit.move_to(_TX_COMMITTED)
+        elif unit.tx_state is not _TX_IN_DOUBT:
+            unit.move_to(_TX_ROLLED_BACK)
         try:
-            unit.base.close(sync)
+            unit.session_class.close(sync)
         except BaseException as close_error:
             if error is None:
                 error = close_error
@@ -617,7 +527,7 @@ def _commit_went_through(unit: Unit, transaction: SessionTransaction) -> bool:
     SessionTransaction has no public flag for this.
     """
     state = transaction._state
-    return state is _COMMITTED or (state is _CLOSED and not unit.sync.twophase)
+    return state is _COMMITTED or (state is _CLOSED and not unit.sync_session.twophase)
 
 
 _COMMITTED: Final = SessionTransactionState.COMMITTED
@@ -628,8 +538,6 @@ def _rolls_back(unit: Unit, exc: BaseException) -> bool:
     opts = unit.opts
     if opts.rolls_back(exc):
         return True
-    from ._retry import is_retryable, retry_wanted
-
     # The server already rolled the transaction (or the statement) back, or dropped the
     # connection: a commit now would report work as committed that is gone.
     return is_retryable(exc) or (opts.retries > 0 and retry_wanted(opts, exc))
@@ -644,7 +552,7 @@ def _settle_savepoint(unit: Unit, exc: BaseException | None) -> BaseException | 
     try:
         if exc is not None and _rolls_back(unit, exc):
             savepoint.rollback()
-        elif unit.rollback_only:
+        elif unit.tx_state is _TX_ROLLBACK_ONLY:
             savepoint.rollback()
             if exc is None:
                 error = unexpected_rollback(unit)
@@ -688,7 +596,7 @@ def _settle_savepoint(unit: Unit, exc: BaseException | None) -> BaseException | 
 def _settle_commit_as_you_go(
     unit: Unit, exc: BaseException | None
 ) -> tuple[Finish, BaseException | None]:
-    sync = unit.sync
+    sync = unit.sync_session
     sync._txguard_unit = None  # type: ignore[attr-defined]
     warning = None
     error = exc
@@ -697,7 +605,7 @@ def _settle_commit_as_you_go(
             warning = _uncommitted_work(unit)
     finally:
         try:
-            unit.base.close(sync)
+            unit.session_class.close(sync)
         except BaseException as close_error:
             if error is None:
                 error = close_error
@@ -717,7 +625,7 @@ def _rollback(transaction: SessionTransaction, cause: BaseException | None) -> N
 
 
 def _uncommitted_work(scope: Unit) -> str | None:
-    sync = scope.sync
+    sync = scope.sync_session
     first = first_change(sync)
     counts = [
         f"{n} {what}"
@@ -761,10 +669,6 @@ def describe_exception(exc: BaseException) -> str:
     with the driver's exception class; a driver's own exception (raised through a raw
     cursor, which SQLAlchemy never wraps) with the SQLSTATE the driver reports, if any.
     """
-    from sqlalchemy.exc import DBAPIError
-
-    from ._retry import _sqlstate
-
     if isinstance(exc, DBAPIError):
         return f"{type(exc).__name__} ({type(exc.orig).__name__} from the database)"
     code = _sqlstate(exc)
@@ -812,11 +716,51 @@ def _deactivated(scope: Unit) -> UnexpectedRollbackError:
 # Entering and leaving the registry's stack.
 
 
-def push(registry: SessionRegistry, unit: UnitOfWork) -> None:
+def current_unit(registry: Registry) -> Unit | None:
+    """Return the unit this thread's code runs in on ``registry``, or None (see ``live``)."""
+    unit = registry._var.get()
+    return None if unit is None else live(unit)
+
+
+def live(unit: Unit) -> Unit | None:
+    """Return the innermost unit of the stack that ``unit`` tops which this thread may use.
+
+    A unit can end where its ``ContextVar`` token cannot be reset (another thread, another
+    copy of the context), so a context may still hold an ended unit. This follows each
+    unit's link to the unit that was current when it was opened, past ended units and
+    units of other threads (see ``usable``); None when there is none. So a new thread
+    starts with none, even one running in a copy of another thread's context, and an
+    asyncio task sees the units of the task that created it.
+    """
+    ident = threading.get_ident()
+    current: Unit | None = unit
+    while current is not None and not usable(current, ident):
+        current = current.previous
+    return current
+
+
+def usable(unit: Unit, ident: int) -> bool:
+    """Say whether code in thread ``ident`` may use ``unit``: the thread owns it (see
+    ``adopt``), and it and every unit whose transaction it runs in are active.
+
+    The owner thread is the one that opened the unit: a thread that inherits a copy of
+    another thread's context must not share that thread's Session.
+    """
+    if unit.thread != ident:
+        return False
+    scope: Unit | None = unit
+    while scope is not None:
+        if scope.state is not _STATE_ACTIVE:
+            return False
+        scope = scope.owner or scope.parent
+    return True
+
+
+def push(registry: Registry, unit: UnitOfWork) -> None:
     """Make ``unit``, just opened by ``open_unit``, the current unit of this context."""
     var = unit._var = registry._var
     unit._token = var.set(unit)
-    unit.state = _ACTIVE
+    unit.state = _STATE_ACTIVE
 
 
 def adopt(unit: Unit) -> None:
@@ -826,7 +770,7 @@ def adopt(unit: Unit) -> None:
     must not share its Session). This is the explicit hand-over, for code that runs the
     rest of a unit's block in another thread strictly after the first one stopped using it.
     """
-    unit.thread = _get_ident()
+    unit.thread = threading.get_ident()
 
 
 _NO_UNITS: Final[list[Unit]] = []  # never appended to: _pop's answer when nothing was left open
@@ -839,7 +783,7 @@ def _pop(unit: UnitOfWork) -> list[Unit]:
     first: non-empty only for an out-of-order exit. Where its token cannot be reset (it
     was entered in another context), the value stays, and the lookup skips it.
     """
-    unit.state = _ENDED
+    unit.state = _STATE_ENDED
     var = unit._var
     top = var.get()
     try:
@@ -850,7 +794,7 @@ def _pop(unit: UnitOfWork) -> list[Unit]:
         return _NO_UNITS
     inner: list[Unit] = []
     while top is not None and top is not unit:
-        if top.state is _ACTIVE:
+        if top.state is _STATE_ACTIVE:
             inner.append(top)
         top = top.previous
     return inner if top is unit else []
@@ -865,7 +809,7 @@ def _orphan(unit: Unit, inner: list[Unit]) -> DisciplineError:
         "unit(s) first (an ExitStack does, in reverse order of entry)."
     )
     for u in inner:
-        u.state = _ORPHANED
+        u.state = _STATE_ORPHANED
         u.ended_by = unit
         u.scope.mark_rollback_only(error, u.where)
     unit.scope.mark_rollback_only(error, unit.where)
@@ -877,7 +821,7 @@ def _outlived(unit: Unit) -> DisciplineError | None:
     block ended in another context: an async generator finalised by the event loop),
     discard what ``unit`` did since and return the error its exit raises."""
     scope = unit.owner or unit.parent
-    while scope is not None and scope.state is _ACTIVE:
+    while scope is not None and scope.state is _STATE_ACTIVE:
         scope = scope.owner or scope.parent
     if scope is None:
         return None
@@ -889,11 +833,12 @@ def _outlived(unit: Unit) -> DisciplineError | None:
         "after the units inside it, e.g. exhaust or aclose() the generator first."
     )
     root = unit.root
-    if root.state is _ACTIVE:
+    if root.state is _STATE_ACTIVE:
         root.mark_rollback_only(error, unit.where)
     else:
         try:
-            root.base.close(root.sync)  # what autobegan on the closed session since
+            # what autobegan on the closed session since
+            root.session_class.close(root.sync_session)
         except Exception:
             logger.warning("txguard: closing the session failed", exc_info=True)
     return error
@@ -918,7 +863,7 @@ def end(unit: UnitOfWork, exc: BaseException | None) -> tuple[Finish | None, Bas
     """
     inner = _pop(unit)
     if not inner:
-        error = _outlived(unit) if unit.kind else None
+        error = _outlived(unit) if unit.role is not _ROLE_BEGINS else None
         return settle(unit, exc) if error is None else (None, error)
     error = _orphan(unit, inner)
     for u in inner:
@@ -933,7 +878,7 @@ async def aend(
     """End an async unit's block: ``end`` with ``asettle``."""
     inner = _pop(unit)
     if not inner:
-        error = await greenlet_spawn(_outlived, unit) if unit.kind else None
+        error = await greenlet_spawn(_outlived, unit) if unit.role is not _ROLE_BEGINS else None
         if error is None:
             return await asettle(unit, exc)
         return None, error
@@ -951,46 +896,54 @@ class UnitOfWork(Unit):
     """A unit of work as a context manager: ``with`` for sync, ``async with`` for async.
 
     It is itself the unit its block runs in, so entering one allocates nothing more. Where
-    its block was entered is kept as the code and instruction offset of the caller, and
-    made an ``Origin`` only if a message needs it. Each object runs one block (``state``).
+    its block was entered is an ``Origin`` that keeps the caller's code and instruction
+    offset and looks the line up only if a message shows it. Each object runs one block
+    (``state``; see the README's Decisions for why it is not reusable).
 
     Its block may end in another thread or another copy of the context than the one it
     began in (a web framework's thread-pool generator dependency, an async generator the
     event loop finalises in a new task): it settles there all the same.
 
-    ``@transactional`` runs its calls in UnitOfWork objects too (set up by hand, never
-    entered): CPython specialises each attribute access for one class, so ``open_unit``
-    and ``settle`` stay fast only if every unit they see is of the same class.
+    ``@transactional`` runs each call in a UnitOfWork too, opened with ``enter`` (the
+    function's origin given up front): CPython specialises each attribute access for one
+    class, so ``open_unit`` and ``settle`` stay fast only if every unit they see is of the
+    same class.
     """
 
     __slots__ = ("_token", "_var")
 
+    def __init__(self, opts: UnitOptions, where: Origin | None = None) -> None:
+        self.opts = opts
+        self.state = _STATE_READY
+        if where is not None:  # a @transactional call's; a with block's is set at entry
+            self.where = where
+
     _token: Token[Unit | None]  # set with state ACTIVE: the registry's stack before it
     _var: ContextVar[Unit | None]  # the registry's stack it was pushed on
 
-    def _registry_for(self, want_async: bool) -> SessionRegistry:
+    def _registry_for(self, want_async: bool) -> Registry:
         registry = self.opts.registry or resolve(None)
-        if registry.is_async is not want_async or self.state is not _READY:
+        if registry.is_async is not want_async or self.state is not _STATE_READY:
             self._refuse(registry, want_async)
         return registry
 
-    def _refuse(self, registry: SessionRegistry, want_async: bool) -> None:
+    def _refuse(self, registry: Registry, want_async: bool) -> None:
         if registry.is_async is not want_async:
             raise ConfigurationError(_mismatch(registry, "async with" if want_async else "with"))
         raise DisciplineError(
             f"The unit_of_work() entered at {self.where} is "
-            f"{'done' if self.state is _ENDED else 'already in use'}: each object runs one "
+            f"{'done' if self.state is _STATE_ENDED else 'already in use'}: each object runs one "
             "`with` block; create a new one for each block."
         )
 
     def _exit_inactive(self, exc: BaseException | None) -> None:
         """Exit a block that ran without a unit, or whose unit an outer unit's exit ended."""
         state = self.state
-        if state is _READY or state is _ENDED:
-            how = "twice" if state is _ENDED else "without being entered"
+        if state is _STATE_READY or state is _STATE_ENDED:
+            how = "twice" if state is _STATE_ENDED else "without being entered"
             raise DisciplineError(f"This unit_of_work() was exited {how}.")
-        self.state = _ENDED
-        if state is _ORPHANED and exc is None:
+        self.state = _STATE_ENDED
+        if state is _STATE_ORPHANED and exc is None:
             raise DisciplineError(
                 f"The unit opened at {self.where} was rolled back, its work not committed: the "
                 f"unit opened at {self.ended_by.where if self.ended_by else '?'}, which it was "
@@ -998,28 +951,29 @@ class UnitOfWork(Unit):
                 "innermost first."
             )
 
-    # The sync methods inline _registry_for, push and the common case of end, and
-    # caller_origin's fast path (keeping code and offset on the unit instead of in an
-    # Origin): every call and allocation costs on the hot path. The async ones, whose
-    # units cost ~400 µs, do not.
+    # The sync and async methods are the same steps; the async ones await the IO.
+
+    def enter(self, registry: Registry) -> bool:
+        """Open this unit on ``registry`` and make it current; False if its block runs without
+        one (``propagation="never"`` outside any unit). ``with`` and ``@transactional`` call it."""
+        if open_unit(registry, self) is None:
+            self.state = _STATE_OUTSIDE
+            return False
+        push(registry, self)
+        return True
+
+    async def aenter(self, registry: Registry) -> bool:
+        """``enter`` for an async unit."""
+        if await aopen_unit(registry, self) is None:
+            self.state = _STATE_OUTSIDE
+            return False
+        push(registry, self)
+        return True
 
     def __enter__(self) -> Any:
-        registry = self.opts.registry or resolve(None)
-        if registry.is_async or self.state is not _READY:
-            self._refuse(registry, want_async=False)
-        frame = _getframe(1)
-        code = frame.f_code
-        if _user_files.get(code.co_filename):
-            self._origin, self._code, self._offset = None, code, frame.f_lasti
-        else:
-            self._origin = caller_origin(frame)
-        if open_unit(registry, self) is None:
-            self.state = _OUTSIDE
-            return None
-        var = self._var = registry._var
-        self._token = var.set(self)
-        self.state = _ACTIVE
-        return self.session
+        registry = self._registry_for(want_async=False)
+        self.where = caller_origin(sys._getframe(1))
+        return self.session if self.enter(registry) else None
 
     def __exit__(
         self,
@@ -1027,7 +981,7 @@ class UnitOfWork(Unit):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.state is not _ACTIVE:
+        if self.state is not _STATE_ACTIVE:
             self._exit_inactive(exc)
             return
         finish, error = end(self, exc)
@@ -1038,12 +992,8 @@ class UnitOfWork(Unit):
 
     async def __aenter__(self) -> Any:
         registry = self._registry_for(want_async=True)
-        self._origin = caller_origin(_getframe(1))
-        if await aopen_unit(registry, self) is None:
-            self.state = _OUTSIDE
-            return None
-        push(registry, self)
-        return self.session
+        self.where = caller_origin(sys._getframe(1))
+        return self.session if await self.aenter(registry) else None
 
     async def __aexit__(
         self,
@@ -1051,7 +1001,7 @@ class UnitOfWork(Unit):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.state is not _ACTIVE:
+        if self.state is not _STATE_ACTIVE:
             self._exit_inactive(exc)
             return
         finish, error = await aend(self, exc)
@@ -1061,7 +1011,7 @@ class UnitOfWork(Unit):
             raise error
 
 
-def _mismatch(registry: SessionRegistry, statement: str) -> str:
+def _mismatch(registry: Registry, statement: str) -> str:
     if registry.is_async:
         return (
             f"The registry {registry!r} hands out AsyncSessions, so its units need "
@@ -1077,19 +1027,18 @@ def _mismatch(registry: SessionRegistry, statement: str) -> str:
 
 _ROLLBACK_ANY: Final[tuple[type[BaseException], ...]] = (Exception,)
 _NOTHING: Final[tuple[type[BaseException], ...]] = ()
-_DEFAULT_OPTIONS: Final = unit_options()  # of unit_of_work() on the default registry
 
 
 def unit_of_work(
     *,
-    mode: Mode | str = _BEGIN_ONCE,
-    propagation: Propagation | str = _REQUIRED,
+    mode: Mode | str = Mode.BEGIN_ONCE,
+    propagation: Propagation | str = Propagation.REQUIRED,
     read_only: bool = False,
     isolation_level: str | None = None,
     rollback_for: type[BaseException] | tuple[type[BaseException], ...] = _ROLLBACK_ANY,
     no_rollback_for: type[BaseException] | tuple[type[BaseException], ...] = _NOTHING,
     durable: bool = False,
-    registry: SessionRegistry | None = None,
+    registry: Registry | None = None,
 ) -> UnitOfWork:
     """Open a unit of work: ``with unit_of_work() as session:`` (or ``async with``).
 
@@ -1098,7 +1047,7 @@ def unit_of_work(
     session it opened. See ``Propagation`` for what happens when a unit is already active.
     """
     if (
-        mode is _BEGIN_ONCE
+        mode is _MODE_BEGIN_ONCE
         and propagation is _REQUIRED
         and read_only is False
         and isolation_level is None
@@ -1106,85 +1055,33 @@ def unit_of_work(
         and no_rollback_for is _NOTHING
         and durable is False
     ):
-        opts = _DEFAULT_OPTIONS if registry is None else default_options(registry)
+        checked = check_registry(registry)
+        opts = DEFAULT_OPTIONS if checked is None else checked.default_options
     else:
-        opts = options_for(
-            mode=mode,
-            propagation=propagation,
-            read_only=read_only,
-            isolation_level=isolation_level,
-            rollback_for=rollback_for,
-            no_rollback_for=no_rollback_for,
-            durable=durable,
-            registry=registry,
+        opts = cached_options(
+            check_registry(registry),
+            {
+                "mode": mode,
+                "propagation": propagation,
+                "read_only": read_only,
+                "isolation_level": isolation_level,
+                "rollback_for": rollback_for,
+                "no_rollback_for": no_rollback_for,
+                "durable": durable,
+            },
         )
-    unit = _new_unit(UnitOfWork)
-    unit.opts = opts
-    unit.state = _READY
-    return unit
+    return unit_for(opts)
 
 
-def default_options(registry: SessionRegistry) -> UnitOptions:
-    """Return the options of a unit of ``registry`` opened without any, kept on the registry."""
-    if not isinstance(registry, SessionRegistry):
-        return unit_options(registry=registry)  # refuses it, naming what to pass
-    opts = registry._unit_defaults
-    if opts is None:
-        opts = registry._unit_defaults = unit_options(registry=registry)
-    return opts
-
-
-_UNIT_OPTION_NAMES: Final = OPTION_NAMES[: OPTION_NAMES.index("registry")]
-
-
-def registry_options(registry: SessionRegistry, options: dict[str, Any]) -> UnitOptions:
-    """Return the options of ``registry.unit_of_work(**options)``."""
-    if not options:
-        return default_options(registry)
-    unknown = sorted(set(options) - set(_UNIT_OPTION_NAMES))
-    if unknown:
-        raise ConfigurationError(
-            f"unit_of_work() got unknown option(s) {', '.join(map(repr, unknown))}; the "
-            f"options are {', '.join(_UNIT_OPTION_NAMES)} (retries= belongs on @transactional)."
-        )
-    return options_for(registry=registry, **options)
-
-
-def options_for(registry: SessionRegistry | None = None, **options: Any) -> UnitOptions:
-    """Return the validated options of ``unit_of_work(**options)``, cached when hashable.
-
-    A registry's options are cached on the registry, so that the cache never keeps a
-    registry (with its engine and pool) alive; the default registry's in this module.
-    """
-    if registry is None:
-        cache = _options_cache
-    elif isinstance(registry, SessionRegistry):
-        cache = registry._options_cache
-    else:
-        return unit_options(registry=registry, **options)  # refuses it, naming what to pass
-    # The flags' types are part of the key: 0 == False and 1 == True, but only bools are valid.
-    try:
-        key = tuple((name, value, type(value)) for name, value in sorted(options.items()))
-        return cache[key]
-    except (KeyError, TypeError):
-        pass
-    opts = unit_options(registry=registry, **options)
-    if len(cache) < _OPTIONS_CACHE_SIZE:
-        try:
-            cache[key] = opts
-        except TypeError:  # an unhashable option value, e.g. a list of exceptions
-            pass
-    return opts
-
-
-_OPTIONS_CACHE_SIZE: Final = 256
-_options_cache: dict[tuple[object, ...], UnitOptions] = {}  # of units on the default registry
+def unit_for(opts: UnitOptions) -> UnitOfWork:
+    """Return a new unit of work with these (validated) options, ready to be entered."""
+    return UnitOfWork(opts)
 
 
 # The asyncio driver: the same functions, run through SQLAlchemy's greenlet bridge.
 
 
-async def aopen_unit(registry: SessionRegistry, unit: Unit) -> Unit | None:
+async def aopen_unit(registry: Registry, unit: Unit) -> Unit | None:
     """Open a unit for async code; only units that emit SQL at entry need the bridge."""
     if not unit.opts.enter_needs_io:
         return open_unit(registry, unit)
@@ -1199,37 +1096,9 @@ async def asettle(
     A cancellation that arrived becomes the error the unit raises, so the caller still
     delivers what the unit left (the callbacks of a COMMIT that went through) before it.
     """
-    if unit.kind == JOIN:
+    if unit.role is _ROLE_JOINS:
         return settle(unit, exc)
     task, cancelled = await completed(greenlet_spawn(settle, unit, exc))
     finish: Finish | None
     finish, error = task.result()
     return finish, error if cancelled is None else cancelled
-
-
-async def completed(awaitable: Any) -> tuple[asyncio.Future[Any], BaseException | None]:
-    """Run ``awaitable`` to its end in its own task, shielded from the caller's cancellation.
-
-    Return the finished task (its ``result()`` gives the outcome) and the CancelledError
-    that the caller received meanwhile, if any, for the caller to raise when it is done.
-    """
-    task = asyncio.ensure_future(awaitable)
-    cancelled: BaseException | None = None
-    while True:
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError as err:
-            if not task.cancelled():  # the caller was cancelled, not the task
-                cancelled = err
-                continue
-        except BaseException:
-            pass  # the task holds it, for result()
-        return task, cancelled
-
-
-async def run_to_completion(awaitable: Any) -> Any:
-    """Await ``awaitable`` in its own task, shielded; re-raise a cancellation after it ends."""
-    task, cancelled = await completed(awaitable)
-    if cancelled is not None:
-        raise cancelled
-    return task.result()

@@ -16,20 +16,20 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import Connection
 from sqlalchemy.util import greenlet_spawn
 
+from ._callbacks import call_each, capturing, capturing_callbacks
 from ._describe import describe, option_value
 from ._errors import ConfigurationError, DisciplineError
-from ._hooks import capturing, capturing_callbacks
-from ._registry import SessionRegistry, check_registry, default_registry
+from ._registry import Registry, check_registry, default_registry
+from ._session_registry import SessionRegistry
 from ._sessions import refuse_autocommit
 from ._sqlite import install_sqlite_transactions
-from ._unit import call_each
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from sqlalchemy.engine import RootTransaction
 
-    from ._unit import Callback
+    from ._callbacks import Callback
 
 __all__ = ["RollbackAfter", "capture_on_commit", "rollback_after"]
 
@@ -43,7 +43,7 @@ class RollbackAfter:
 
     __slots__ = ("_engine", "_registry", "_connection", "_transaction", "_undo")
 
-    def __init__(self, engine: Any, registry: SessionRegistry | None) -> None:
+    def __init__(self, engine: Any, registry: Registry | None) -> None:
         self._engine = engine
         self._registry = registry
         self._connection: Any = None
@@ -130,7 +130,7 @@ class RollbackAfter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        from ._unit import run_to_completion
+        from ._async import run_to_completion
 
         connection, transaction = self._connection, self._transaction
         self._transaction = None
@@ -190,7 +190,7 @@ def rollback_after(
     )
 
 
-def _default_for(engine: Any) -> SessionRegistry | None:
+def _default_for(engine: Any) -> Registry | None:
     """Return the default registry if it uses ``engine`` (and is as sync/async as it)."""
     from . import _registry
 
