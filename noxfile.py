@@ -40,7 +40,7 @@ DEFAULT_URLS = {
     "TXGUARD_PG_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/test",
     "TXGUARD_MYSQL_URL": "mysql+pymysql://root@127.0.0.1:3306/test",
 }
-ADMIN_DATABASE = {"TXGUARD_PG_URL": "postgres", "TXGUARD_MYSQL_URL": None}
+ADMIN_DATABASE = {"TXGUARD_PG_URL": "postgres", "TXGUARD_MYSQL_URL": "mysql"}
 REDIS_HOST = "redis://127.0.0.1:6379"
 
 
@@ -52,7 +52,7 @@ def _add_pyenv_to_path() -> None:
     os.environ["PATH"] = os.pathsep.join([*bins, os.environ.get("PATH", "")])
 
 
-def _ensure_database(url: str, admin_database: str | None) -> str | None:
+def _ensure_database(url: str, admin_database: str) -> str | None:
     """Create the database ``url`` names when it is missing; return why not when the server is away."""
     import sqlalchemy as sa
 
