@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test misuse bench bench-instructions typecheck clean
+.PHONY: demo test misuse bench bench-instructions typecheck dist matrix matrix-corners clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,20 @@ test: $(STAMP)
 	$(PY) -m coverage run -m pytest $(PYTEST_ARGS)
 	$(PY) -m coverage report $(if $(PYTEST_ARGS),,--fail-under=90)
 
+# An sdist and a wheel in dist/, checked as PyPI would check them.
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+
+# The version matrix of noxfile.py (Python 3.10-3.13 x SQLAlchemy 2.0/2.1); NOX_ARGS narrows it,
+# e.g. NOX_ARGS='-s py313-sa21'. matrix-corners runs CI's two representative cells.
+matrix: $(STAMP)
+	$(PY) -m nox $(NOX_ARGS)
+
+matrix-corners: $(STAMP)
+	$(PY) -m nox -t corners $(NOX_ARGS)
+
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/overhead.py
@@ -36,4 +50,4 @@ bench-instructions: $(STAMP)
 	$(PY) benchmarks/instructions.py
 
 clean:
-	rm -rf $(VENV) .coverage .pytest_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) .nox build dist .coverage .pytest_cache .mypy_cache *.egg-info

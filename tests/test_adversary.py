@@ -119,6 +119,6 @@ async def test_wait_for_timeout_at_any_await_never_half_commits(async_db: AsyncD
     for timeout in (0.0, 0.001, 0.003, 0.006, 0.01, 0.02, 0.05):
         try:
             await asyncio.wait_for(five_rows(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11 on
             pass
     assert count(async_db.sync) % 5 == 0
