@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 import txguard
 import txguard.testing
@@ -79,3 +80,14 @@ def test_readme_draft_fits_in_12_kb() -> None:
     """The README prepared for the shrink stays within the issue's 12 KB."""
     draft = DOCS / "_readme_draft.md"
     assert len(draft.read_bytes()) <= 12 * 1024
+
+
+
+def test_readme_draft_quick_start_commits_the_note(app: dict[str, Any]) -> None:
+    """The draft README's quick start commits its note to its own SQLite file, notes.db."""
+    sections = readme_sections(DOCS / "_readme_draft.md")
+    (block,) = [block for section in sections if section.heading == "Quick start" for block in section.blocks]
+    run_block(block, app)
+    assert str(app["engine"].url) == "sqlite:///notes.db"
+    with app["engine"].connect() as conn:
+        assert conn.execute(sa.select(app["Note"].text)).scalars().all() == ["hello"]
