@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test misuse bench bench-instructions typecheck dist matrix matrix-corners clean
+.PHONY: demo test misuse bench bench-instructions typecheck dist matrix matrix-corners docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,5 +49,9 @@ bench: $(STAMP)
 bench-instructions: $(STAMP)
 	$(PY) benchmarks/instructions.py
 
+docs: $(STAMP)  # the site in site/ (open site/index.html); warnings are errors
+	$(PY) -m pip install --quiet -e '.[test,docs]'
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .nox build dist .coverage .pytest_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) .nox build dist .coverage .pytest_cache .mypy_cache *.egg-info site

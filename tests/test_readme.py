@@ -46,9 +46,10 @@ _NOT_RUN = re.compile(r"<!--\s*not-run:\s*(.+?)\s*-->")
 
 @dataclass
 class Block:
-    line: int  # of its first line of code in README.md
+    line: int  # of its first line of code in its file
     code: str
     not_run: str | None
+    path: Path = README
 
 
 @dataclass
@@ -57,21 +58,21 @@ class Section:
     blocks: list[Block] = field(default_factory=list)
 
 
-def readme_sections() -> list[Section]:
-    """Split README.md into its sections' ```python blocks (other fences are skipped whole)."""
+def readme_sections(path: Path = README) -> list[Section]:
+    """Split a Markdown file into its sections' ```python blocks (other fences are skipped whole)."""
     sections = [Section("(top)")]
     fence: str | None = None  # the fence line's language while inside one
     indent = 0
     body: list[str] = []
     mark: str | None = None
     previous = ""
-    for number, line in enumerate(README.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         stripped = line.strip()
         if fence is not None:
             if stripped == "```":
                 if fence == "python":
                     code = "\n".join(body)
-                    sections[-1].blocks.append(Block(number - len(body), code, mark))
+                    sections[-1].blocks.append(Block(number - len(body), code, mark, path))
                 fence, body, mark = None, [], None
             elif fence == "python":
                 body.append(line[indent:])
@@ -209,8 +210,11 @@ def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, A
 
 def run_block(block: Block, namespace: dict[str, Any]) -> None:
     """Run one block in ``namespace``; expect what its ``# SomeError:`` comments show."""
-    source = "\n" * (block.line - 1) + block.code  # tracebacks show README.md's line numbers
-    code = compile(source, str(README), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    source = "\n" * (block.line - 1) + block.code  # tracebacks show the file's line numbers
+    # dont_inherit: the snippet is compiled as a file of its own, without this module's
+    # `from __future__ import annotations` (SQLAlchemy would look its annotations up by module).
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    code = compile(source, str(block.path), "exec", flags=flags, dont_inherit=True)
     shown = [getattr(txguard, name) for name in _SHOWS.findall(block.code) if hasattr(txguard, name)]
     errors = tuple(c for c in shown if issubclass(c, BaseException))
     warnings_ = tuple(c for c in shown if issubclass(c, Warning))
