@@ -12,7 +12,8 @@ is silent):
   status is the judge, so an exception the framework turned into a 404 or 422 response
   rolls back, and one it turned into a redirect commits.
 - A failed COMMIT replaces the response: the client gets a bare 500, the rest of the
-  app's response is dropped, and the error is raised to the server (which logs it).
+  app's response is dropped, and the error is logged (logger ``txguard``, level ERROR)
+  rather than raised: raised after a response, the server would drop the connection.
 - An exception that leaves the app before the response started ends the unit as its
   ``rollback_for``/``no_rollback_for`` say (rolled back by default). An app that returns
   without sending a response rolls back.
@@ -34,6 +35,7 @@ is silent):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any, Final
 
@@ -50,6 +52,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger("txguard")
 
 _SCOPE_TYPES: Final = frozenset({"http", "websocket"})
 _ERROR_BODY: Final = b"Internal Server Error"
@@ -134,8 +138,9 @@ class _Request:
                     await self.unit.__aexit__(None, None, None)
                 except Exception:
                     self.replaced = True
+                    logger.error("txguard: the request's COMMIT failed; answered 500", exc_info=True)
                     await _send_error(self.downstream)
-                    raise
+                    return
         await self.downstream(message)
 
 
