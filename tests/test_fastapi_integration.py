@@ -174,3 +174,21 @@ def test_a_returned_error_response_commits_as_django_atomic_requests(tmp_path: P
     assert TestClient(api).post("/").status_code == 409
     with engine.connect() as conn:
         assert list(conn.scalars(sa.select(Item.name))) == ["kept"]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("example", ["fastapi_app.py", "asgi_app.py"])
+def test_the_examples_tell_their_story(example: str) -> None:
+    """examples/{fastapi,asgi}_app.py: a commit, a 403 rolled back, a COMMIT that fails."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, f"examples/{example}"], cwd=ROOT, capture_output=True, text=True,
+        check=True, timeout=60,
+    )
+    assert "POST /notes/forbidden -> 403" in result.stdout
+    assert "POST /notes/hello -> 500" in result.stdout
+    assert result.stdout.rstrip().endswith("GET /notes -> {'notes': ['hello']}")
