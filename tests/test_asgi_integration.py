@@ -17,18 +17,8 @@ import txguard
 from tests.apps.asgi_units_app import Stats, create_apps, create_engines
 from tests.apps.flask_app import create_schema
 from tests.models import Item
-from tests.test_fastapi_integration import database_url
+from tests.test_fastapi_integration import _guards, database_url  # noqa: F401 (autouse)
 from txguard.asgi import UnitOfWorkMiddleware
-
-
-@pytest.fixture(autouse=True)
-def _guards() -> Iterator[None]:
-    """Every test runs with the guards at "error", as the server does."""
-    txguard.install(mixed_begin="error", leaks="warn", cross_thread="error", cross_task="error")
-    try:
-        yield
-    finally:
-        txguard.uninstall()
 
 
 class App:

@@ -2,13 +2,9 @@
 driven by httpx, 200 requests 20 at a time, guards at "error", on every backend."""
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,9 +12,8 @@ import pytest
 
 from tests.backends import require
 from tests.test_fastapi_integration import database_url
-from tests.test_real_fastapi import CONCURRENCY, REQUESTS, free_port
+from tests.test_real_fastapi import CONCURRENCY, REQUESTS, uvicorn
 
-ROOT = Path(__file__).resolve().parent.parent
 SUCCESS = ["/sync/items", "/async/items", "/starlette/items"]
 FAILURES = {  # path -> the status its client must get
     "/sync/raise": 500, "/async/http-error": 409, "/starlette/conflict": 409,
@@ -43,37 +38,9 @@ def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     backend: str = request.param
     require(backend)
     tmp = tmp_path_factory.mktemp(f"asgi-{backend}")
-    port, log = free_port(), tmp / "server.log"
-    env = {**os.environ, "TXGUARD_APP_SYNC_URL": database_url(backend, tmp), "PYTHONPATH": str(ROOT)}
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "tests.apps.asgi_units_app:app", "--host",
-             "127.0.0.1", "--port", str(port), "--log-level", "warning",
-             "--timeout-keep-alive", "300"],
-            cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the app exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/stats", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the app did not answer within 30 s:\n{log.read_text()}")
-            time.sleep(0.1)
+    env = {"TXGUARD_APP_SYNC_URL": database_url(backend, tmp)}
+    with uvicorn("tests.apps.asgi_units_app:app", env, tmp / "server.log") as (url, _):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 async def hammer(url: str, calls: list[tuple[str, str]]) -> Counter[tuple[str, int]]:
