@@ -31,7 +31,7 @@ def test_importing_txguard_and_every_core_module_imports_no_framework() -> None:
 
 
 def test_each_integration_imports_only_its_own_framework() -> None:
-    """txguard.flask loads Flask but not Celery, and txguard.celery the reverse."""
+    """Each integration loads its own framework only: Flask, none, FastAPI (with Starlette), none."""
     script = (
         "import sys, importlib; importlib.import_module(sys.argv[1]); "
         f"print(sorted(m for m in {FRAMEWORKS!r} if m in sys.modules))"
@@ -41,6 +41,11 @@ def test_each_integration_imports_only_its_own_framework() -> None:
             [sys.executable, "-c", script, module], cwd=ROOT, capture_output=True, text=True,
             check=True,
         ).stdout.strip()
-        for module in ("txguard.flask", "txguard.celery")
+        for module in ("txguard.flask", "txguard.celery", "txguard.fastapi", "txguard.asgi")
     }
-    assert found == {"txguard.flask": "['flask']", "txguard.celery": "[]"}
+    assert found == {
+        "txguard.flask": "['flask']",
+        "txguard.celery": "[]",
+        "txguard.fastapi": "['fastapi', 'starlette']",
+        "txguard.asgi": "[]",
+    }

@@ -8,6 +8,7 @@ section 6). The app records every report txguard makes and serves them at ``/sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -70,25 +71,18 @@ class Server:
             time.sleep(0.05)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql", "mariadb"])
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Start the app under uvicorn on a free port; always stop it, whatever happens."""
-    backend: str = request.param
-    require(backend)
-    tmp = tmp_path_factory.mktemp(f"fastapi-{backend}")
-    sync_url, async_url = urls(backend, tmp)
+@contextlib.contextmanager
+def uvicorn(app: str, env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Serve the ASGI ``app`` ("module:attribute") with uvicorn on a free port of 127.0.0.1.
+
+    Yields its base URL once ``/stats`` answers; always stops it, whatever happens.
+    """
     port = free_port()
-    log = tmp / "server.log"
-    env = {
-        **os.environ,
-        "TXGUARD_APP_SYNC_URL": sync_url,
-        "TXGUARD_APP_ASYNC_URL": async_url,
-        "PYTHONPATH": str(ROOT),
-    }
+    env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
     env.pop("COVERAGE_PROCESS_START", None)
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "tests.apps.fastapi_guards_app:app",
+            [sys.executable, "-m", "uvicorn", app,
              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
              "--timeout-keep-alive", "300"],  # no idle close racing a request on a busy box
             cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
@@ -107,7 +101,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             if time.monotonic() > deadline:
                 pytest.fail(f"the app did not answer within 30 s:\n{log.read_text()}")
             time.sleep(0.1)
-        yield Server(base, process, log)
+        yield base, process
     finally:
         process.terminate()
         try:
@@ -115,6 +109,19 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql", "mariadb"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Start the app under uvicorn on a free port; always stop it, whatever happens."""
+    backend: str = request.param
+    require(backend)
+    tmp = tmp_path_factory.mktemp(f"fastapi-{backend}")
+    sync_url, async_url = urls(backend, tmp)
+    log = tmp / "server.log"
+    env = {"TXGUARD_APP_SYNC_URL": sync_url, "TXGUARD_APP_ASYNC_URL": async_url}
+    with uvicorn("tests.apps.fastapi_guards_app:app", env, log) as (base, process):
+        yield Server(base, process, log)
 
 
 async def hammer(base: str, path: str) -> list[dict[str, Any]]:

@@ -54,8 +54,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
 __all__ = [
-    "Unit", "UnitOfWork", "UnitState", "adopt", "aend", "current_unit", "end", "open_unit",
-    "push", "settle", "unit_for", "unit_of_work",
+    "Unit", "UnitOfWork", "UnitState", "adopt", "aend", "current_unit", "end", "follow_context",
+    "open_unit", "push", "settle", "unit_for", "unit_of_work",
 ]
 
 logger = logging.getLogger("txguard")
@@ -784,7 +784,7 @@ def usable(unit: Unit, ident: int) -> bool:
     The owner thread is the one that opened the unit: a thread that inherits a copy of
     another thread's context must not share that thread's Session.
     """
-    if unit.thread != ident:
+    if unit.thread != ident and unit.thread != FOLLOWS_CONTEXT:
         return False
     scope: Unit | None = unit
     while scope is not None:
@@ -809,6 +809,19 @@ def adopt(unit: Unit) -> None:
     rest of a unit's block in another thread strictly after the first one stopped using it.
     """
     unit.thread = threading.get_ident()
+
+
+FOLLOWS_CONTEXT: Final = 0  # never a thread's ident: the unit is usable wherever its context is
+
+
+def follow_context(unit: Unit) -> None:
+    """Let every thread whose context holds ``unit`` use it (a framework's hand-over).
+
+    For frameworks that run the rest of a request in worker threads with a copy of the
+    request's context (FastAPI's and Starlette's ``def`` endpoints and dependencies), one
+    step at a time, so the threads never use the unit's Session at once.
+    """
+    unit.thread = FOLLOWS_CONTEXT
 
 
 _NO_UNITS: Final[list[Unit]] = []  # never appended to: _pop's answer when nothing was left open

@@ -1,0 +1,134 @@
+"""FastAPI integration: one unit of work per request, committed before the response is sent.
+
+    from txguard.fastapi import session as unit_session
+
+    @app.post("/orders")
+    async def create(order: OrderIn, session: AsyncSession = unit_session()) -> OrderOut:
+        session.add(Order(...))             # or txguard.current_session() in the services
+        ...
+
+``session(**unit options, registry=None)`` is a dependency marker, like ``Query()`` or
+``Security()``: use it as a parameter default or in ``Annotated[AsyncSession, session()]``.
+
+Decisions (Django's ``ATOMIC_REQUESTS`` where the SPEC is silent):
+
+- The dependency is a yield dependency with ``scope="function"`` (FastAPI 0.121 and later,
+  the minimum this module accepts): FastAPI ends it after the endpoint returned and its
+  response was built, **before** the response is sent. The default scope ("request") ends
+  after the response is sent, so a failed COMMIT would follow a 200 already on the wire.
+  A failed COMMIT raises out of the request: the client gets a 500 (or your exception
+  handler's answer), never the success.
+- The endpoint raising (``HTTPException`` included, whatever its status) rolls the unit
+  back as its ``rollback_for``/``no_rollback_for`` say (rolled back by default). As with
+  ``ATOMIC_REQUESTS``, a *returned* response is not inspected: returning
+  ``JSONResponse(status_code=409)`` commits. Raise ``HTTPException`` to roll back, or use
+  ``txguard.asgi.UnitOfWorkMiddleware``, which judges the response status (as pyramid_tm).
+- One unit per request and registry, however many parameters and sub-dependencies ask
+  for it: ``session()`` returns the same dependency for the same options and registry, and
+  FastAPI caches a dependency per request. Two ``session()`` with *different* options in
+  one request (say ``read_only=True`` on the router and the default on the endpoint) are
+  refused with ``ConfigurationError``: one request runs in one unit; open a nested
+  ``txguard.unit_of_work(propagation=...)`` in code for the part that differs.
+- ``txguard.current_session()`` works in the endpoint and in the services it calls, in
+  ``async def`` and ``def`` endpoints alike: FastAPI runs ``def`` endpoints in worker
+  threads with a copy of the request's context, one step at a time, and the request's
+  unit follows that context.
+- Async registries (AsyncEngine): the unit opens and commits on the event loop. Sync
+  registries (Engine): the unit opens on the event loop (no SQL unless ``read_only`` or
+  ``isolation_level`` need a statement at BEGIN) and commits or rolls back in a worker
+  thread, so COMMIT never blocks the loop; use ``def`` endpoints with a sync registry.
+- Background tasks run after the response is sent, so after the commit, outside the unit:
+  one that needs the database opens its own ``txguard.unit_of_work()``. The same holds for
+  a ``StreamingResponse`` body.
+- Options are validated when ``session()`` is called (at import of your routes), not per
+  request. ``registry=None`` uses the default registry, looked up at each request.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Hashable
+from typing import Any, Final
+
+import anyio
+from fastapi import Depends
+from starlette.requests import HTTPConnection
+
+import txguard
+from txguard import ConfigurationError, SessionRegistry
+from txguard._options import UNIT_OPTION_NAMES, check_names
+from txguard._registry import resolve
+from txguard._unit import follow_context
+
+__all__ = ["session"]
+
+if "scope" not in inspect.signature(Depends).parameters:  # FastAPI before 0.121
+    raise ImportError(
+        "txguard.fastapi needs FastAPI 0.121 or later (Depends(scope='function') commits "
+        "before the response is sent); upgrade: pip install 'txguard[fastapi]'."
+    )
+
+_UNITS: Final = "txguard.fastapi.units"  # in the request's ASGI scope: registry -> options key
+_dependencies: dict[tuple[Hashable, ...], Callable[..., AsyncIterator[Any]]] = {}
+
+
+def session(*, registry: SessionRegistry | None = None, **unit_options: Any) -> Any:
+    """Declare a parameter that receives the request's session (see the module docstring).
+
+    ``unit_options`` are those of ``txguard.unit_of_work`` (``mode``, ``read_only``,
+    ``isolation_level``, ...), checked here, once. Typed ``Any``, as FastAPI's own
+    ``Depends()``, so that ``session: AsyncSession = session()`` type-checks.
+    """
+    check_names("txguard.fastapi.session()", unit_options, UNIT_OPTION_NAMES)
+    txguard.unit_of_work(registry=registry, **unit_options)  # validates every value
+    key = (registry, *sorted((name, _hashable(value)) for name, value in unit_options.items()))
+    dependency = _dependencies.get(key)
+    if dependency is None:
+        dependency = _dependencies[key] = _dependency(registry, unit_options, key)
+    return Depends(dependency, scope="function")
+
+
+def _hashable(value: object) -> Hashable:
+    return (type(value), tuple(value) if isinstance(value, list) else value)
+
+
+def _dependency(
+    registry: SessionRegistry | None, options: dict[str, Any], key: tuple[Hashable, ...]
+) -> Callable[..., AsyncIterator[Any]]:
+    described = ", ".join(f"{name}=..." for name in sorted(options)) or "no options"
+
+    async def txguard_unit_session(connection: HTTPConnection) -> AsyncIterator[Any]:
+        owner = resolve(registry)
+        units: dict[object, tuple[tuple[Hashable, ...], str]] = connection.scope.setdefault(
+            _UNITS, {}
+        )
+        other = units.setdefault(owner, (key, described))
+        if other[0] != key:
+            raise ConfigurationError(
+                f"This request asks for txguard.fastapi.session() twice on {owner!r} with "
+                f"different options ({other[1]}; and {described}): one request runs in one "
+                "unit. Declare the same options everywhere, or open "
+                "txguard.unit_of_work(propagation=...) in code for the part that differs."
+            )
+        unit = txguard.unit_of_work(registry=owner, **options)
+        if owner.is_async:
+            async with unit as active:
+                follow_context(unit)
+                yield active
+            return
+        # A sync unit opens here, on the loop, and ends in a worker thread (COMMIT is
+        # blocking IO), with its own limiter as FastAPI's sync yield dependencies: an exit
+        # never waits for a thread behind requests that wait for the connection it holds.
+        active = unit.__enter__()
+        follow_context(unit)
+        limiter = anyio.CapacityLimiter(1)
+        try:
+            yield active
+        except BaseException as exc:
+            await anyio.to_thread.run_sync(
+                unit.__exit__, type(exc), exc, exc.__traceback__, limiter=limiter
+            )
+            raise
+        await anyio.to_thread.run_sync(unit.__exit__, None, None, None, limiter=limiter)
+
+    return txguard_unit_session
