@@ -72,7 +72,7 @@ class UnitOfWorkMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        registry: SessionRegistry | None = None,
+        registry: SessionRegistry[Any] | None = None,
         *,
         scope_types: Collection[str] = ("http",),
         **unit_options: Any,

@@ -72,7 +72,7 @@ _UNITS: Final = "txguard.fastapi.units"  # in the request's ASGI scope: registry
 _dependencies: dict[tuple[Hashable, ...], Callable[..., AsyncIterator[Any]]] = {}
 
 
-def session(*, registry: SessionRegistry | None = None, **unit_options: Any) -> Any:
+def session(*, registry: SessionRegistry[Any] | None = None, **unit_options: Any) -> Any:
     """Declare a parameter that receives the request's session (see the module docstring).
 
     ``unit_options`` are those of ``txguard.unit_of_work`` (``mode``, ``read_only``,
@@ -93,7 +93,7 @@ def _hashable(value: object) -> Hashable:
 
 
 def _dependency(
-    registry: SessionRegistry | None, options: dict[str, Any], key: tuple[Hashable, ...]
+    registry: SessionRegistry[Any] | None, options: dict[str, Any], key: tuple[Hashable, ...]
 ) -> Callable[..., AsyncIterator[Any]]:
     described = ", ".join(f"{name}=..." for name in sorted(options)) or "no options"
 
@@ -119,11 +119,11 @@ def _dependency(
         # A sync unit opens here, on the loop, and ends in a worker thread (COMMIT is
         # blocking IO), with its own limiter as FastAPI's sync yield dependencies: an exit
         # never waits for a thread behind requests that wait for the connection it holds.
-        active = unit.__enter__()
+        sync_session = unit.__enter__()
         follow_context(unit)
         limiter = anyio.CapacityLimiter(1)
         try:
-            yield active
+            yield sync_session
         except BaseException as exc:
             await anyio.to_thread.run_sync(
                 unit.__exit__, type(exc), exc, exc.__traceback__, limiter=limiter
