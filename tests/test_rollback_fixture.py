@@ -11,7 +11,7 @@ import pytest
 # C extension imported a second time crashes the interpreter.
 import txguard.testing  # noqa: F401
 
-for _driver in ("sqlalchemy.ext.asyncio", "aiosqlite", "asyncpg", "psycopg", "aiomysql", "pymysql"):
+for _driver in ("flask", "flask_sqlalchemy", "txguard.flask", "sqlalchemy.ext.asyncio", "aiosqlite", "asyncpg", "psycopg", "aiomysql", "pymysql"):
     try:
         importlib.import_module(_driver)
     except ImportError:  # pragma: no cover - that driver's cases skip
@@ -249,3 +249,103 @@ def test_anyio_on_trio_is_refused_with_the_reason(pytester: pytest.Pytester) -> 
     result = pytester.runpytest()
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*needs anyio_backend 'asyncio'*"])
+
+
+FLASK_SQLALCHEMY_CONFTEST = """
+import os
+
+import flask
+import flask_sqlalchemy
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+import txguard
+from txguard.flask import TxGuard
+
+URL = {sync_url!r} or "sqlite:///" + os.path.join(os.path.dirname(__file__), "db.sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+db = flask_sqlalchemy.SQLAlchemy(model_class=Base)
+
+
+class Note(db.Model):
+    __tablename__ = "txguard_fsa_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(sa.String(50), unique=True)
+
+
+app = flask.Flask(__name__)
+app.config.update(SQLALCHEMY_DATABASE_URI=URL, TESTING=True)
+db.init_app(app)
+with app.app_context():
+    db.drop_all()
+    db.create_all()
+    registry = txguard.SessionRegistry(
+        sessionmaker(db.engine, class_=flask_sqlalchemy.session.Session, db=db)
+    )
+TxGuard(app, registry=registry)
+
+
+@app.post("/notes/<text>")
+def create(text):
+    txguard.current_session(registry).add(Note(text=text))
+    return {{"text": text}}, 201
+
+
+@app.get("/notes")
+def index():
+    session = txguard.current_session(registry)
+    return {{"texts": list(session.scalars(sa.select(Note.text).order_by(Note.text)))}}
+
+
+@pytest.fixture
+def txguard_bind():
+    return registry
+
+
+@pytest.fixture
+def client(txguard_rollback):
+    return app.test_client()
+
+
+def pytest_sessionfinish(session):
+    with app.app_context():
+        db.drop_all()
+        db.engine.dispose()
+"""
+
+FLASK_SQLALCHEMY_TESTS = """
+from conftest import Note, app, db
+
+
+def test_a_view_commits_and_the_next_request_sees_it(client):
+    assert client.post("/notes/ann").status_code == 201
+    assert client.get("/notes").json == {"texts": ["ann"]}
+
+
+def test_the_next_test_starts_empty_and_may_reuse_the_key(client):
+    assert client.get("/notes").json == {"texts": []}
+    assert client.post("/notes/ann").status_code == 201
+
+
+def test_nothing_stayed_in_the_database():
+    with app.app_context():
+        assert db.session.scalars(db.select(Note)).all() == []
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_flask_sqlalchemy_views_driven_by_the_test_client_are_isolated(
+    pytester: pytest.Pytester, backend: str
+) -> None:
+    """Rows a Flask-SQLAlchemy view commits in one test (TxGuard, test client) are gone in the next."""
+    pytest.importorskip("flask_sqlalchemy")
+    pytester.makeconftest(FLASK_SQLALCHEMY_CONFTEST.format(sync_url=sync_url(backend)))
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(FLASK_SQLALCHEMY_TESTS)
+    pytester.runpytest("--txguard-leaks=fail").assert_outcomes(passed=3)
