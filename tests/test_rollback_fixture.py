@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import sqlalchemy as sa
 
 # Imported before any inner run: pytester drops the modules an inner run imports first,
 # the plugin (loaded once) must see the same txguard as the inner conftest, and a driver's
 # C extension imported a second time crashes the interpreter.
+import txguard
 import txguard.testing  # noqa: F401
 
 for _driver in ("flask", "flask_sqlalchemy", "txguard.flask", "sqlalchemy.ext.asyncio", "aiosqlite", "asyncpg", "psycopg", "aiomysql", "pymysql"):
@@ -34,6 +36,7 @@ CONFTEST = """
 import os
 
 import pytest
+import sqlalchemy as sa
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -112,6 +115,7 @@ def test_nothing_stayed():
 
 ASYNC_TESTS = """
 import pytest
+import sqlalchemy as sa
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -258,6 +262,7 @@ import flask
 import flask_sqlalchemy
 import pytest
 import sqlalchemy as sa
+import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import txguard
@@ -349,3 +354,30 @@ def test_flask_sqlalchemy_views_driven_by_the_test_client_are_isolated(
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     pytester.makepyfile(FLASK_SQLALCHEMY_TESTS)
     pytester.runpytest("--txguard-leaks=fail").assert_outcomes(passed=3)
+
+
+def test_an_eager_celery_task_enqueued_on_commit_sees_the_tests_rows(engine: sa.Engine) -> None:
+    """Inside rollback_after, delay_on_commit runs an eager task at the unit's commit, on the block's connection."""
+    celery = pytest.importorskip("celery")
+    from tests.helpers import names
+    from tests.models import Item
+    from txguard.celery import delay_on_commit
+    from txguard.testing import rollback_after
+
+    app = celery.Celery("h6", broker="memory://", backend="cache+memory://")
+    app.conf.task_always_eager = True
+    seen: list[list[str]] = []
+
+    @app.task
+    def list_items() -> None:
+        with txguard.unit_of_work() as session:
+            seen.append(sorted(session.scalars(sa.select(Item.name))))
+
+    txguard.configure(engine)
+    with rollback_after(engine):
+        with txguard.unit_of_work() as session:
+            session.add(Item(name="a"))
+            delay_on_commit(list_items)
+            assert seen == []
+        assert seen == [["a"]]
+    assert names(engine) == []
