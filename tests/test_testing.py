@@ -432,3 +432,22 @@ def test_txguard_rollback_fixture_binds_the_txguard_bind_registry(
         assert session.bind is txguard_rollback
         session.add(Item(name="a"))
     assert names_on(txguard_rollback) == ["a"]
+
+
+def test_sessions_whose_class_picks_its_bind_join_the_block(engine: sa.Engine) -> None:
+    """A session class whose get_bind() answers the engine (as Flask-SQLAlchemy's) gets the block's connection."""
+    from sqlalchemy.orm import sessionmaker
+
+    class Routing(Session):
+        def get_bind(self, *args: object, **kwargs: object) -> sa.Engine:
+            return engine
+
+    registry = txguard.SessionRegistry(sessionmaker(engine, class_=Routing))
+    with rollback_after(registry) as conn:
+        with registry.unit_of_work() as session:
+            assert session.get_bind() is conn
+            session.add(Item(name="a"))
+        assert names_on(conn) == ["a"]
+    assert names(engine) == []
+    with registry.unit_of_work() as session:
+        assert session.get_bind() is engine

@@ -294,12 +294,83 @@ def txguard_bind() -> Any:
 
 
 @pytest.fixture
-def txguard_rollback(txguard_bind: Any) -> Iterator[Connection]:
+def txguard_rollback(request: pytest.FixtureRequest, txguard_bind: Any) -> Iterator[Any]:
     """Run the test inside one outer transaction that is rolled back at teardown.
 
-    Yields the Connection; the registry's units of work join it through savepoints.
+    Yields the Connection (an AsyncConnection for an async bind); the registry's units of
+    work join it through savepoints. An async bind needs an async test run on asyncio:
+    pytest-asyncio's function-scoped loop, or anyio's ``asyncio`` backend.
     """
     from .testing import rollback_after
 
-    with rollback_after(txguard_bind) as connection:
+    block = rollback_after(txguard_bind)
+    if not block.is_async:
+        with block as connection:
+            yield connection
+    elif _runs_under_anyio(request):
+        yield from _under_anyio(request, block)
+    else:
+        yield request.getfixturevalue("_txguard_async_rollback")
+
+
+def _runs_under_anyio(request: pytest.FixtureRequest) -> bool:
+    """Say whether anyio, not pytest-asyncio, runs the test; refuse a test both claim.
+
+    pytest-asyncio runs every test it marks ``asyncio`` (in auto mode every async test,
+    anyio's included) while anyio runs that test's async fixtures on its own loop, so no
+    single loop would hold the block's connection.
+    """
+    anyio = "anyio_backend" in request.fixturenames
+    if request.node.get_closest_marker("asyncio") is None:
+        return anyio
+    if anyio:
+        pytest.fail(
+            f"{request.node.nodeid} is marked for both anyio and pytest-asyncio (auto mode "
+            "marks every async test), which run it and its async fixtures on different "
+            "event loops. Use one: asyncio_mode = strict with @pytest.mark.anyio, or drop "
+            "the anyio marker.",
+            pytrace=False,
+        )
+    return False
+
+
+def _under_anyio(request: pytest.FixtureRequest, block: Any) -> Iterator[Any]:
+    """Run the async block on the anyio test runner of the test (as anyio runs async fixtures).
+
+    Done here rather than by an async fixture: pytest-asyncio in auto mode would run such a
+    fixture on its own loop.
+    """
+    from anyio.pytest_plugin import extract_backend_and_options, get_runner
+
+    name, options = extract_backend_and_options(request.getfixturevalue("anyio_backend"))
+    if name != "asyncio":
+        pytest.fail(
+            f"txguard_rollback with an async engine needs anyio_backend 'asyncio' "
+            f"(SQLAlchemy's asyncio extension runs on asyncio only), not {name!r}.",
+            pytrace=False,
+        )
+
+    async def enter_block() -> Any:
+        async with block as connection:
+            yield connection
+
+    with get_runner(name, options) as runner:
+        yield from runner.run_asyncgen_fixture(enter_block, {})
+
+
+def _async_fixture(fn: Any) -> Any:
+    """Declare ``fn`` a pytest-asyncio fixture, so it runs in strict mode too."""
+    try:
+        import pytest_asyncio
+    except ImportError:
+        return pytest.fixture(fn)
+    return pytest_asyncio.fixture(fn)
+
+
+@_async_fixture
+async def _txguard_async_rollback(txguard_bind: Any) -> Any:
+    """The async half of ``txguard_rollback`` under pytest-asyncio, on the test's loop."""
+    from .testing import rollback_after
+
+    async with rollback_after(txguard_bind) as connection:
         yield connection

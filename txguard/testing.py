@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from ._callbacks import call_each, capturing, capturing_callbacks
@@ -43,6 +44,11 @@ class RollbackAfter:
 
     __slots__ = ("_engine", "_registry", "_connection", "_transaction", "_undo")
 
+    @property
+    def is_async(self) -> bool:
+        """Whether the block is entered with ``async with`` (an AsyncEngine or async registry)."""
+        return _is_async(self._engine)
+
     def __init__(self, engine: Any, registry: Registry | None) -> None:
         self._engine = engine
         self._registry = registry
@@ -67,7 +73,7 @@ class RollbackAfter:
         # The code under test must not end the outer transaction: only the block does.
         conn.__dict__["commit"] = _refuse_commit
         if self._registry is not None:
-            self._undo = self._registry._bind_sessions_to(connection)
+            self._undo = _bind_registry(self._registry, connection, conn)
 
     def _unbind(self) -> None:
         undo, self._undo = self._undo, None
@@ -144,6 +150,54 @@ async def _arollback_and_close(connection: Any, transaction: Any) -> None:
             await transaction.rollback()
     finally:
         await connection.close()
+
+
+def _bind_registry(registry: Registry, connection: Any, conn: Connection) -> Callable[[], None]:
+    """Bind ``registry``'s sessions to ``connection``, also those whose class picks its own bind.
+
+    ``conn`` is ``connection`` itself, or the sync Connection of an AsyncConnection.
+
+    A session class that overrides ``get_bind()`` (Flask-SQLAlchemy's, which routes by bind
+    key to ``db.engines``, or a read-replica router) ignores the ``bind=`` the registry
+    passes, so its statements would run on a new connection and really commit. Where such
+    a ``get_bind()`` answers the block's engine, the bound sessions get the block's
+    connection instead; other engines stay as they are.
+    """
+    undo = registry._bind_sessions_to(connection)
+    if registry.base_class.get_bind is Session.get_bind:
+        return undo
+    build = registry.session_factory
+
+    def session_factory(*key: Any) -> Callable[[], Any]:
+        factory = build(*key)
+
+        def joined() -> Any:
+            session = factory()
+            sync: Session = getattr(session, "sync_session", session)
+            sync.get_bind = _prefer(conn, sync.get_bind)  # type: ignore[method-assign]
+            return session
+
+        registry._factories[key] = joined
+        return joined
+
+    registry.session_factory = session_factory  # type: ignore[method-assign,assignment]
+
+    def restore() -> None:
+        del registry.session_factory
+        undo()
+
+    return restore
+
+
+def _prefer(conn: Connection, get_bind: Callable[..., Any]) -> Callable[..., Any]:
+    """Return ``get_bind`` answering ``conn`` where it would answer ``conn``'s engine."""
+    engine = conn.engine
+
+    def get_bind_in_block(*args: Any, **kwargs: Any) -> Any:
+        bind = get_bind(*args, **kwargs)
+        return conn if bind is engine else bind
+
+    return get_bind_in_block
 
 
 def _refuse_commit(*args: Any, **kwargs: Any) -> None:
