@@ -42,10 +42,16 @@ def test_docs_page_runs(page: Path, app: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
+# The testing guide shows conftest fixtures for three frameworks, each importing the
+# reader's own app module; the fixture behind them runs in tests/test_rollback_fixture.py.
+_NOT_RUN_ALLOWED = {"recipes/testing.md": 3}
+
+
 def test_docs_page_marks_at_most_one_block_not_run(page: Path) -> None:
-    """A page skips at most one python block with a not-run mark."""
+    """A page skips at most one python block with a not-run mark (the testing guide three)."""
     skipped = [b for b in page_blocks(page) if b.not_run is not None]
-    assert len(skipped) <= 1, [f"{page}:{b.line}: {b.not_run}" for b in skipped]
+    allowed = _NOT_RUN_ALLOWED.get(str(page.relative_to(DOCS)), 1)
+    assert len(skipped) <= allowed, [f"{page}:{b.line}: {b.not_run}" for b in skipped]
 
 
 def test_docs_have_runnable_examples() -> None:
