@@ -41,12 +41,12 @@ def test_docs_page_runs(page: Path, app: dict[str, Any]) -> None:
             run_block(block, app)
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
 # The testing guide shows conftest fixtures for three frameworks, each importing the
 # reader's own app module; the fixture behind them runs in tests/test_rollback_fixture.py.
 _NOT_RUN_ALLOWED = {"recipes/testing.md": 3}
 
 
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
 def test_docs_page_marks_at_most_one_block_not_run(page: Path) -> None:
     """A page skips at most one python block with a not-run mark (the testing guide three)."""
     skipped = [b for b in page_blocks(page) if b.not_run is not None]
