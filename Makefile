@@ -32,8 +32,9 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/overhead.py
 
+# Needs valgrind (with its header valgrind/callgrind.h) and a C compiler; BENCH_ARGS e.g. "--json t.json".
 bench-instructions: $(STAMP)
-	$(PY) benchmarks/instructions.py
+	$(PY) benchmarks/instructions.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .coverage .pytest_cache .mypy_cache *.egg-info
