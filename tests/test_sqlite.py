@@ -110,6 +110,16 @@ def test_a_returned_autocommit_connection_begins_again(fresh_engine: sa.Engine) 
     assert names(fresh_engine) == []
 
 
+def _write_from_another_connection(path: Path, name: str) -> None:
+    """Insert ``name`` through a connection of its own that does not wait for locks."""
+    other = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    try:
+        with other.begin() as conn:
+            conn.execute(sa.insert(Item).values(name=name))
+    finally:
+        other.dispose()
+
+
 def test_the_drivers_begin_mode_is_honoured(tmp_path: Path) -> None:
     """isolation_level='IMMEDIATE' on the driver gives BEGIN IMMEDIATE: the write lock at once."""
     path = tmp_path / "immediate.db"
@@ -118,17 +128,12 @@ def test_the_drivers_begin_mode_is_honoured(tmp_path: Path) -> None:
     )
     Base.metadata.create_all(engine)
     registry = txguard.SessionRegistry(engine)
-    other = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
-    txguard.SessionRegistry(other)
     with registry.unit_of_work() as session:
         session.execute(sa.text("SELECT 1"))  # reads only, yet holds the write lock
         with pytest.raises(sa.exc.OperationalError, match="database is locked"):
-            with other.begin() as conn:
-                conn.execute(sa.insert(Item).values(name="blocked"))
-    with other.begin() as conn:
-        conn.execute(sa.insert(Item).values(name="after"))
+            _write_from_another_connection(path, "blocked")
+    _write_from_another_connection(path, "after")
     assert names(engine) == ["after"]
-    other.dispose()
     engine.dispose()
 
 
@@ -193,24 +198,20 @@ def _driver_in_transaction(conn: sa.Connection) -> bool:
 async def test_aiosqlite_honours_the_drivers_begin_mode(tmp_path: Path) -> None:
     """isolation_level='IMMEDIATE' on aiosqlite gives BEGIN IMMEDIATE: the write lock at once."""
     path = tmp_path / "immediate.db"
-    Base.metadata.create_all(sa.create_engine(f"sqlite:///{path}"))
+    sync = sa.create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(sync)
     engine = create_async_engine(
         f"sqlite+aiosqlite:///{path}", connect_args={"isolation_level": "IMMEDIATE", "timeout": 0}
     )
     txguard.SessionRegistry(engine)
-    other = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(sa.text("SELECT 1"))  # reads only, yet holds the write lock
-            with pytest.raises(sa.exc.OperationalError, match="database is locked"):
-                with other.begin() as blocked:
-                    blocked.execute(sa.insert(Item).values(name="blocked"))
-        with other.begin() as after:
-            after.execute(sa.insert(Item).values(name="after"))
-        assert names(other) == ["after"]
-    finally:
-        other.dispose()
-        await engine.dispose()
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("SELECT 1"))  # reads only, yet holds the write lock
+        with pytest.raises(sa.exc.OperationalError, match="database is locked"):
+            _write_from_another_connection(path, "blocked")
+    await engine.dispose()
+    _write_from_another_connection(path, "after")
+    assert names(sync) == ["after"]
+    sync.dispose()
 
 
 async def test_aiosqlite_autocommit_connections_get_no_begin(
