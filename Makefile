@@ -46,8 +46,9 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/overhead.py
 
+# Needs valgrind (with its header valgrind/callgrind.h) and a C compiler; BENCH_ARGS e.g. "--json t.json".
 bench-instructions: $(STAMP)
-	$(PY) benchmarks/instructions.py
+	$(PY) benchmarks/instructions.py $(BENCH_ARGS)
 
 docs: $(STAMP)  # the site in site/ (open site/index.html); warnings are errors
 	$(PY) -m pip install --quiet -e '.[test,docs]'

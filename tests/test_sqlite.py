@@ -1,12 +1,15 @@
-"""SQLite on the stock pysqlite driver: BEGIN and SAVEPOINT must mean what they say."""
+"""SQLite on the stock drivers (pysqlite, aiosqlite): BEGIN and SAVEPOINT must mean what they say."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import txguard
@@ -107,6 +110,16 @@ def test_a_returned_autocommit_connection_begins_again(fresh_engine: sa.Engine) 
     assert names(fresh_engine) == []
 
 
+def _write_from_another_connection(path: Path, name: str) -> None:
+    """Insert ``name`` through a connection of its own that does not wait for locks."""
+    other = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    try:
+        with other.begin() as conn:
+            conn.execute(sa.insert(Item).values(name=name))
+    finally:
+        other.dispose()
+
+
 def test_the_drivers_begin_mode_is_honoured(tmp_path: Path) -> None:
     """isolation_level='IMMEDIATE' on the driver gives BEGIN IMMEDIATE: the write lock at once."""
     path = tmp_path / "immediate.db"
@@ -115,17 +128,12 @@ def test_the_drivers_begin_mode_is_honoured(tmp_path: Path) -> None:
     )
     Base.metadata.create_all(engine)
     registry = txguard.SessionRegistry(engine)
-    other = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
-    txguard.SessionRegistry(other)
     with registry.unit_of_work() as session:
         session.execute(sa.text("SELECT 1"))  # reads only, yet holds the write lock
         with pytest.raises(sa.exc.OperationalError, match="database is locked"):
-            with other.begin() as conn:
-                conn.execute(sa.insert(Item).values(name="blocked"))
-    with other.begin() as conn:
-        conn.execute(sa.insert(Item).values(name="after"))
+            _write_from_another_connection(path, "blocked")
+    _write_from_another_connection(path, "after")
     assert names(engine) == ["after"]
-    other.dispose()
     engine.dispose()
 
 
@@ -146,3 +154,74 @@ def test_an_applications_own_begin_recipe_still_works(fresh_engine: sa.Engine) -
     with fresh_engine.begin() as conn:
         conn.execute(sa.insert(Item).values(name="kept"))
     assert names(fresh_engine) == ["kept"]
+
+
+@pytest.fixture
+async def fresh_async_engine(fresh_engine: sa.Engine) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(fresh_engine.url.set(drivername="sqlite+aiosqlite"))
+    yield engine
+    await engine.dispose()
+
+
+async def test_aiosqlite_outer_rollback_undoes_a_released_savepoint(
+    fresh_engine: sa.Engine, fresh_async_engine: AsyncEngine
+) -> None:
+    """On aiosqlite too, an outer rollback undoes a released savepoint once txguard has the engine."""
+    txguard.SessionRegistry(fresh_async_engine)
+    async with AsyncSession(fresh_async_engine) as session:
+        await session.begin()
+        async with session.begin_nested():
+            session.add(Item(name="released"))
+        await session.rollback()
+    assert names(fresh_engine) == []
+
+
+async def test_aiosqlite_begin_is_one_worker_round_trip(
+    fresh_async_engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """BEGIN on aiosqlite runs one call on the connection's worker thread, not a cursor's three."""
+    txguard.SessionRegistry(fresh_async_engine)
+    async with fresh_async_engine.connect() as conn:
+        with caplog.at_level(logging.DEBUG, logger="aiosqlite"):
+            await conn.begin()
+        worker_calls = [r for r in caplog.records if r.getMessage().startswith("executing")]
+        assert len(worker_calls) == 1
+        assert "'BEGIN'" in worker_calls[0].getMessage()
+        assert await conn.run_sync(_driver_in_transaction)
+        await conn.rollback()
+
+
+def _driver_in_transaction(conn: sa.Connection) -> bool:
+    return bool(conn.connection.dbapi_connection.driver_connection.in_transaction)  # type: ignore[union-attr]
+
+
+async def test_aiosqlite_honours_the_drivers_begin_mode(tmp_path: Path) -> None:
+    """isolation_level='IMMEDIATE' on aiosqlite gives BEGIN IMMEDIATE: the write lock at once."""
+    path = tmp_path / "immediate.db"
+    sync = sa.create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(sync)
+    engine = create_async_engine(
+        f"sqlite+aiosqlite:///{path}", connect_args={"isolation_level": "IMMEDIATE", "timeout": 0}
+    )
+    txguard.SessionRegistry(engine)
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("SELECT 1"))  # reads only, yet holds the write lock
+        with pytest.raises(sa.exc.OperationalError, match="database is locked"):
+            _write_from_another_connection(path, "blocked")
+    await engine.dispose()
+    _write_from_another_connection(path, "after")
+    assert names(sync) == ["after"]
+    sync.dispose()
+
+
+async def test_aiosqlite_autocommit_connections_get_no_begin(
+    fresh_engine: sa.Engine, fresh_async_engine: AsyncEngine
+) -> None:
+    """An AUTOCOMMIT aiosqlite connection keeps autocommitting; the recipe emits no BEGIN for it."""
+    txguard.SessionRegistry(fresh_async_engine)
+    async with fresh_async_engine.connect() as conn:
+        auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await auto.execute(sa.insert(Item).values(name="auto"))
+        await auto.rollback()
+    assert names(fresh_engine) == ["auto"]
+

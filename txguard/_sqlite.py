@@ -15,6 +15,11 @@ and its COMMIT and ROLLBACK work as before. A driver ``isolation_level`` of None
 autocommit (SQLAlchemy's ``AUTOCOMMIT``, or an application's own BEGIN recipe), and gets
 no BEGIN, nor does a connection already in a transaction; ``IMMEDIATE`` or ``EXCLUSIVE``
 is honoured as ``BEGIN IMMEDIATE`` and so on.
+
+On aiosqlite every driver call is a round trip to the connection's worker thread, and a
+cursor costs three (open, execute, close): BEGIN goes through aiosqlite's own
+``Connection.execute`` instead, one round trip, the cursor left to the garbage collector
+(a BEGIN has no rows to hold).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from sqlalchemy import Engine
+from sqlalchemy.engine import AdaptedConnection
 from sqlalchemy.engine.default import DefaultDialect
 
 __all__ = ["install_sqlite_transactions", "uses_sqlite_recipe"]
@@ -42,7 +48,7 @@ class _BeginOnDriver:
 
     def __init__(self, dialect_begin: Callable[[Any], None] | None) -> None:
         self.dialect_begin = dialect_begin
-        self.driver_features: dict[type, tuple[bool, bool]] = {}
+        self.driver_features: dict[type, tuple[bool, bool, bool]] = {}
 
     def __call__(self, dbapi_connection: Any) -> None:
         if self.dialect_begin is not None:
@@ -51,23 +57,36 @@ class _BeginOnDriver:
         level = driver.isolation_level
         if level is None:
             return  # autocommit: SQLAlchemy's AUTOCOMMIT, or the application begins
-        tells_transaction, has_autocommit = (
+        tells_transaction, has_autocommit, adapted = (
             self.driver_features.get(type(driver)) or self._learn(driver)
         )
         if tells_transaction and driver.in_transaction:
             return  # the application's own recipe began it
         if has_autocommit and driver.autocommit is False:
             return  # Python 3.12+ PEP 249 mode: the driver already begins correctly
+        statement = "BEGIN " + level if level else "BEGIN"
+        if adapted:
+            _begin_in_one_round_trip(driver, statement)
+            return
         cursor = driver.cursor()
         try:
-            cursor.execute("BEGIN " + level if level else "BEGIN")
+            cursor.execute(statement)
         finally:
             cursor.close()
 
-    def _learn(self, driver: Any) -> tuple[bool, bool]:
-        features = (hasattr(driver, "in_transaction"), hasattr(driver, "autocommit"))
+    def _learn(self, driver: Any) -> tuple[bool, bool, bool]:
+        features = (
+            hasattr(driver, "in_transaction"),
+            hasattr(driver, "autocommit"),
+            isinstance(driver, AdaptedConnection),
+        )
         self.driver_features[type(driver)] = features
         return features
+
+
+def _begin_in_one_round_trip(driver: AdaptedConnection, statement: str) -> None:
+    """Send BEGIN through aiosqlite's ``Connection.execute``: one worker-thread round trip."""
+    driver.run_async(lambda connection: connection.execute(statement))
 
 
 def uses_sqlite_recipe(engine: Engine) -> bool:
