@@ -2,6 +2,7 @@
 
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,17 @@ from txguard.asgi import UnitOfWorkMiddleware
 from txguard.fastapi import session
 
 
+PG = os.environ.get("TXGUARD_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test_h2")
+
+
 class Db:
-    def __init__(self, tmp_path: Path) -> None:
-        self.engine = sa.create_engine(f"sqlite:///{tmp_path}/web.db")
+    def __init__(self, tmp_path: Path, pg: bool = False) -> None:
+        sync_url, async_url = (
+            (PG, PG.replace("+psycopg", "+asyncpg")) if pg
+            else (f"sqlite:///{tmp_path}/web.db", f"sqlite+aiosqlite:///{tmp_path}/web.db"))
+        self.engine = sa.create_engine(sync_url)
         create_schema(self.engine)
-        self.async_engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/web.db")
+        self.async_engine = create_async_engine(async_url)
         self.sync = txguard.SessionRegistry(self.engine)
         self.aio = txguard.SessionRegistry(self.async_engine)
 
@@ -40,10 +47,10 @@ class Db:
         return [self.engine.pool.checkedout(), self.async_engine.sync_engine.pool.checkedout()]  # type: ignore[attr-defined]
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Db]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Db]:
     txguard.install(mixed_begin="error", leaks="warn", cross_thread="error", cross_task="error")
-    d = Db(tmp_path)
+    d = Db(tmp_path, pg=request.param == "postgresql")
     try:
         yield d
     finally:
@@ -515,3 +522,13 @@ def test_asgi_anyio_cancel_before_the_response_rolls_back(db: Db) -> None:
     anyio.run(main)
     assert db.names() == []
     assert db.checked_out() == [0, 0]
+
+
+def test_asgi_streaming_response_without_the_cross_task_guard_commits(db: Db) -> None:
+    """With cross_task="off" the stream's start (in Starlette's child task) commits: the guard is the trip."""
+    txguard.install(mixed_begin="error", leaks="warn", cross_thread="error", cross_task="off")
+    api = asgi_app(db)
+    api.add_middleware(UnitOfWorkMiddleware, registry=db.aio)
+    r = client(api).post("/plainstream")
+    assert (r.status_code, r.content) == (200, b"a")
+    assert db.names() == ["plain"]
