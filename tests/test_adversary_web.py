@@ -532,3 +532,22 @@ def test_asgi_streaming_response_without_the_cross_task_guard_commits(db: Db) ->
     r = client(api).post("/plainstream")
     assert (r.status_code, r.content) == (200, b"a")
     assert db.names() == ["plain"]
+
+
+def test_fastapi_session_under_a_base_http_middleware_commits(db: Db) -> None:
+    """session() (sync registry, def endpoint) under @app.middleware("http"): 200, committed."""
+    api = FastAPI()
+
+    @api.middleware("http")
+    async def passthrough(request: Request, call_next: Any) -> Any:
+        return await call_next(request)
+
+    @api.post("/x")
+    def x(s: Session = session(registry=db.sync)) -> dict[str, str]:
+        s.add(Item(name="bhm"))
+        s.flush()
+        return {"ok": "yes"}
+
+    assert client(api).post("/x").status_code == 200
+    assert db.names() == ["bhm"]
+    assert db.checked_out() == [0, 0]
