@@ -20,6 +20,9 @@ is silent):
 - Streaming responses are decided at the start: the unit has ended before the body is
   produced, so the body runs outside it (a body that needs the database opens its own
   ``txguard.unit_of_work()``). Background tasks run after the response, so after the commit.
+  Known bug: under the cross-task guard, a response whose start Starlette sends from a
+  child task (streaming and file responses) and SQL behind ``BaseHTTPMiddleware`` fail
+  with a 500 (see ``docs/recipes/asgi.md``).
 - Only ``http`` scopes get a unit by default; ``lifespan`` never does, and ``websocket``
   scopes do when asked (``scope_types=("http", "websocket")``): a websocket's unit commits
   when the app returns and rolls back when it raises.
