@@ -553,10 +553,11 @@ def test_keyboard_interrupt_as_the_unit_starts_to_settle_frees_the_connection(
 ) -> None:
     """Ctrl-C arriving at the first line of the unit's settling still closes its session."""
     registry = txguard.SessionRegistry(sqlite_engine)
+    previous = sys.gettrace()  # coverage's tracer, which the rest of the run needs back
 
     def tracer(frame: FrameType, event: str, arg: Any) -> Any:
         if frame.f_code.co_name == "settle" and event == "line":
-            sys.settrace(None)
+            sys.settrace(previous)
             raise KeyboardInterrupt
         return tracer
 
@@ -568,7 +569,7 @@ def test_keyboard_interrupt_as_the_unit_starts_to_settle_frees_the_connection(
     except KeyboardInterrupt:
         pass
     finally:
-        sys.settrace(None)
+        sys.settrace(previous)
     left_open = sqlite_engine.pool.checkedout()
     if left_open:  # let the leaked session go before the next test
         sa.orm.Session.close(session)
