@@ -20,7 +20,7 @@ from ._hooks import on_commit, on_rollback
 from ._options import UNIT_OPTION_NAMES, cached_options, check_names
 from ._registry import Registry, resolve, set_default
 from ._transactional import transactional
-from ._unit import Unit, UnitOfWork, current_unit, unit_for
+from ._unit import Unit, UnitOfWork, current_unit
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -73,9 +73,9 @@ class SessionRegistry(Registry, Generic[S]):
     def unit_of_work(self, **options: Any) -> UnitOfWork:
         """Open a unit of work on this registry (see ``txguard.unit_of_work``)."""
         if not options:
-            return unit_for(self.default_options)
+            return UnitOfWork(self.default_options)
         check_names("unit_of_work()", options, UNIT_OPTION_NAMES)
-        return unit_for(cached_options(self, options))
+        return UnitOfWork(cached_options(self, options))
 
     @overload
     def transactional(self, fn: Callable[P, R], /) -> Callable[P, R]: ...
@@ -168,4 +168,4 @@ def current_session(registry: Registry | None = None) -> Any:
 def in_transaction(registry: Registry | None = None) -> bool:
     """Say whether the current unit of work's session has an active transaction."""
     unit = current_unit(resolve(registry))
-    return unit is not None and unit.sync_session.in_transaction()
+    return unit is not None and unit.transaction.sync_session.in_transaction()

@@ -111,7 +111,7 @@ def _refuse_awaitable(fn: Callable[..., Any], result: Any, unit: UnitOfWork) -> 
     try:
         raise error
     except ConfigurationError:
-        unit.scope.mark_rollback_only(error, unit.where)  # with its traceback, for the site
+        unit.transaction.mark_rollback_only(error, unit.where)  # with its traceback, for the site
         raise
 
 
