@@ -94,7 +94,11 @@ class SessionRegistry(Registry, Generic[S]):
 
     def current_session(self) -> S:
         """Return the session of the current unit of work of this registry."""
-        return current_session(self)
+        unit = current_unit(self)
+        if unit is None:
+            raise _no_session()
+        session: S = unit.transaction.session
+        return session
 
     def in_transaction(self) -> bool:
         """Say whether the current unit's session has an active transaction."""
@@ -157,12 +161,16 @@ def current_session(registry: Registry | None = None) -> Any:
     """
     unit = current_unit(resolve(registry))
     if unit is None:
-        raise TransactionRequiredError(
-            "No unit of work is active, so there is no current session. Open one with "
-            "`with txguard.unit_of_work() as session:` (or `async with` on an async "
-            "registry), or decorate the calling function with @txguard.transactional."
-        )
-    return unit.session
+        raise _no_session()
+    return unit.transaction.session
+
+
+def _no_session() -> TransactionRequiredError:
+    return TransactionRequiredError(
+        "No unit of work is active, so there is no current session. Open one with "
+        "`with txguard.unit_of_work() as session:` (or `async with` on an async "
+        "registry), or decorate the calling function with @txguard.transactional."
+    )
 
 
 def in_transaction(registry: Registry | None = None) -> bool:

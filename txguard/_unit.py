@@ -671,40 +671,36 @@ def live(unit: Unit) -> Unit | None:
     A unit can end where its ``ContextVar`` token cannot be reset (another thread, another
     copy of the context), so a context may still hold an ended unit. This follows each
     unit's link to the unit that was current when it was opened, past ended units and
-    units of other threads (see ``usable``); None when there is none. So a new thread
+    units of other threads; None when there is none. A thread may use a unit it owns (the
+    one that opened it, see ``adopt``) that is active and runs in transactions that are all
+    in progress: a thread that inherits a copy of another thread's context must not share
+    that thread's Session. So a new thread
     starts with none, even one running in a copy of another thread's context, and an
     asyncio task sees the units of the task that created it.
     """
     ident = threading.get_ident()
     current: Unit | None = unit
-    while current is not None and not usable(current, ident):
+    while current is not None:
+        thread = current.thread
+        if (
+            (thread == ident or thread == FOLLOWS_CONTEXT)
+            and current.state is _STATE_ACTIVE
+            and _in_progress(current.transaction)
+        ):
+            return current
         current = current.previous
-    return current
+    return None
 
 
-def usable(unit: Unit, ident: int) -> bool:
-    """Say whether code in thread ``ident`` may use ``unit``: the thread owns it (see
-    ``adopt``), and it and every unit whose transaction it runs in are active.
-
-    The owner thread is the one that opened the unit: a thread that inherits a copy of
-    another thread's context must not share that thread's Session.
-    """
-    if unit.thread != ident and unit.thread != FOLLOWS_CONTEXT:
-        return False
-    if unit.state is not _STATE_ACTIVE:
-        return False
-    transaction: Transaction | None = unit.transaction
+def _in_progress(transaction: Transaction | None) -> bool:
+    """Say whether ``transaction`` and the transactions around it (a savepoint's) have not
+    been settled yet: the units that began them are still running."""
     while transaction is not None:
-        if not _in_progress(transaction):
+        state = transaction.state
+        if state is not _TX_ACTIVE and state is not _TX_ROLLBACK_ONLY:
             return False
         transaction = transaction.parent
     return True
-
-
-def _in_progress(transaction: Transaction) -> bool:
-    """Say whether the unit that began ``transaction`` has not settled it yet."""
-    state = transaction.state
-    return state is _TX_ACTIVE or state is _TX_ROLLBACK_ONLY
 
 
 def push(registry: Registry, unit: UnitOfWork) -> None:
@@ -780,15 +776,19 @@ def _orphan(unit: Unit, inner: list[Unit]) -> DisciplineError:
     return error
 
 
-def _outlived(unit: Unit) -> DisciplineError | None:
-    """Check that the units ``unit`` runs in are still active; if one ended first (its
-    block ended in another context: an async generator finalised by the event loop),
-    discard what ``unit`` did since and return the error its exit raises."""
-    outer = unit.transaction if unit.role is _ROLE_JOINS else unit.transaction.parent
+def _outer(unit: Unit) -> Transaction | None:
+    """The transaction a joined or savepoint unit runs inside of."""
+    return unit.transaction if unit.role is _ROLE_JOINS else unit.transaction.parent
+
+
+def _outlived(unit: Unit) -> DisciplineError:
+    """Discard what ``unit`` did since a transaction it runs inside of was settled first (its
+    block ended in another context: an async generator finalised by the event loop), and
+    return the error its exit raises."""
+    outer = _outer(unit)
     while outer is not None and _in_progress(outer):
         outer = outer.parent
-    if outer is None:
-        return None
+    assert outer is not None, "only called when a transaction around the unit has ended"
     error = DisciplineError(
         f"The unit opened at {unit.where} ran in the transaction of the unit opened at "
         f"{outer.where}, which ended first, in another context (an async generator closed "
@@ -827,8 +827,9 @@ def end(unit: UnitOfWork, exc: BaseException | None) -> tuple[Finish | None, Bas
     """
     inner = _pop(unit)
     if not inner:
-        error = _outlived(unit) if unit.role is not _ROLE_BEGINS else None
-        return settle(unit, exc) if error is None else (None, error)
+        if unit.role is _ROLE_BEGINS or _in_progress(_outer(unit)):
+            return settle(unit, exc)
+        return None, _outlived(unit)
     error = _orphan(unit, inner)
     for u in inner:
         _settled_inner(settle(u, error), error)
@@ -842,10 +843,9 @@ async def aend(
     """End an async unit's block: ``end`` with ``asettle``."""
     inner = _pop(unit)
     if not inner:
-        error = await greenlet_spawn(_outlived, unit) if unit.role is not _ROLE_BEGINS else None
-        if error is None:
+        if unit.role is _ROLE_BEGINS or _in_progress(_outer(unit)):
             return await asettle(unit, exc)
-        return None, error
+        return None, await greenlet_spawn(_outlived, unit)
     error = _orphan(unit, inner)
     for u in inner:
         _settled_inner(await asettle(u, error), error)
@@ -938,7 +938,7 @@ class UnitOfWork(Unit):
         registry = self._registry_for(want_async=False)
         self.where = caller_origin(sys._getframe(1))
         if self.enter(registry):
-            session: Session = self.session
+            session: Session = self.transaction.session
             return session
         return None  # type: ignore[return-value]  # propagation="never" outside a unit
 
@@ -961,7 +961,7 @@ class UnitOfWork(Unit):
         registry = self._registry_for(want_async=True)
         self.where = caller_origin(sys._getframe(1))
         if await self.aenter(registry):
-            session: AsyncSession = self.session
+            session: AsyncSession = self.transaction.session
             return session
         return None  # type: ignore[return-value]  # propagation="never" outside a unit
 
