@@ -49,8 +49,6 @@ class TransactionState(enum.Enum):
     ROLLED_BACK = "rolled_back"
     IN_DOUBT = "in_doubt"  # its COMMIT failed before it went through: the outcome is unknown
 
-    may_become: tuple[TransactionState, ...]  # the legal moves from it (TRANSITIONS)
-
 
 _S = TransactionState
 
@@ -64,21 +62,20 @@ TRANSITIONS: Final[dict[TransactionState, frozenset[TransactionState]]] = {
 }
 """The legal moves: from each state, the states it may become."""
 
-# Each member keeps its moves as a tuple, so a move is checked without hashing the members
-# (Enum.__hash__ is Python code: two hashes per move cost ~10k instructions per unit).
-for _state, _targets in TRANSITIONS.items():
-    _state.may_become = tuple(sorted(_targets, key=lambda s: s.value))
-
 
 def transition(current: TransactionState, new: TransactionState, where: Origin) -> TransactionState:
     """Return ``new`` if a transaction in state ``current`` may become it; else raise.
 
     ``where`` is where the unit that began the transaction was opened, for the message.
     """
-    if new in current.may_become:
+    if new in TRANSITIONS[current]:
         return new
-    allowed = ", ".join(s.value for s in current.may_become) or "nothing: it is final"
-    raise DisciplineError(
+    raise _illegal_move(current, new, where)
+
+
+def _illegal_move(current: TransactionState, new: TransactionState, where: Origin) -> DisciplineError:
+    allowed = ", ".join(sorted(s.value for s in TRANSITIONS[current])) or "nothing: it is final"
+    return DisciplineError(
         f"The transaction of the unit opened at {where} is {current.value!r} and cannot "
         f"become {new.value!r} (from {current.value!r} it may become {allowed}). A unit "
         "that ended was used again: open a new unit for new work."
@@ -146,8 +143,11 @@ class Transaction:
         return transaction
 
     def move_to(self, state: TransactionState) -> None:
-        """Move to ``state``, if that move is declared legal."""
-        self.state = transition(self.state, state, self.where)
+        """Move to ``state``, if that move is declared legal (as ``transition``)."""
+        current = self.state
+        if state not in TRANSITIONS[current]:
+            raise _illegal_move(current, state, self.where)
+        self.state = state
 
     def mark_rollback_only(self, cause: BaseException, unit: Origin) -> None:
         """Doom the transaction: it will roll back. The first cause is kept; a transaction

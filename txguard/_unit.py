@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Unit", "UnitOfWork", "UnitState", "adopt", "aend", "current_unit", "end", "follow_context",
-    "open_unit", "push", "settle", "unit_of_work",
+    "open_unit", "settle", "unit_of_work",
 ]
 
 logger = logging.getLogger("txguard")
@@ -312,7 +312,11 @@ def open_unit(registry: Registry, unit: Unit) -> Unit | None:
             where,
         )
         if step is _PLAN_JOIN:
-            return _join(outer, unit)
+            if opts.isolation_level is not None:
+                _check_isolation(outer, unit)
+            unit.role = _ROLE_JOINS
+            unit.transaction = outer
+            return unit
         if step is _PLAN_SAVEPOINT:
             return _savepoint(outer, unit)
     if step is _PLAN_NO_UNIT:
@@ -330,14 +334,6 @@ def open_unit(registry: Registry, unit: Unit) -> Unit | None:
     unit.role = _ROLE_BEGINS
     sync._txguard_unit = unit  # type: ignore[attr-defined]  # before begin: the guards ask it
     transaction.begun = None if commit_as_you_go else base.begin(sync)
-    return unit
-
-
-def _join(outer: Transaction, unit: Unit) -> Unit:
-    if unit.opts.isolation_level is not None:
-        _check_isolation(outer, unit)
-    unit.role = _ROLE_JOINS
-    unit.transaction = outer
     return unit
 
 
@@ -682,12 +678,14 @@ def live(unit: Unit) -> Unit | None:
     current: Unit | None = unit
     while current is not None:
         thread = current.thread
-        if (
-            (thread == ident or thread == FOLLOWS_CONTEXT)
-            and current.state is _STATE_ACTIVE
-            and _in_progress(current.transaction)
-        ):
-            return current
+        if (thread == ident or thread == FOLLOWS_CONTEXT) and current.state is _STATE_ACTIVE:
+            transaction: Transaction | None = current.transaction
+            while transaction is not None and (
+                transaction.state is _TX_ACTIVE or transaction.state is _TX_ROLLBACK_ONLY
+            ):
+                transaction = transaction.parent
+            if transaction is None:  # all in progress
+                return current
         current = current.previous
     return None
 
@@ -701,13 +699,6 @@ def _in_progress(transaction: Transaction | None) -> bool:
             return False
         transaction = transaction.parent
     return True
-
-
-def push(registry: Registry, unit: UnitOfWork) -> None:
-    """Make ``unit``, just opened by ``open_unit``, the current unit of this context."""
-    var = unit._var = registry._var
-    unit._token = var.set(unit)
-    unit.state = _STATE_ACTIVE
 
 
 def adopt(unit: Unit) -> None:
@@ -776,16 +767,11 @@ def _orphan(unit: Unit, inner: list[Unit]) -> DisciplineError:
     return error
 
 
-def _outer(unit: Unit) -> Transaction | None:
-    """The transaction a joined or savepoint unit runs inside of."""
-    return unit.transaction if unit.role is _ROLE_JOINS else unit.transaction.parent
-
-
 def _outlived(unit: Unit) -> DisciplineError:
     """Discard what ``unit`` did since a transaction it runs inside of was settled first (its
     block ended in another context: an async generator finalised by the event loop), and
     return the error its exit raises."""
-    outer = _outer(unit)
+    outer = unit.transaction if unit.role is _ROLE_JOINS else unit.transaction.parent
     while outer is not None and _in_progress(outer):
         outer = outer.parent
     assert outer is not None, "only called when a transaction around the unit has ended"
@@ -827,7 +813,7 @@ def end(unit: UnitOfWork, exc: BaseException | None) -> tuple[Finish | None, Bas
     """
     inner = _pop(unit)
     if not inner:
-        if unit.role is _ROLE_BEGINS or _in_progress(_outer(unit)):
+        if unit.role is _ROLE_BEGINS or _in_progress(unit.transaction):
             return settle(unit, exc)
         return None, _outlived(unit)
     error = _orphan(unit, inner)
@@ -843,7 +829,7 @@ async def aend(
     """End an async unit's block: ``end`` with ``asettle``."""
     inner = _pop(unit)
     if not inner:
-        if unit.role is _ROLE_BEGINS or _in_progress(_outer(unit)):
+        if unit.role is _ROLE_BEGINS or _in_progress(unit.transaction):
             return await asettle(unit, exc)
         return None, await greenlet_spawn(_outlived, unit)
     error = _orphan(unit, inner)
@@ -885,12 +871,6 @@ class UnitOfWork(Unit):
     _token: Token[Unit | None]  # set with state ACTIVE: the registry's stack before it
     _var: ContextVar[Unit | None]  # the registry's stack it was pushed on
 
-    def _registry_for(self, want_async: bool) -> Registry:
-        registry = self.opts.registry or resolve(None)
-        if registry.is_async is not want_async or self.state is not _STATE_READY:
-            self._refuse(registry, want_async)
-        return registry
-
     def _refuse(self, registry: Registry, want_async: bool) -> None:
         if registry.is_async is not want_async:
             raise ConfigurationError(_mismatch(registry, "async with" if want_async else "with"))
@@ -923,7 +903,9 @@ class UnitOfWork(Unit):
         if open_unit(registry, self) is None:
             self.state = _STATE_OUTSIDE
             return False
-        push(registry, self)
+        var = self._var = registry._var
+        self._token = var.set(self)
+        self.state = _STATE_ACTIVE
         return True
 
     async def aenter(self, registry: Registry) -> bool:
@@ -931,11 +913,15 @@ class UnitOfWork(Unit):
         if await aopen_unit(registry, self) is None:
             self.state = _STATE_OUTSIDE
             return False
-        push(registry, self)
+        var = self._var = registry._var
+        self._token = var.set(self)
+        self.state = _STATE_ACTIVE
         return True
 
     def __enter__(self) -> Session:
-        registry = self._registry_for(want_async=False)
+        registry = self.opts.registry or resolve(None)
+        if registry.is_async or self.state is not _STATE_READY:
+            self._refuse(registry, want_async=False)
         self.where = caller_origin(sys._getframe(1))
         if self.enter(registry):
             session: Session = self.transaction.session
@@ -958,7 +944,9 @@ class UnitOfWork(Unit):
             raise error
 
     async def __aenter__(self) -> AsyncSession:
-        registry = self._registry_for(want_async=True)
+        registry = self.opts.registry or resolve(None)
+        if not registry.is_async or self.state is not _STATE_READY:
+            self._refuse(registry, want_async=True)
         self.where = caller_origin(sys._getframe(1))
         if await self.aenter(registry):
             session: AsyncSession = self.transaction.session
