@@ -794,6 +794,26 @@ def _outlived(unit: Unit) -> DisciplineError:
     return error
 
 
+def _abandon(unit: Unit) -> None:
+    """Close the session of a unit whose settling was interrupted, which rolls back its work.
+
+    An interrupt can land on any instruction, also on those before ``settle`` enters the
+    ``try`` that closes the session; the caller's ``try`` covers them. Closing a session
+    twice is harmless, so this does not ask how far ``settle`` got.
+    """
+    if unit.role is not _ROLE_BEGINS:
+        return  # the interrupt goes on to the unit that began the transaction
+    transaction = unit.transaction
+    sync = transaction.sync_session
+    sync._txguard_unit = None  # type: ignore[attr-defined]
+    if _in_progress(transaction):
+        transaction.move_to(_TX_ROLLED_BACK)
+    try:
+        transaction.session_class.close(sync)
+    except Exception:
+        logger.warning("txguard: closing the session failed", exc_info=True)
+
+
 def _settled_inner(
     outcome: tuple[Finish | None, BaseException | None], error: DisciplineError
 ) -> None:
@@ -814,7 +834,11 @@ def end(unit: UnitOfWork, exc: BaseException | None) -> tuple[Finish | None, Bas
     inner = _pop(unit)
     if not inner:
         if unit.role is _ROLE_BEGINS or _in_progress(unit.transaction):
-            return settle(unit, exc)
+            try:
+                return settle(unit, exc)
+            except BaseException:  # settle returns errors: this interrupted it (Ctrl-C)
+                _abandon(unit)
+                raise
         return None, _outlived(unit)
     error = _orphan(unit, inner)
     for u in inner:
