@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Final
 from sqlalchemy.exc import DBAPIError
 
 from ._describe import option_value
-from ._errors import ConfigurationError, mark_after_commit, raised_after_commit
+from ._errors import ConfigurationError, raised_after_commit
 from ._transaction import Role, TransactionState
 
 if TYPE_CHECKING:

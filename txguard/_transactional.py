@@ -22,7 +22,7 @@ from ._options import (
 from ._origin import Origin, capture
 from ._registry import Registry, check_registry, resolve
 from ._retry import next_delay
-from ._unit import UnitOfWork, _mismatch, aend, end
+from ._unit import UnitOfWork, _mismatch, aend, aleave, end, leave
 
 __all__ = ["transactional"]
 
@@ -134,16 +134,14 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
             else:
                 finish, error = end(unit, None)
                 if error is None:
-                    if finish is not None:
-                        finish.deliver(in_flight=False)
+                    leave(finish, None, None)
                     return result
             delay = next_delay(unit, error, attempt) if opts.retries else None  # type: ignore[arg-type]
             if delay is None:
-                if finish is not None:
-                    finish.deliver(in_flight=True)
-                raise error  # type: ignore[misc]
-            attempt += 1
-            time.sleep(delay)
+                leave(finish, error, None)  # error is not None: this raises it
+            else:
+                attempt += 1
+                time.sleep(delay)
 
     return run_in_unit
 
@@ -167,15 +165,13 @@ def _async_wrapper(
             else:
                 finish, error = await aend(unit, None)
                 if error is None:
-                    if finish is not None:
-                        await finish.adeliver(in_flight=False)
+                    await aleave(finish, None, None)
                     return result
             delay = next_delay(unit, error, attempt) if opts.retries else None  # type: ignore[arg-type]
             if delay is None:
-                if finish is not None:
-                    await finish.adeliver(in_flight=True)
-                raise error  # type: ignore[misc]
-            attempt += 1
-            await asyncio.sleep(delay)
+                await aleave(finish, error, None)  # error is not None: this raises it
+            else:
+                attempt += 1
+                await asyncio.sleep(delay)
 
     return run_in_unit

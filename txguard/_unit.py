@@ -54,7 +54,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
 __all__ = [
-    "Unit", "UnitOfWork", "UnitState", "adopt", "aend", "current_unit", "end", "follow_context",
+    "Finish", "Unit", "UnitOfWork", "UnitState", "adopt", "aend", "aleave", "current_unit", "end",
+    "follow_context", "leave",
     "open_unit", "settle", "unit_of_work",
 ]
 
@@ -284,6 +285,26 @@ class Finish:
             warn_at_user(self.warning, UncommittedWorkWarning)
         if self.callbacks:
             await greenlet_spawn(run_callbacks, self.callbacks, self.committed, in_flight)
+
+
+def leave(finish: Finish | None, error: BaseException | None, exc: BaseException | None) -> None:
+    """The last step of every block txguard ends (a unit's ``with`` block, a
+    ``@transactional`` call, a ``connect()`` block): deliver what its end left, then raise
+    ``error`` unless it is ``exc``, the exception already leaving the block."""
+    if finish is not None:
+        finish.deliver(in_flight=error is not None)
+    if error is not None and error is not exc:
+        raise error
+
+
+async def aleave(
+    finish: Finish | None, error: BaseException | None, exc: BaseException | None
+) -> None:
+    """``leave`` for an async block."""
+    if finish is not None:
+        await finish.adeliver(in_flight=error is not None)
+    if error is not None and error is not exc:
+        raise error
 
 
 # Opening a unit.
@@ -961,11 +982,7 @@ class UnitOfWork(Unit):
         if self.state is not _STATE_ACTIVE:
             self._exit_inactive(exc)
             return
-        finish, error = end(self, exc)
-        if finish is not None:
-            finish.deliver(in_flight=error is not None)
-        if error is not None and error is not exc:
-            raise error
+        leave(*end(self, exc), exc)
 
     async def __aenter__(self) -> AsyncSession:
         registry = self.opts.registry or resolve(None)
@@ -986,11 +1003,7 @@ class UnitOfWork(Unit):
         if self.state is not _STATE_ACTIVE:
             self._exit_inactive(exc)
             return
-        finish, error = await aend(self, exc)
-        if finish is not None:
-            await finish.adeliver(in_flight=error is not None)
-        if error is not None and error is not exc:
-            raise error
+        await aleave(*await aend(self, exc), exc)
 
 
 def _mismatch(registry: Registry, statement: str) -> str:
