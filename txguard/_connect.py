@@ -204,7 +204,8 @@ class ConnectionUnit:
         held, self._held = self._held, None
         if held is None:
             return
-        leave(*_settle(held, exc), exc)
+        finish, error = _settle(held, exc)
+        leave(finish, error, exc)
 
     async def __aenter__(self) -> AsyncConnection:
         from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine

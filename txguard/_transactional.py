@@ -134,7 +134,8 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
             else:
                 finish, error = end(unit, None)
                 if error is None:
-                    leave(finish, None, None)
+                    if finish is not None:
+                        finish.deliver(in_flight=False)
                     return result
             delay = next_delay(unit, error, attempt) if opts.retries else None  # type: ignore[arg-type]
             if delay is None:
@@ -165,7 +166,8 @@ def _async_wrapper(
             else:
                 finish, error = await aend(unit, None)
                 if error is None:
-                    await aleave(finish, None, None)
+                    if finish is not None:
+                        await finish.adeliver(in_flight=False)
                     return result
             delay = next_delay(unit, error, attempt) if opts.retries else None  # type: ignore[arg-type]
             if delay is None:

@@ -1,9 +1,12 @@
 """Units of work: the transaction logic, written once and driven from sync or async code.
 
-A unit either *owns* a scope (it began the transaction, or a savepoint) or *joins* the
-scope of the unit around it. ``open_unit`` carries out what ``_propagation.plan`` decides
-from the propagation, and ``settle`` ends it: commit, release, roll back, or mark the
-shared scope rollback-only.
+A unit is one block's stack frame: it either begins a ``Transaction`` (its own session's,
+a savepoint in the active one, or a commit-as-you-go session) or joins the active unit's
+``Transaction``, which then has two frames referencing it. ``open_unit`` carries out what
+``_propagation.plan`` decides from the propagation, and ``settle`` ends it: commit,
+release, roll back, or mark the shared transaction rollback-only. ``end`` (and ``aend``)
+takes the unit off its stack and settles it, and ``leave`` delivers what that left: the
+with-block, ``@transactional`` and ``connect()`` all finish through them.
 Both are plain functions over a sync ``Session``; the asyncio driver runs the same
 functions inside SQLAlchemy's greenlet bridge, exactly as ``AsyncSession`` drives
 ``Session`` (async is a thin driver, the logic exists once).
@@ -536,7 +539,8 @@ def _settle_savepoint(
                 error = release_error
     except BaseException as rollback_error:
         # MySQL/MariaDB end the whole transaction on a deadlock, savepoints included: keep
-        # the error that caused it (the owner may retry on it) and let nothing commit.
+        # the error that caused it (the unit that began the transaction may retry on it)
+        # and let nothing commit.
         if exc is None:
             error = rollback_error
         if parent is not None:
@@ -890,7 +894,8 @@ async def aend(
 class UnitOfWork(Unit):
     """A unit of work as a context manager: ``with`` for sync, ``async with`` for async.
 
-    It is itself the unit its block runs in, so entering one allocates nothing more. Where
+    It is itself the frame its block runs in; entering one that begins a transaction
+    allocates its ``Transaction``, and one that joins allocates nothing more. Where
     its block was entered is an ``Origin`` that keeps the caller's code and instruction
     offset and looks the line up only if a message shows it. Each object runs one block
     (``state``; see the README's Decisions for why it is not reusable).
@@ -982,7 +987,8 @@ class UnitOfWork(Unit):
         if self.state is not _STATE_ACTIVE:
             self._exit_inactive(exc)
             return
-        leave(*end(self, exc), exc)
+        finish, error = end(self, exc)
+        leave(finish, error, exc)
 
     async def __aenter__(self) -> AsyncSession:
         registry = self.opts.registry or resolve(None)
@@ -1003,7 +1009,8 @@ class UnitOfWork(Unit):
         if self.state is not _STATE_ACTIVE:
             self._exit_inactive(exc)
             return
-        await aleave(*await aend(self, exc), exc)
+        finish, error = await aend(self, exc)
+        await aleave(finish, error, exc)
 
 
 def _mismatch(registry: Registry, statement: str) -> str:
