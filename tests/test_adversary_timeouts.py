@@ -543,11 +543,6 @@ def test_serialization_failure_at_commit_is_retried(pg: sa.Engine) -> None:
     assert sorted(n[1] for n in names(pg)) == ["0", "1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an interrupt delivered as settle() starts, before its try/finally, leaves the "
-    "session's transaction and connection open",
-)
 def test_keyboard_interrupt_as_the_unit_starts_to_settle_frees_the_connection(
     sqlite_engine: sa.Engine,
 ) -> None:

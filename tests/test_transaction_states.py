@@ -58,7 +58,7 @@ def test_a_joined_unit_that_fails_dooms_the_owner_transaction(
             except KeyError:
                 pass
             owner = registry.current_unit()
-            assert owner is not None and owner.tx_state is S.ROLLBACK_ONLY
+            assert owner is not None and owner.transaction.state is S.ROLLBACK_ONLY
 
 
 def test_a_unit_that_commits_ends_committed(registry: txguard.SessionRegistry) -> None:
@@ -66,7 +66,7 @@ def test_a_unit_that_commits_ends_committed(registry: txguard.SessionRegistry) -
     unit = registry.unit_of_work()
     with unit:
         pass
-    assert unit.tx_state is S.COMMITTED
+    assert unit.transaction.state is S.COMMITTED
 
 
 def test_a_unit_that_raises_ends_rolled_back(registry: txguard.SessionRegistry) -> None:
@@ -75,4 +75,4 @@ def test_a_unit_that_raises_ends_rolled_back(registry: txguard.SessionRegistry) 
     with pytest.raises(KeyError):
         with unit:
             raise KeyError("k")
-    assert unit.tx_state is S.ROLLED_BACK
+    assert unit.transaction.state is S.ROLLED_BACK

@@ -19,8 +19,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 
 from ._async import completed
 from ._describe import name_of
-from ._errors import ConfigurationError
-from ._retry import mark_after_commit
+from ._errors import ConfigurationError, mark_after_commit
 
 __all__ = [
     "ALWAYS", "Callback", "NO_CALLBACKS", "ON_COMMIT", "ON_ROLLBACK", "call_each", "capturing",

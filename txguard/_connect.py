@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection, RootTransaction
 from sqlalchemy.util import greenlet_spawn
 
 from ._describe import describe
-from ._errors import ConfigurationError, DisciplineError, UncommittedWorkWarning
+from ._errors import ConfigurationError, DisciplineError
 from ._failures import (
     Failure,
     aborted,
@@ -20,12 +20,12 @@ from ._failures import (
     own_connection,
 )
 from ._options import Mode, _isolation, choice
-from ._origin import Origin, caller_origin, capture, shorten_sql, warn_at_user
+from ._origin import Origin, caller_origin, capture, shorten_sql
 from ._async import completed
 from ._registry import Registry, check_registry, resolve
 from ._sessions import refuse_autocommit
 from ._statements import is_write_execution
-from ._unit import caught_failure
+from ._unit import Finish, aleave, caught_failure, leave
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -122,7 +122,7 @@ def _open(engine: Engine, mode: Mode, isolation_level: str | None, where: Origin
     return held
 
 
-def _settle(held: _Held, exc: BaseException | None) -> tuple[str | None, BaseException | None]:
+def _settle(held: _Held, exc: BaseException | None) -> tuple[Finish | None, BaseException | None]:
     conn = held.conn
     d = conn.__dict__
     for name in _GUARDED:
@@ -162,7 +162,7 @@ def _settle(held: _Held, exc: BaseException | None) -> tuple[str | None, BaseExc
             error = rollback_error
     finally:
         conn.close()
-    return warning, error
+    return (None if warning is None else Finish([], False, warning)), error
 
 
 class ConnectionUnit:
@@ -204,8 +204,8 @@ class ConnectionUnit:
         held, self._held = self._held, None
         if held is None:
             return
-        warning, error = _settle(held, exc)
-        _deliver(warning, error, exc)
+        finish, error = _settle(held, exc)
+        leave(finish, error, exc)
 
     async def __aenter__(self) -> AsyncConnection:
         from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -231,15 +231,8 @@ class ConnectionUnit:
         if held is None:
             return
         task, cancelled = await completed(greenlet_spawn(_settle, held, exc))
-        warning, error = task.result()
-        _deliver(warning, error if cancelled is None else cancelled, exc)
-
-
-def _deliver(warning: str | None, error: BaseException | None, exc: BaseException | None) -> None:
-    if warning is not None:
-        warn_at_user(warning, UncommittedWorkWarning)
-    if error is not None and error is not exc:
-        raise error
+        finish, error = task.result()
+        await aleave(finish, error if cancelled is None else cancelled, exc)
 
 
 def connect(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from sqlalchemy.exc import InvalidRequestError
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "TxGuardWarning",
     "UncommittedWorkWarning",
     "UnexpectedRollbackError",
+    "mark_after_commit",
+    "raised_after_commit",
 ]
 
 
@@ -129,3 +133,23 @@ class LongTransactionWarning(TxGuardWarning):
     """Warn that a transaction has been open longer than the configured threshold."""
 
     __module__ = "txguard"
+
+
+_AFTER_COMMIT: Final = "_txguard_after_commit"
+
+
+def mark_after_commit(exc: BaseException) -> None:
+    """Record that ``exc`` was raised after a transaction committed (a listener, a callback).
+
+    The mark travels with the exception, so no unit it passes through on its way out (the
+    one that committed, or an outer one that would run the committed work again) retries it.
+    """
+    try:
+        setattr(exc, _AFTER_COMMIT, True)
+    except Exception:  # pragma: no cover - an exception type that refuses attributes
+        pass
+
+
+def raised_after_commit(exc: BaseException) -> bool:
+    """Say whether ``exc`` was raised after a transaction committed."""
+    return getattr(exc, _AFTER_COMMIT, False) is True

@@ -76,12 +76,10 @@ _check_status = False  # whether any dialect above is in use: SQLite units skip 
 
 
 class Holder(Protocol):
-    """What keeps a transaction's failures: a root unit, or a ``connect()`` block's holder."""
+    """What keeps a transaction's failures: a unit's root ``Transaction``, or a ``connect()``
+    block's holder."""
 
     failures: list[Failure] | tuple[Failure, ...]
-
-    @property
-    def where(self) -> Origin: ...
 
     def savepoints(self, connection: Connection) -> tuple[object, ...]:
         """The savepoints a statement failing now on ``connection`` runs in, innermost first."""
@@ -185,11 +183,12 @@ def _unit_of(connection: Connection) -> Holder | None:
     searched, newest first (a session a unit opened carries its unit while it runs)."""
     # valuerefs() copies the registry in one step: other threads may add sessions meanwhile.
     for session in live_sessions():
-        unit: Holder | None = vars(session).get("_txguard_unit")
+        unit = vars(session).get("_txguard_unit")
         if unit is not None:
             root = session.get_transaction()
             if root is not None and holds_connection(root, connection):
-                return unit
+                holder: Holder = unit.transaction
+                return holder
     return None
 
 
@@ -218,7 +217,7 @@ def _session_rolled_back(session: Session, previous: SessionTransaction) -> None
         boundary = boundary.parent
     unit = vars(session).get("_txguard_unit")
     if boundary is not None and unit is not None:
-        contain(unit, boundary)
+        contain(unit.transaction, boundary)
 
 
 def connection_savepoints(connection: Connection) -> tuple[object, ...]:

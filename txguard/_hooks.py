@@ -52,10 +52,13 @@ def on_commit(
     if not isinstance(robust, bool):
         raise ConfigurationError(f"robust={option_value(robust)} is not valid; use True or False.")
     unit = current_unit(owner)
-    if unit is None or not (unit.scope.transactional or unit.sync_session.in_transaction()):
+    transaction = None if unit is None else unit.transaction
+    if transaction is None or not (
+        transaction.transactional or transaction.sync_session.in_transaction()
+    ):
         run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)
         return
-    unit.scope.add_callback(Callback(fn, ON_COMMIT, robust))
+    transaction.add_callback(Callback(fn, ON_COMMIT, robust))
 
 
 def on_rollback(fn: Callable[[], object], *, registry: Registry | None = None) -> None:
@@ -70,6 +73,6 @@ def on_rollback(fn: Callable[[], object], *, registry: Registry | None = None) -
     unit = current_unit(owner)
     if unit is None:
         return
-    unit.scope.add_callback(Callback(fn, ON_ROLLBACK, False))
+    unit.transaction.add_callback(Callback(fn, ON_ROLLBACK, False))
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "UNKNOWN",
     "Origin",
     "caller_origin",
+    "failure_site",
     "line_of",
     "capture",
     "code_origin",
@@ -291,6 +292,18 @@ def capture(depth: int = 1, limit: int = 1) -> Origin:
             callers.append((current.f_code, current.f_lasti))
         current = current.f_back
     return Origin(frame.f_code, frame.f_lasti, tuple(callers))
+
+
+def failure_site(exc: BaseException) -> Origin:
+    """Return the innermost user frame of ``exc``'s traceback."""
+    tb = exc.__traceback__
+    site: Origin = UNKNOWN
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if not _is_library(code.co_filename):
+            site = Origin(code, tb.tb_lasti)
+        tb = tb.tb_next
+    return site
 
 
 def _short_path(filename: str) -> str:

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Final
 from sqlalchemy.exc import DBAPIError
 
 from ._describe import option_value
-from ._errors import ConfigurationError
-from ._transaction import TransactionState
+from ._errors import ConfigurationError, raised_after_commit
+from ._transaction import Role, TransactionState
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "is_retryable", "retry_wanted", "next_delay", "backoff_delay", "BACKOFF_CAP",
-    "mark_after_commit", "raised_after_commit",
 ]
 
 # SQLSTATE, as psycopg 3 (``.sqlstate``), psycopg2 (``.pgcode``) and SQLAlchemy's asyncpg
@@ -31,7 +30,6 @@ _PG_RETRYABLE: Final = frozenset({"40001", "40P01"})
 _MYSQL_RETRYABLE: Final = frozenset({1213, 1205})
 BACKOFF_CAP: Final = 2.0  # seconds; a larger base backoff is its own cap
 _MAX_DOUBLINGS: Final = 60  # keeps 2 ** n a float long after the cap is reached
-_AFTER_COMMIT: Final = "_txguard_after_commit"
 
 
 def _sqlstate(orig: object) -> str | None:
@@ -69,23 +67,6 @@ def is_retryable(exc: BaseException) -> bool:
         return True
     orig = exc.orig
     return _sqlstate(orig) in _PG_RETRYABLE or _mysql_errno(orig) in _MYSQL_RETRYABLE
-
-
-def mark_after_commit(exc: BaseException) -> None:
-    """Record that ``exc`` was raised after a transaction committed (a listener, a callback).
-
-    The mark travels with the exception, so no unit it passes through on its way out (the
-    one that committed, or an outer one that would run the committed work again) retries it.
-    """
-    try:
-        setattr(exc, _AFTER_COMMIT, True)
-    except Exception:  # pragma: no cover - an exception type that refuses attributes
-        pass
-
-
-def raised_after_commit(exc: BaseException) -> bool:
-    """Say whether ``exc`` was raised after a transaction committed."""
-    return getattr(exc, _AFTER_COMMIT, False) is True
 
 
 def retry_wanted(opts: UnitOptions, exc: BaseException) -> bool:
@@ -164,16 +145,18 @@ def next_delay(unit: Unit, exc: BaseException, attempt: int) -> float | None:
                 f"{attempt} attempts.",
             )
         return None
-    if unit.owner is not None or unit.parent is not None:  # it joined, or took a savepoint
-        if unit.owner is not None:
-            _note(
-                exc,
-                f"txguard: not retried by {unit.where}: it joined the transaction of the "
-                f"unit opened at {unit.scope.where}; only the unit that begins a "
-                "transaction retries it (retries= there, or propagation='requires_new' here).",
-            )
+    transaction = unit.transaction
+    if unit.role is Role.JOINS:
+        _note(
+            exc,
+            f"txguard: not retried by {unit.where}: it joined the transaction of the "
+            f"unit opened at {transaction.where}; only the unit that begins a "
+            "transaction retries it (retries= there, or propagation='requires_new' here).",
+        )
         return None
-    if unit.scope.tx_state is TransactionState.IN_DOUBT and _from_commit(exc) and not _declared_rollback(exc):
+    if transaction.parent is not None:  # a savepoint: the transaction around it goes on
+        return None
+    if transaction.state is TransactionState.IN_DOUBT and _from_commit(exc) and not _declared_rollback(exc):
         _note(
             exc,
             f"txguard: attempt {attempt} of {unit.where} failed while COMMIT was being "

@@ -20,7 +20,7 @@ from ._hooks import on_commit, on_rollback
 from ._options import UNIT_OPTION_NAMES, cached_options, check_names
 from ._registry import Registry, resolve, set_default
 from ._transactional import transactional
-from ._unit import Unit, UnitOfWork, current_unit, unit_for
+from ._unit import Unit, UnitOfWork, current_unit
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -73,9 +73,9 @@ class SessionRegistry(Registry, Generic[S]):
     def unit_of_work(self, **options: Any) -> UnitOfWork:
         """Open a unit of work on this registry (see ``txguard.unit_of_work``)."""
         if not options:
-            return unit_for(self.default_options)
+            return UnitOfWork(self.default_options)
         check_names("unit_of_work()", options, UNIT_OPTION_NAMES)
-        return unit_for(cached_options(self, options))
+        return UnitOfWork(cached_options(self, options))
 
     @overload
     def transactional(self, fn: Callable[P, R], /) -> Callable[P, R]: ...
@@ -94,7 +94,11 @@ class SessionRegistry(Registry, Generic[S]):
 
     def current_session(self) -> S:
         """Return the session of the current unit of work of this registry."""
-        return current_session(self)
+        unit = current_unit(self)
+        if unit is None:
+            raise _no_session()
+        session: S = unit.transaction.session
+        return session
 
     def in_transaction(self) -> bool:
         """Say whether the current unit's session has an active transaction."""
@@ -157,15 +161,19 @@ def current_session(registry: Registry | None = None) -> Any:
     """
     unit = current_unit(resolve(registry))
     if unit is None:
-        raise TransactionRequiredError(
-            "No unit of work is active, so there is no current session. Open one with "
-            "`with txguard.unit_of_work() as session:` (or `async with` on an async "
-            "registry), or decorate the calling function with @txguard.transactional."
-        )
-    return unit.session
+        raise _no_session()
+    return unit.transaction.session
+
+
+def _no_session() -> TransactionRequiredError:
+    return TransactionRequiredError(
+        "No unit of work is active, so there is no current session. Open one with "
+        "`with txguard.unit_of_work() as session:` (or `async with` on an async "
+        "registry), or decorate the calling function with @txguard.transactional."
+    )
 
 
 def in_transaction(registry: Registry | None = None) -> bool:
     """Say whether the current unit of work's session has an active transaction."""
     unit = current_unit(resolve(registry))
-    return unit is not None and unit.sync_session.in_transaction()
+    return unit is not None and unit.transaction.sync_session.in_transaction()

@@ -1,4 +1,11 @@
-"""The state of a unit's transaction: whether it may still commit, and how it ended.
+"""A transaction units run in, as its own object, and its state.
+
+A ``Transaction`` is what one unit began: a transaction in a session of its own, a
+commit-as-you-go session, or a savepoint in the transaction of another (its ``parent``).
+It owns what belongs to the transaction rather than to a block of code: its state, the
+callbacks waiting for its outcome, why it became rollback-only, the statement failures
+caught in it and its session. The units (``_unit.Unit``, one stack frame per block) that
+run in it reference it; joining a transaction is a new frame referencing the same object.
 
 As SQLAlchemy's ``SessionTransactionState``, the states are an enum and the legal moves
 between them are declared, so a move the code never meant to make fails at once, with
@@ -8,14 +15,29 @@ the transaction's origin, instead of leaving flags whose meaning depends on each
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from ._callbacks import ALWAYS, NO_CALLBACKS, ON_COMMIT, ON_ROLLBACK, Callback
 from ._errors import DisciplineError
+from ._failures import Failure, session_savepoints
+from ._options import Mode
+from ._origin import Origin, failure_site
 
 if TYPE_CHECKING:
-    from ._origin import Origin
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.orm import Session, SessionTransaction
 
-__all__ = ["TRANSITIONS", "TransactionState", "transition"]
+    from ._registry import Registry
+
+__all__ = ["TRANSITIONS", "Role", "Transaction", "TransactionState", "transition"]
+
+
+class Role(enum.Enum):
+    """How a unit stands to the transaction it runs in."""
+
+    BEGINS = "begins"  # it began the transaction (or runs a commit-as-you-go session)
+    JOINS = "joins"  # it runs in the transaction of an active unit
+    SAVEPOINT = "savepoint"  # it took a savepoint: a transaction whose parent is the active one
 
 
 class TransactionState(enum.Enum):
@@ -42,8 +64,9 @@ TRANSITIONS: Final[dict[TransactionState, frozenset[TransactionState]]] = {
 }
 """The legal moves: from each state, the states it may become."""
 
-# Each member keeps its moves as a tuple, so a move is checked without hashing the members
-# (Enum.__hash__ is Python code: two hashes per move cost ~10k instructions per unit).
+# Each member keeps its moves as a tuple, so a move is checked without hashing members:
+# Enum.__hash__ is Python code, and a lookup in TRANSITIONS cost ~3.5k instructions per
+# move (callgrind), 0.6% of a SELECT 1 transaction, which makes one move on the way out.
 for _state, _targets in TRANSITIONS.items():
     _state.may_become = tuple(sorted(_targets, key=lambda s: s.value))
 
@@ -55,9 +78,117 @@ def transition(current: TransactionState, new: TransactionState, where: Origin) 
     """
     if new in current.may_become:
         return new
+    raise _illegal_move(current, new, where)
+
+
+def _illegal_move(current: TransactionState, new: TransactionState, where: Origin) -> DisciplineError:
     allowed = ", ".join(s.value for s in current.may_become) or "nothing: it is final"
-    raise DisciplineError(
+    return DisciplineError(
         f"The transaction of the unit opened at {where} is {current.value!r} and cannot "
         f"become {new.value!r} (from {current.value!r} it may become {allowed}). A unit "
         "that ended was used again: open a new unit for new work."
     )
+
+
+_ACTIVE: Final = TransactionState.ACTIVE  # module constants on the hot path: see _unit
+_ROLLBACK_ONLY: Final = TransactionState.ROLLBACK_ONLY
+
+
+class Transaction:
+    """One transaction (or savepoint) and what it owes: state, callbacks, failures, session.
+
+    ``where`` is where the unit that began it was opened, and ``parent`` the transaction a
+    savepoint was taken in (None for the others). It holds no reference to the units that
+    run in it: they reference it, and a unit's transaction outlives the unit's block without
+    a reference cycle (each cycle would wait for the cyclic garbage collector, with its
+    session). ``begun`` is SQLAlchemy's transaction: the
+    session's root one for a begin-once transaction, the savepoint's for a savepoint, None
+    for a commit-as-you-go session, which begins and ends transactions as its code commits.
+    """
+
+    __slots__ = (
+        "where", "parent", "mode", "transactional", "registry", "session", "sync_session",
+        "session_class", "isolation_level", "begun", "state", "callbacks", "failures",
+        "rollback_cause", "rollback_site", "rollback_unit",
+    )
+
+    begun: SessionTransaction | None
+    rollback_cause: BaseException | None  # set when it became ROLLBACK_ONLY
+    rollback_site: Origin  # where that cause was raised
+    rollback_unit: Origin  # where the unit that failed with it was opened
+
+    def __init__(
+        self,
+        where: Origin,
+        parent: Transaction | None,
+        mode: Mode,
+        transactional: bool,
+        registry: Registry,
+        session: Any,
+        sync_session: Session,
+        session_class: type[Session],
+        isolation_level: str | None,
+    ) -> None:
+        self.where = where
+        self.parent = parent
+        self.mode = mode
+        self.transactional = transactional  # False: a commit-as-you-go session for a call
+        self.registry = registry
+        self.session = session  # the Session, or the AsyncSession, the units hand out
+        self.sync_session = sync_session  # the session itself, or an AsyncSession's
+        self.session_class = session_class  # the user's class: called past the unit's guards
+        self.isolation_level = isolation_level
+        self.state = _ACTIVE
+        self.callbacks: tuple[Callback, ...] | list[Callback] = NO_CALLBACKS
+        self.failures: list[Failure] | tuple[Failure, ...] = ()  # caught ones: see _failures
+
+    @property
+    def root(self) -> Transaction:
+        """The outermost transaction: the one whose session began it, savepoints aside."""
+        transaction = self
+        while transaction.parent is not None:
+            transaction = transaction.parent
+        return transaction
+
+    def move_to(self, state: TransactionState) -> None:
+        """Move to ``state``, if that move is declared legal (as ``transition``)."""
+        current = self.state
+        if state not in current.may_become:
+            raise _illegal_move(current, state, self.where)
+        self.state = state
+
+    def mark_rollback_only(self, cause: BaseException, unit: Origin) -> None:
+        """Doom the transaction: it will roll back. The first cause is kept; a transaction
+        that has already ended has nothing left to doom."""
+        if self.state is _ACTIVE:
+            self.move_to(_ROLLBACK_ONLY)
+            self.rollback_cause = cause
+            self.rollback_site = failure_site(cause)
+            self.rollback_unit = unit
+
+    def begin_again(self, ended: TransactionState) -> None:
+        """Record that a commit-as-you-go session's transaction ended (``ended``) and that the
+        session goes on, in a new one; its failures and rollback-only mark are gone with it."""
+        self.move_to(ended)
+        self.move_to(_ACTIVE)
+        self.failures = ()
+
+    def add_callback(self, callback: Callback) -> None:
+        callbacks = self.callbacks
+        if isinstance(callbacks, list):
+            callbacks.append(callback)
+        else:
+            self.callbacks = [callback]
+
+    def take_callbacks(self, committed: bool) -> list[Callback]:
+        """Remove and return the callbacks this outcome runs, in registration order."""
+        callbacks = self.callbacks
+        if not callbacks:
+            return []
+        self.callbacks = NO_CALLBACKS
+        wanted = ON_COMMIT if committed else ON_ROLLBACK
+        return [cb for cb in callbacks if cb.when == wanted or cb.when == ALWAYS]
+
+    def savepoints(self, connection: Connection) -> tuple[object, ...]:
+        """The savepoints of this transaction's session, innermost first (see _failures)."""
+        return session_savepoints(self.sync_session)

@@ -22,7 +22,7 @@ from ._options import (
 from ._origin import Origin, capture
 from ._registry import Registry, check_registry, resolve
 from ._retry import next_delay
-from ._unit import UnitOfWork, _mismatch, aend, end
+from ._unit import UnitOfWork, _mismatch, aend, aleave, end, leave
 
 __all__ = ["transactional"]
 
@@ -111,7 +111,7 @@ def _refuse_awaitable(fn: Callable[..., Any], result: Any, unit: UnitOfWork) -> 
     try:
         raise error
     except ConfigurationError:
-        unit.scope.mark_rollback_only(error, unit.where)  # with its traceback, for the site
+        unit.transaction.mark_rollback_only(error, unit.where)  # with its traceback, for the site
         raise
 
 
@@ -139,11 +139,10 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
                     return result
             delay = next_delay(unit, error, attempt) if opts.retries else None  # type: ignore[arg-type]
             if delay is None:
-                if finish is not None:
-                    finish.deliver(in_flight=True)
-                raise error  # type: ignore[misc]
-            attempt += 1
-            time.sleep(delay)
+                leave(finish, error, None)  # error is not None: this raises it
+            else:
+                attempt += 1
+                time.sleep(delay)
 
     return run_in_unit
 
@@ -172,10 +171,9 @@ def _async_wrapper(
                     return result
             delay = next_delay(unit, error, attempt) if opts.retries else None  # type: ignore[arg-type]
             if delay is None:
-                if finish is not None:
-                    await finish.adeliver(in_flight=True)
-                raise error  # type: ignore[misc]
-            attempt += 1
-            await asyncio.sleep(delay)
+                await aleave(finish, error, None)  # error is not None: this raises it
+            else:
+                attempt += 1
+                await asyncio.sleep(delay)
 
     return run_in_unit

@@ -1,9 +1,12 @@
 """Units of work: the transaction logic, written once and driven from sync or async code.
 
-A unit either *owns* a scope (it began the transaction, or a savepoint) or *joins* the
-scope of the unit around it. ``open_unit`` carries out what ``_propagation.plan`` decides
-from the propagation, and ``settle`` ends it: commit, release, roll back, or mark the
-shared scope rollback-only.
+A unit is one block's stack frame: it either begins a ``Transaction`` (its own session's,
+a savepoint in the active one, or a commit-as-you-go session) or joins the active unit's
+``Transaction``, which then has two frames referencing it. ``open_unit`` carries out what
+``_propagation.plan`` decides from the propagation, and ``settle`` ends it: commit,
+release, roll back, or mark the shared transaction rollback-only. ``end`` (and ``aend``)
+takes the unit off its stack and settles it, and ``leave`` delivers what that left: the
+with-block, ``@transactional`` and ``connect()`` all finish through them.
 Both are plain functions over a sync ``Session``; the asyncio driver runs the same
 functions inside SQLAlchemy's greenlet bridge, exactly as ``AsyncSession`` drives
 ``Session`` (async is a thin driver, the logic exists once).
@@ -23,14 +26,15 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.util import greenlet_spawn
 
 from ._async import completed
-from ._callbacks import ALWAYS, NO_CALLBACKS, ON_COMMIT, ON_ROLLBACK, Callback, run_callbacks
+from ._callbacks import ALWAYS, ON_COMMIT, Callback, run_callbacks
 from ._errors import (
     ConfigurationError,
     DisciplineError,
     UncommittedWorkWarning,
     UnexpectedRollbackError,
+    mark_after_commit,
 )
-from ._failures import Failure, aborted, aborted_error, first_failure, session_savepoints
+from ._failures import Failure, aborted, aborted_error, first_failure
 from ._options import (
     DEFAULT_OPTIONS,
     Mode,
@@ -38,11 +42,11 @@ from ._options import (
     UnitOptions,
     cached_options,
 )
-from ._origin import UNKNOWN, Origin, _is_library, caller_origin, warn_at_user
+from ._origin import Origin, caller_origin, warn_at_user
 from ._propagation import Plan, plan
 from ._registry import Registry, check_registry, resolve
-from ._transaction import TransactionState, transition
-from ._retry import _sqlstate, is_retryable, mark_after_commit, retry_wanted
+from ._retry import _sqlstate, is_retryable, retry_wanted
+from ._transaction import Role, Transaction, TransactionState
 from ._sessions import first_change
 from ._sqla import transaction_state
 
@@ -50,24 +54,15 @@ if TYPE_CHECKING:
     from contextvars import ContextVar, Token
     from types import TracebackType
 
-    from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncSession
 
 __all__ = [
-    "Unit", "UnitOfWork", "UnitState", "adopt", "aend", "current_unit", "end", "follow_context",
-    "open_unit", "push", "settle", "unit_for", "unit_of_work",
+    "Finish", "Unit", "UnitOfWork", "UnitState", "adopt", "aend", "aleave", "current_unit", "end",
+    "follow_context", "leave",
+    "open_unit", "settle", "unit_of_work",
 ]
 
 logger = logging.getLogger("txguard")
-
-class Role(enum.Enum):
-    """How a unit stands to the transaction it runs in."""
-
-    BEGINS = "begins"  # it began the transaction (or runs a commit-as-you-go session)
-    JOINS = "joins"  # it runs in the transaction of an active unit (its ``owner``)
-    SAVEPOINT = "savepoint"  # it took a savepoint in the transaction of its ``parent``
-
-
 
 class UnitState(enum.Enum):
     """Where a unit of work is in its life; only an ACTIVE unit can be current."""
@@ -108,12 +103,13 @@ _TX_IN_DOUBT: Final = TransactionState.IN_DOUBT
 
 
 class Unit:
-    """One active unit of work: the entry of a registry's stack.
+    """One unit of work's stack frame: a block (or a call) running in a transaction.
 
-    A unit either begins a transaction (``role`` BEGINS, or SAVEPOINT for a savepoint) and
-    is its own ``scope``, or JOINS the scope of an active unit (``owner``). What belongs to
-    the transaction (its ``TransactionState``, callbacks, caught failures) lives on the
-    scope; ``state`` is the unit's own life (``UnitState``).
+    What belongs to the block is here: its options, where it was opened, how it stands to
+    its ``transaction`` (``role``), the unit that was current when it was opened, the
+    thread that may use it and its own life (``state``). What belongs to the transaction
+    (its state, callbacks, caught failures, session) is on the ``Transaction`` it runs in,
+    which units that join it share.
 
     Units have slots, and ``open_unit`` sets every attribute that is read before it is
     set elsewhere. An ORM transaction touches so many types that CPython's type-lookup
@@ -122,37 +118,21 @@ class Unit:
     objects of a class before one sets a new attribute. Slots have neither problem.
     """
 
-    __slots__ = (
-        "opts", "where", "role", "mode", "owner", "parent",
-        "registry", "transaction", "transactional", "isolation_level", "callbacks",
-        "tx_state", "rollback_cause", "rollback_site", "rollback_unit",
-        "session", "sync_session", "session_class", "state", "previous", "thread", "ended_by",
-        "failures",
-    )
+    __slots__ = ("opts", "where", "role", "transaction", "previous", "thread", "state", "ended_by")
 
     opts: UnitOptions
     where: Origin  # where it was opened (a ``with`` block, or a ``@transactional`` function)
     role: Role
-    mode: Mode
-    owner: Unit | None
-    parent: Unit | None  # the scope a savepoint was taken in
-    registry: Registry  # set on commit-as-you-go units, which need it
-    transaction: SessionTransaction | None
-    transactional: bool
-    isolation_level: str | None
-    callbacks: tuple[Callback, ...] | list[Callback]
-    tx_state: TransactionState  # of the transaction it began (see _transaction)
-    rollback_cause: BaseException | None  # set when it became ROLLBACK_ONLY
-    rollback_site: Origin | None
-    rollback_unit: Origin | None
-    session: Any
-    sync_session: Session  # the session itself, or an AsyncSession's sync_session
-    session_class: type[Session]  # the user's session class: the unit calls it, past the guards
+    transaction: Transaction  # the one it began, or the one it joined
     state: UnitState
     previous: Unit | None  # the unit that was current when it was opened
     thread: int  # the ident of the thread that may use it (see adopt)
     ended_by: Unit | None  # set when it is ORPHANED: the unit around it that ended first
-    failures: list[Failure] | tuple[Failure, ...]  # caught statement failures (see _failures)
+
+    @property
+    def session(self) -> Any:
+        """The session its block uses: a Session, or an AsyncSession."""
+        return self.transaction.session
 
     def begins_at(self) -> Origin | None:
         """Where the transaction being begun on this unit's session began, for the guards.
@@ -161,58 +141,14 @@ class Unit:
         session.begin() is refused before it begins), so the guards need not walk the
         stack for it; other units answer None.
         """
-        return self.where if self.mode is _MODE_BEGIN_ONCE else None
-
-    @property
-    def scope(self) -> Unit:
-        """The unit that owns the transaction (or savepoint) this unit runs in."""
-        return self.owner or self
-
-    @property
-    def root(self) -> Unit:
-        scope = self.scope
-        while scope.parent is not None:
-            scope = scope.parent
-        return scope
-
-    def add_callback(self, callback: Callback) -> None:
-        callbacks = self.callbacks
-        if isinstance(callbacks, list):
-            callbacks.append(callback)
-        else:
-            self.callbacks = [callback]
-
-    def take_callbacks(self, committed: bool) -> list[Callback]:
-        """Remove and return the callbacks this outcome runs, in registration order."""
-        callbacks = self.callbacks
-        if not callbacks:
-            return []
-        self.callbacks = NO_CALLBACKS
-        wanted = ON_COMMIT if committed else ON_ROLLBACK
-        return [cb for cb in callbacks if cb.when == wanted or cb.when == ALWAYS]
-
-    def savepoints(self, connection: Connection) -> tuple[object, ...]:
-        """The savepoints of this unit's session, innermost first (see _failures)."""
-        return session_savepoints(self.sync_session)
-
-    def move_to(self, state: TransactionState) -> None:
-        """Move the transaction this unit began to ``state``, if that move is declared legal."""
-        self.tx_state = transition(self.tx_state, state, self.where)
-
-    def mark_rollback_only(self, cause: BaseException, unit: Origin) -> None:
-        """Doom the transaction: it will roll back. The first cause is kept; a transaction
-        that has already ended has nothing left to doom."""
-        if self.tx_state is _TX_ACTIVE:
-            self.move_to(_TX_ROLLBACK_ONLY)
-            self.rollback_cause = cause
-            self.rollback_site = failure_site(cause)
-            self.rollback_unit = unit
+        return self.where if self.transaction.mode is _MODE_BEGIN_ONCE else None
 
     # The user's calls of the session's own methods, routed here by the session class of
-    # the unit (_sessions._guarded_methods).
+    # the unit that opened the session (_sessions._guarded_methods).
 
     def session_commit(self) -> None:
-        if self.mode is _MODE_BEGIN_ONCE:
+        transaction = self.transaction
+        if transaction.mode is _MODE_BEGIN_ONCE:
             raise DisciplineError(
                 f"session.commit() inside the begin-once unit opened at {self.where}: the "
                 "unit commits when its block ends (and rolls back if an exception leaves "
@@ -221,61 +157,63 @@ class Unit:
                 "mode='commit_as_you_go'."
             )
         self._refuse_inside_inner_unit("commit")
-        sync = self.sync_session
-        if self.tx_state is _TX_ROLLBACK_ONLY or self.failures:
-            self.session_class.rollback(sync)
-            if self.tx_state is _TX_ROLLBACK_ONLY:
-                error = unexpected_rollback(self)
+        sync = transaction.sync_session
+        if transaction.state is _TX_ROLLBACK_ONLY or transaction.failures:
+            transaction.session_class.rollback(sync)
+            if transaction.state is _TX_ROLLBACK_ONLY:
+                error = unexpected_rollback(transaction)
             else:
                 error = caught_failure(
-                    self.failures[0],
+                    transaction.failures[0],
                     f"session.commit() in the commit-as-you-go unit opened at {self.where} "
                     "was refused",
                     "the transaction has been rolled back",
                 )
-            self.begin_again(_TX_ROLLED_BACK)
+            transaction.begin_again(_TX_ROLLED_BACK)
             self.run_callbacks_outside(committed=False, in_flight=True)
             raise error
-        transaction = sync.get_transaction()
-        if aborted(transaction):
-            self.session_class.rollback(sync)
-            self.begin_again(_TX_ROLLED_BACK)
+        begun = sync.get_transaction()
+        if aborted(begun):
+            transaction.session_class.rollback(sync)
+            transaction.begin_again(_TX_ROLLED_BACK)
             self.run_callbacks_outside(committed=False, in_flight=True)
             raise aborted_error(
                 f"session.commit() in the commit-as-you-go unit opened at {self.where} was "
                 "refused"
             )
         try:
-            self.session_class.commit(sync)
+            transaction.session_class.commit(sync)
         except BaseException as error:
-            if transaction is not None and _commit_went_through(self, transaction):
+            if begun is not None and _commit_went_through(transaction, begun):
                 mark_after_commit(error)  # committed all the same: its callbacks run
-                self.begin_again(_TX_COMMITTED)
+                transaction.begin_again(_TX_COMMITTED)
                 self.run_callbacks_outside(committed=True, in_flight=True)
             raise
-        self.begin_again(_TX_COMMITTED)
+        transaction.begin_again(_TX_COMMITTED)
         self.run_callbacks_outside(committed=True, in_flight=False)
 
     def session_rollback(self) -> None:
-        if self.mode is _MODE_BEGIN_ONCE:
+        transaction = self.transaction
+        if transaction.mode is _MODE_BEGIN_ONCE:
             raise DisciplineError(
                 f"session.rollback() inside the begin-once unit opened at {self.where}: "
                 "raise an exception to roll the unit back, or use session.begin_nested() / "
                 "propagation='nested' to undo part of the work."
             )
         self._refuse_inside_inner_unit("rollback")
-        self.session_class.rollback(self.sync_session)
-        self.begin_again(_TX_ROLLED_BACK)
+        transaction.session_class.rollback(transaction.sync_session)
+        transaction.begin_again(_TX_ROLLED_BACK)
         self.run_callbacks_outside(committed=False, in_flight=False)
 
     def _refuse_inside_inner_unit(self, call: str) -> None:
         """Refuse ``session.commit()``/``rollback()`` of this commit-as-you-go unit while a
         savepoint unit or a begin-once unit that joined it runs: that unit's block still
         counts on the transaction it runs in."""
-        current = current_unit(self.registry)
+        current = current_unit(self.transaction.registry)
         if current is None or current is self:
             return
-        if current.scope is not self and current.root is self:
+        transaction = current.transaction
+        if transaction is not self.transaction and transaction.root is self.transaction:
             raise DisciplineError(
                 f"session.{call}() inside the savepoint unit opened at {current.where}: the "
                 "savepoint is released when its block ends (raise an exception to roll it "
@@ -283,7 +221,7 @@ class Unit:
             )
         if (
             current.role is _ROLE_JOINS
-            and current.owner is self
+            and transaction is self.transaction
             and current.opts.mode is _MODE_BEGIN_ONCE
         ):
             raise DisciplineError(
@@ -297,25 +235,18 @@ class Unit:
         """Run the callbacks of a commit-as-you-go transaction that ended inside the unit's
         block, with the registry's stack as it was before the unit opened: a unit opened in
         a callback begins its own transaction instead of joining the next one (SPEC §4)."""
-        callbacks = self.take_callbacks(committed)
+        callbacks = self.transaction.take_callbacks(committed)
         if not callbacks:
             return
-        var = self.registry._var
+        var = self.transaction.registry._var
         token = var.set(self.previous)
         try:
             run_callbacks(callbacks, committed, in_flight)
         finally:
             var.reset(token)
 
-    def begin_again(self, ended: TransactionState) -> None:
-        """Record that a commit-as-you-go session's transaction ended (``ended``) and that the
-        session goes on, in a new one; its failures and rollback-only mark are gone with it."""
-        self.move_to(ended)
-        self.move_to(_TX_ACTIVE)
-        self.failures = ()
-
     def session_begin(self) -> None:
-        if self.mode is _MODE_BEGIN_ONCE:
+        if self.transaction.mode is _MODE_BEGIN_ONCE:
             raise DisciplineError(
                 f"session.begin() inside the begin-once unit opened at {self.where}: the "
                 "unit already began the transaction. Use the session as it is, or "
@@ -323,7 +254,7 @@ class Unit:
             )
 
     def session_close(self) -> None:
-        if self.mode is _MODE_BEGIN_ONCE:
+        if self.transaction.mode is _MODE_BEGIN_ONCE:
             raise DisciplineError(
                 f"session.close() inside the begin-once unit opened at {self.where}: "
                 "closing now would silently discard the transaction. The unit closes its "
@@ -359,6 +290,26 @@ class Finish:
             await greenlet_spawn(run_callbacks, self.callbacks, self.committed, in_flight)
 
 
+def leave(finish: Finish | None, error: BaseException | None, exc: BaseException | None) -> None:
+    """The last step of every block txguard ends (a unit's ``with`` block, a
+    ``@transactional`` call, a ``connect()`` block): deliver what its end left, then raise
+    ``error`` unless it is ``exc``, the exception already leaving the block."""
+    if finish is not None:
+        finish.deliver(in_flight=error is not None)
+    if error is not None and error is not exc:
+        raise error
+
+
+async def aleave(
+    finish: Finish | None, error: BaseException | None, exc: BaseException | None
+) -> None:
+    """``leave`` for an async block."""
+    if finish is not None:
+        await finish.adeliver(in_flight=error is not None)
+    if error is not None and error is not exc:
+        raise error
+
+
 # Opening a unit.
 
 
@@ -375,91 +326,69 @@ def open_unit(registry: Registry, unit: Unit) -> Unit | None:
         current = live(current)
     unit.previous = current
     unit.thread = threading.get_ident()
-    unit.role = _ROLE_BEGINS
-    unit.owner = None
-    unit.parent = None
-    unit.mode = _MODE_BEGIN_ONCE
-    unit.transactional = True
-    unit.isolation_level = None
-    unit.callbacks = NO_CALLBACKS
-    unit.tx_state = _TX_ACTIVE
-    scope = None if current is None else current.scope
-    active = scope if scope is not None and scope.transactional else None
-    step = plan(
-        opts.propagation,
-        opts.durable,
-        unit.where,
-        None if active is None else active.where,
-        None if scope is None else scope.where,
-    )
-    if scope is not None:  # the plans that run in the active unit
+    outer = None if current is None else current.transaction
+    if outer is None:
+        step = plan(opts.propagation, opts.durable, unit.where, None, None)
+    else:
+        where = outer.where
+        step = plan(
+            opts.propagation, opts.durable, unit.where, where if outer.transactional else None,
+            where,
+        )
         if step is _PLAN_JOIN:
-            return _join(scope, unit)
+            if opts.isolation_level is not None:
+                _check_isolation(outer, unit)
+            unit.role = _ROLE_JOINS
+            unit.transaction = outer
+            return unit
         if step is _PLAN_SAVEPOINT:
-            return _savepoint(scope, unit)
+            return _savepoint(outer, unit)
     if step is _PLAN_NO_UNIT:
         return None
-    if step is _PLAN_BEGIN:
-        key = opts.session_key
-    else:
-        key = (True, opts.read_only, opts.isolation_level)
-        unit.transactional = False
+    transactional = step is _PLAN_BEGIN
+    key = opts.session_key if transactional else (True, opts.read_only, opts.isolation_level)
     session = (registry._factories.get(key) or registry.session_factory(*key))()
     sync: Session = session.sync_session if registry.is_async else session
     base = registry.base_class
-    unit.session = session
-    unit.sync_session = sync
-    unit.session_class = base
-    sync._txguard_unit = unit  # type: ignore[attr-defined]  # before begin: the guards ask it
     commit_as_you_go, _, isolation_level = key
-    if commit_as_you_go:
-        unit.mode = _MODE_COMMIT_AS_YOU_GO
-        unit.registry = registry
-    else:
-        unit.transaction = base.begin(sync)
-    unit.isolation_level = isolation_level
-    unit.failures = ()
+    transaction = unit.transaction = Transaction(
+        unit.where, None, _MODE_COMMIT_AS_YOU_GO if commit_as_you_go else _MODE_BEGIN_ONCE,
+        transactional, registry, session, sync, base, isolation_level,
+    )
+    unit.role = _ROLE_BEGINS
+    sync._txguard_unit = unit  # type: ignore[attr-defined]  # before begin: the guards ask it
+    transaction.begun = None if commit_as_you_go else base.begin(sync)
     return unit
 
 
-def _join(active: Unit, unit: Unit) -> Unit:
-    if unit.opts.isolation_level is not None:
-        _check_isolation(active, unit)
-    unit.role = _ROLE_JOINS
-    unit.owner = active
-    unit.session = active.session
-    unit.sync_session = active.sync_session
-    return unit
-
-
-def _check_isolation(active: Unit, unit: Unit) -> None:
+def _check_isolation(outer: Transaction, unit: Unit) -> None:
     wanted = unit.opts.isolation_level
-    if wanted != active.isolation_level:
-        actual = active.isolation_level or _effective_isolation(active)
+    if wanted != outer.isolation_level:
+        actual = outer.isolation_level or _effective_isolation(outer)
         if actual != wanted:
             raise DisciplineError(
                 f"The unit opened at {unit.where} asks for isolation_level={wanted!r} but "
-                f"would join the transaction of the unit opened at {active.where}, which "
-                f"runs at {actual!r}. Use propagation='requires_new' for its own transaction, "
-                "or set the level on the outer unit."
+                f"would join the transaction of the unit opened at {outer.where}, "
+                f"which runs at {actual!r}. Use propagation='requires_new' for its own "
+                "transaction, or set the level on the outer unit."
             )
 
 
-def _effective_isolation(scope: Unit) -> str:
-    level: str = scope.sync_session.connection().get_isolation_level()
+def _effective_isolation(transaction: Transaction) -> str:
+    level: str = transaction.sync_session.connection().get_isolation_level()
     return level.upper().replace("_", " ")
 
 
-def _savepoint(active: Unit, unit: Unit) -> Unit:
+def _savepoint(outer: Transaction, unit: Unit) -> Unit:
     if unit.opts.isolation_level is not None:
-        _check_isolation(active, unit)
-    unit.transaction = active.sync_session.begin_nested()
+        _check_isolation(outer, unit)
+    savepoint = Transaction(
+        unit.where, outer, _MODE_BEGIN_ONCE, True, outer.registry, outer.session,
+        outer.sync_session, outer.session_class, outer.isolation_level,
+    )
+    savepoint.begun = outer.sync_session.begin_nested()
     unit.role = _ROLE_SAVEPOINT
-    unit.parent = active
-    unit.session = active.session
-    unit.sync_session = active.sync_session
-    unit.session_class = active.session_class
-    unit.isolation_level = active.isolation_level
+    unit.transaction = savepoint
     return unit
 
 
@@ -474,31 +403,32 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
     A unit that joined and a begin-once unit (the common cases) are settled here.
     """
     role = unit.role
+    tx = unit.transaction
     if role is not _ROLE_BEGINS:
         if role is _ROLE_JOINS:
             if exc is not None and _rolls_back(unit, exc):
-                unit.owner.mark_rollback_only(exc, unit.where)  # type: ignore[union-attr]
+                tx.mark_rollback_only(exc, unit.where)
             return None, exc
-        return None, _settle_savepoint(unit, exc)
-    if unit.mode is not _MODE_BEGIN_ONCE:
-        return _settle_commit_as_you_go(unit, exc)
-    sync = unit.sync_session
+        return None, _settle_savepoint(unit, tx, exc)
+    if tx.mode is not _MODE_BEGIN_ONCE:
+        return _settle_commit_as_you_go(tx, exc)
+    sync = tx.sync_session
     sync._txguard_unit = None  # type: ignore[attr-defined]
-    transaction: SessionTransaction = unit.transaction  # type: ignore[assignment]
+    transaction: SessionTransaction = tx.begun  # type: ignore[assignment]
     error = exc
     committed = False
     try:
         if exc is not None and _rolls_back(unit, exc):
             _rollback(transaction, exc)
-        elif unit.tx_state is _TX_ROLLBACK_ONLY:
+        elif tx.state is _TX_ROLLBACK_ONLY:
             _rollback(transaction, exc)
             if exc is None:
-                error = unexpected_rollback(unit)
-        elif unit.failures:
+                error = unexpected_rollback(tx)
+        elif tx.failures:
             _rollback(transaction, exc)
             if exc is None:
                 error = caught_failure(
-                    unit.failures[0],
+                    tx.failures[0],
                     f"The unit opened at {unit.where} could not commit",
                     "its transaction has been rolled back",
                 )
@@ -506,7 +436,7 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
             if sync.get_transaction() is transaction:
                 _rollback(transaction, exc)
                 if exc is None:
-                    error = _deactivated(unit)
+                    error = _deactivated(tx)
             elif exc is None:
                 error = _ended_inside(unit)
         elif aborted(transaction):
@@ -518,22 +448,22 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
                 transaction.commit()
                 committed = True
             except BaseException as commit_error:
-                if _commit_went_through(unit, transaction):
+                if _commit_went_through(tx, transaction):
                     committed = True  # an after_commit listener failed, or an interrupt came
                     mark_after_commit(commit_error)
                 else:
-                    unit.move_to(_TX_IN_DOUBT)  # for retries: COMMIT may have been sent
+                    tx.move_to(_TX_IN_DOUBT)  # for retries: COMMIT may have been sent
                     _rollback(transaction, commit_error)
                 if exc is not None and commit_error.__context__ is None:
                     commit_error.__context__ = exc
                 error = commit_error
     finally:
         if committed:
-            unit.move_to(_TX_COMMITTED)
-        elif unit.tx_state is not _TX_IN_DOUBT:
-            unit.move_to(_TX_ROLLED_BACK)
+            tx.move_to(_TX_COMMITTED)
+        elif tx.state is not _TX_IN_DOUBT:
+            tx.move_to(_TX_ROLLED_BACK)
         try:
-            unit.session_class.close(sync)
+            tx.session_class.close(sync)
         except BaseException as close_error:
             if error is None:
                 error = close_error
@@ -541,12 +471,12 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
                     mark_after_commit(close_error)
             else:
                 logger.warning("txguard: closing the session failed", exc_info=True)
-    if unit.callbacks:
-        return Finish(unit.take_callbacks(committed), committed), error
+    if tx.callbacks:
+        return Finish(tx.take_callbacks(committed), committed), error
     return None, error
 
 
-def _commit_went_through(unit: Unit, transaction: SessionTransaction) -> bool:
+def _commit_went_through(tx: Transaction, transaction: SessionTransaction) -> bool:
     """Say whether the database committed before ``transaction.commit()`` raised.
 
     SQLAlchemy marks the transaction COMMITTED once every connection committed, then runs
@@ -556,7 +486,7 @@ def _commit_went_through(unit: Unit, transaction: SessionTransaction) -> bool:
     SessionTransaction has no public flag for this.
     """
     state = transaction_state(transaction)
-    return state is _COMMITTED or (state is _CLOSED and not unit.sync_session.twophase)
+    return state is _COMMITTED or (state is _CLOSED and not tx.sync_session.twophase)
 
 
 _COMMITTED: Final = SessionTransactionState.COMMITTED
@@ -572,20 +502,22 @@ def _rolls_back(unit: Unit, exc: BaseException) -> bool:
     return is_retryable(exc) or (opts.retries > 0 and retry_wanted(opts, exc))
 
 
-def _settle_savepoint(unit: Unit, exc: BaseException | None) -> BaseException | None:
-    savepoint = unit.transaction
+def _settle_savepoint(
+    unit: Unit, tx: Transaction, exc: BaseException | None
+) -> BaseException | None:
+    savepoint = tx.begun
     assert savepoint is not None, "a savepoint unit always has its savepoint"
-    parent = unit.parent
+    parent = tx.parent
     error = exc
     released = False
     try:
         if exc is not None and _rolls_back(unit, exc):
             savepoint.rollback()
-        elif unit.tx_state is _TX_ROLLBACK_ONLY:
+        elif tx.state is _TX_ROLLBACK_ONLY:
             savepoint.rollback()
             if exc is None:
-                error = unexpected_rollback(unit)
-        elif (failure := first_failure(unit.root, savepoint)) is not None:
+                error = unexpected_rollback(tx)
+        elif (failure := first_failure(tx.root, savepoint)) is not None:
             savepoint.rollback()
             if exc is None:
                 error = caught_failure(
@@ -596,7 +528,7 @@ def _settle_savepoint(unit: Unit, exc: BaseException | None) -> BaseException | 
         elif not savepoint.is_active:
             savepoint.rollback()
             if exc is None:
-                error = _deactivated(unit)
+                error = _deactivated(tx)
         else:
             try:
                 savepoint.commit()
@@ -607,13 +539,18 @@ def _settle_savepoint(unit: Unit, exc: BaseException | None) -> BaseException | 
                 error = release_error
     except BaseException as rollback_error:
         # MySQL/MariaDB end the whole transaction on a deadlock, savepoints included: keep
-        # the error that caused it (the owner may retry on it) and let nothing commit.
+        # the error that caused it (the unit that began the transaction may retry on it)
+        # and let nothing commit.
         if exc is None:
             error = rollback_error
         if parent is not None:
             parent.root.mark_rollback_only(exc or rollback_error, unit.where)
+    if released:
+        tx.move_to(_TX_COMMITTED)
+    elif tx.state is not _TX_IN_DOUBT:
+        tx.move_to(_TX_ROLLED_BACK)
     if parent is not None:
-        for cb in unit.callbacks:
+        for cb in tx.callbacks:
             if released:
                 parent.add_callback(cb)
             elif cb.when != ON_COMMIT:
@@ -623,22 +560,23 @@ def _settle_savepoint(unit: Unit, exc: BaseException | None) -> BaseException | 
 
 
 def _settle_commit_as_you_go(
-    unit: Unit, exc: BaseException | None
+    tx: Transaction, exc: BaseException | None
 ) -> tuple[Finish, BaseException | None]:
-    sync = unit.sync_session
+    sync = tx.sync_session
     sync._txguard_unit = None  # type: ignore[attr-defined]
     warning = None
     error = exc
     try:
         if exc is None:
-            warning = _uncommitted_work(unit)
+            warning = _uncommitted_work(tx)
     finally:
+        tx.move_to(_TX_ROLLED_BACK)  # closing the session rolls back what it had not committed
         try:
-            unit.session_class.close(sync)
+            tx.session_class.close(sync)
         except BaseException as close_error:
             if error is None:
                 error = close_error
-    return Finish(unit.take_callbacks(committed=False), False, warning), error
+    return Finish(tx.take_callbacks(committed=False), False, warning), error
 
 
 def _rollback(transaction: SessionTransaction, cause: BaseException | None) -> None:
@@ -653,8 +591,8 @@ def _rollback(transaction: SessionTransaction, cause: BaseException | None) -> N
         )
 
 
-def _uncommitted_work(scope: Unit) -> str | None:
-    sync = scope.sync_session
+def _uncommitted_work(tx: Transaction) -> str | None:
+    sync = tx.sync_session
     first = first_change(sync)
     counts = [
         f"{n} {what}"
@@ -672,22 +610,10 @@ def _uncommitted_work(scope: Unit) -> str | None:
         what = f"{what}; " if what else ""
         what += f"changes since the last commit, the first made at {first}"
     return (
-        f"The commit-as-you-go unit opened at {scope.where} ended with uncommitted work "
+        f"The commit-as-you-go unit opened at {tx.where} ended with uncommitted work "
         f"({what}); it was rolled back. Call session.commit() before the block ends, or "
         "session.rollback() to discard it on purpose."
     )
-
-
-def failure_site(exc: BaseException) -> Origin:
-    """Return the innermost user frame of ``exc``'s traceback."""
-    tb = exc.__traceback__
-    site = UNKNOWN
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        if not _is_library(code.co_filename):
-            site = Origin(code, tb.tb_lasti)
-        tb = tb.tb_next
-    return site
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -704,11 +630,11 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__} (SQLSTATE {code})" if code else type(exc).__name__
 
 
-def unexpected_rollback(scope: Unit) -> UnexpectedRollbackError:
-    cause = scope.rollback_cause
+def unexpected_rollback(tx: Transaction) -> UnexpectedRollbackError:
+    cause = tx.rollback_cause
     error = UnexpectedRollbackError(
-        f"The unit opened at {scope.where} could not commit: the unit opened at "
-        f"{scope.rollback_unit} joined its transaction and failed at {scope.rollback_site} "
+        f"The unit opened at {tx.where} could not commit: the unit opened at "
+        f"{tx.rollback_unit} joined its transaction and failed at {tx.rollback_site} "
         f"with {describe_exception(cause) if cause else 'an error'}, which was caught, so "
         "the transaction was marked rollback-only and has been rolled back. Let the "
         "exception propagate, or run the work that may fail in its own savepoint "
@@ -742,9 +668,9 @@ def _ended_inside(unit: Unit) -> DisciplineError:
     )
 
 
-def _deactivated(scope: Unit) -> UnexpectedRollbackError:
+def _deactivated(tx: Transaction) -> UnexpectedRollbackError:
     return UnexpectedRollbackError(
-        f"The unit opened at {scope.where} could not commit: a statement or flush failed "
+        f"The unit opened at {tx.where} could not commit: a statement or flush failed "
         "inside it and the exception was caught, so SQLAlchemy rolled the transaction back. "
         "Let the exception propagate, or wrap the statement that may fail in "
         "session.begin_nested() (or a unit with propagation='nested')."
@@ -766,39 +692,38 @@ def live(unit: Unit) -> Unit | None:
     A unit can end where its ``ContextVar`` token cannot be reset (another thread, another
     copy of the context), so a context may still hold an ended unit. This follows each
     unit's link to the unit that was current when it was opened, past ended units and
-    units of other threads (see ``usable``); None when there is none. So a new thread
+    units of other threads; None when there is none. A thread may use a unit it owns (the
+    one that opened it, see ``adopt``) that is active and runs in transactions that are all
+    in progress: a thread that inherits a copy of another thread's context must not share
+    that thread's Session. So a new thread
     starts with none, even one running in a copy of another thread's context, and an
     asyncio task sees the units of the task that created it.
     """
     ident = threading.get_ident()
     current: Unit | None = unit
-    while current is not None and not usable(current, ident):
+    while current is not None:
+        thread = current.thread
+        if (thread == ident or thread == FOLLOWS_CONTEXT) and current.state is _STATE_ACTIVE:
+            transaction: Transaction | None = current.transaction
+            while transaction is not None and (
+                transaction.state is _TX_ACTIVE or transaction.state is _TX_ROLLBACK_ONLY
+            ):
+                transaction = transaction.parent
+            if transaction is None:  # all in progress
+                return current
         current = current.previous
-    return current
+    return None
 
 
-def usable(unit: Unit, ident: int) -> bool:
-    """Say whether code in thread ``ident`` may use ``unit``: the thread owns it (see
-    ``adopt``), and it and every unit whose transaction it runs in are active.
-
-    The owner thread is the one that opened the unit: a thread that inherits a copy of
-    another thread's context must not share that thread's Session.
-    """
-    if unit.thread != ident and unit.thread != FOLLOWS_CONTEXT:
-        return False
-    scope: Unit | None = unit
-    while scope is not None:
-        if scope.state is not _STATE_ACTIVE:
+def _in_progress(transaction: Transaction | None) -> bool:
+    """Say whether ``transaction`` and the transactions around it (a savepoint's) have not
+    been settled yet: the units that began them are still running."""
+    while transaction is not None:
+        state = transaction.state
+        if state is not _TX_ACTIVE and state is not _TX_ROLLBACK_ONLY:
             return False
-        scope = scope.owner or scope.parent
+        transaction = transaction.parent
     return True
-
-
-def push(registry: Registry, unit: UnitOfWork) -> None:
-    """Make ``unit``, just opened by ``open_unit``, the current unit of this context."""
-    var = unit._var = registry._var
-    unit._token = var.set(unit)
-    unit.state = _STATE_ACTIVE
 
 
 def adopt(unit: Unit) -> None:
@@ -862,29 +787,28 @@ def _orphan(unit: Unit, inner: list[Unit]) -> DisciplineError:
     for u in inner:
         u.state = _STATE_ORPHANED
         u.ended_by = unit
-        u.scope.mark_rollback_only(error, u.where)
-    unit.scope.mark_rollback_only(error, unit.where)
+        u.transaction.mark_rollback_only(error, u.where)
+    unit.transaction.mark_rollback_only(error, unit.where)
     return error
 
 
-def _outlived(unit: Unit) -> DisciplineError | None:
-    """Check that the units ``unit`` runs in are still active; if one ended first (its
-    block ended in another context: an async generator finalised by the event loop),
-    discard what ``unit`` did since and return the error its exit raises."""
-    scope = unit.owner or unit.parent
-    while scope is not None and scope.state is _STATE_ACTIVE:
-        scope = scope.owner or scope.parent
-    if scope is None:
-        return None
+def _outlived(unit: Unit) -> DisciplineError:
+    """Discard what ``unit`` did since a transaction it runs inside of was settled first (its
+    block ended in another context: an async generator finalised by the event loop), and
+    return the error its exit raises."""
+    outer = unit.transaction if unit.role is _ROLE_JOINS else unit.transaction.parent
+    while outer is not None and _in_progress(outer):
+        outer = outer.parent
+    assert outer is not None, "only called when a transaction around the unit has ended"
     error = DisciplineError(
         f"The unit opened at {unit.where} ran in the transaction of the unit opened at "
-        f"{scope.where}, which ended first, in another context (an async generator closed "
+        f"{outer.where}, which ended first, in another context (an async generator closed "
         "by the event loop, or a block exited in another task or thread): what it did "
         "after that was not committed, and has been rolled back. Let the outer unit end "
         "after the units inside it, e.g. exhaust or aclose() the generator first."
     )
-    root = unit.root
-    if root.state is _STATE_ACTIVE:
+    root = unit.transaction.root
+    if _in_progress(root):
         root.mark_rollback_only(error, unit.where)
     else:
         try:
@@ -893,6 +817,26 @@ def _outlived(unit: Unit) -> DisciplineError | None:
         except Exception:
             logger.warning("txguard: closing the session failed", exc_info=True)
     return error
+
+
+def _abandon(unit: Unit) -> None:
+    """Close the session of a unit whose settling was interrupted, which rolls back its work.
+
+    An interrupt can land on any instruction, also on those before ``settle`` enters the
+    ``try`` that closes the session; the caller's ``try`` covers them. Closing a session
+    twice is harmless, so this does not ask how far ``settle`` got.
+    """
+    if unit.role is not _ROLE_BEGINS:
+        return  # the interrupt goes on to the unit that began the transaction
+    transaction = unit.transaction
+    sync = transaction.sync_session
+    sync._txguard_unit = None  # type: ignore[attr-defined]
+    if _in_progress(transaction):
+        transaction.move_to(_TX_ROLLED_BACK)
+    try:
+        transaction.session_class.close(sync)
+    except Exception:
+        logger.warning("txguard: closing the session failed", exc_info=True)
 
 
 def _settled_inner(
@@ -914,8 +858,13 @@ def end(unit: UnitOfWork, exc: BaseException | None) -> tuple[Finish | None, Bas
     """
     inner = _pop(unit)
     if not inner:
-        error = _outlived(unit) if unit.role is not _ROLE_BEGINS else None
-        return settle(unit, exc) if error is None else (None, error)
+        if unit.role is _ROLE_BEGINS or _in_progress(unit.transaction):
+            try:
+                return settle(unit, exc)
+            except BaseException:  # settle returns errors: this interrupted it (Ctrl-C)
+                _abandon(unit)
+                raise
+        return None, _outlived(unit)
     error = _orphan(unit, inner)
     for u in inner:
         _settled_inner(settle(u, error), error)
@@ -929,10 +878,9 @@ async def aend(
     """End an async unit's block: ``end`` with ``asettle``."""
     inner = _pop(unit)
     if not inner:
-        error = await greenlet_spawn(_outlived, unit) if unit.role is not _ROLE_BEGINS else None
-        if error is None:
+        if unit.role is _ROLE_BEGINS or _in_progress(unit.transaction):
             return await asettle(unit, exc)
-        return None, error
+        return None, await greenlet_spawn(_outlived, unit)
     error = _orphan(unit, inner)
     for u in inner:
         _settled_inner(await asettle(u, error), error)
@@ -946,7 +894,8 @@ async def aend(
 class UnitOfWork(Unit):
     """A unit of work as a context manager: ``with`` for sync, ``async with`` for async.
 
-    It is itself the unit its block runs in, so entering one allocates nothing more. Where
+    It is itself the frame its block runs in; entering one that begins a transaction
+    allocates its ``Transaction``, and one that joins allocates nothing more. Where
     its block was entered is an ``Origin`` that keeps the caller's code and instruction
     offset and looks the line up only if a message shows it. Each object runs one block
     (``state``; see the README's Decisions for why it is not reusable).
@@ -971,12 +920,6 @@ class UnitOfWork(Unit):
 
     _token: Token[Unit | None]  # set with state ACTIVE: the registry's stack before it
     _var: ContextVar[Unit | None]  # the registry's stack it was pushed on
-
-    def _registry_for(self, want_async: bool) -> Registry:
-        registry = self.opts.registry or resolve(None)
-        if registry.is_async is not want_async or self.state is not _STATE_READY:
-            self._refuse(registry, want_async)
-        return registry
 
     def _refuse(self, registry: Registry, want_async: bool) -> None:
         if registry.is_async is not want_async:
@@ -1010,7 +953,9 @@ class UnitOfWork(Unit):
         if open_unit(registry, self) is None:
             self.state = _STATE_OUTSIDE
             return False
-        push(registry, self)
+        var = self._var = registry._var
+        self._token = var.set(self)
+        self.state = _STATE_ACTIVE
         return True
 
     async def aenter(self, registry: Registry) -> bool:
@@ -1018,14 +963,18 @@ class UnitOfWork(Unit):
         if await aopen_unit(registry, self) is None:
             self.state = _STATE_OUTSIDE
             return False
-        push(registry, self)
+        var = self._var = registry._var
+        self._token = var.set(self)
+        self.state = _STATE_ACTIVE
         return True
 
     def __enter__(self) -> Session:
-        registry = self._registry_for(want_async=False)
+        registry = self.opts.registry or resolve(None)
+        if registry.is_async or self.state is not _STATE_READY:
+            self._refuse(registry, want_async=False)
         self.where = caller_origin(sys._getframe(1))
         if self.enter(registry):
-            session: Session = self.session
+            session: Session = self.transaction.session
             return session
         return None  # type: ignore[return-value]  # propagation="never" outside a unit
 
@@ -1039,16 +988,15 @@ class UnitOfWork(Unit):
             self._exit_inactive(exc)
             return
         finish, error = end(self, exc)
-        if finish is not None:
-            finish.deliver(in_flight=error is not None)
-        if error is not None and error is not exc:
-            raise error
+        leave(finish, error, exc)
 
     async def __aenter__(self) -> AsyncSession:
-        registry = self._registry_for(want_async=True)
+        registry = self.opts.registry or resolve(None)
+        if not registry.is_async or self.state is not _STATE_READY:
+            self._refuse(registry, want_async=True)
         self.where = caller_origin(sys._getframe(1))
         if await self.aenter(registry):
-            session: AsyncSession = self.session
+            session: AsyncSession = self.transaction.session
             return session
         return None  # type: ignore[return-value]  # propagation="never" outside a unit
 
@@ -1062,10 +1010,7 @@ class UnitOfWork(Unit):
             self._exit_inactive(exc)
             return
         finish, error = await aend(self, exc)
-        if finish is not None:
-            await finish.adeliver(in_flight=error is not None)
-        if error is not None and error is not exc:
-            raise error
+        await aleave(finish, error, exc)
 
 
 def _mismatch(registry: Registry, statement: str) -> str:
@@ -1127,11 +1072,6 @@ def unit_of_work(
                 "durable": durable,
             },
         )
-    return unit_for(opts)
-
-
-def unit_for(opts: UnitOptions) -> UnitOfWork:
-    """Return a new unit of work with these (validated) options, ready to be entered."""
     return UnitOfWork(opts)
 
 
