@@ -78,11 +78,7 @@ class _BeginOnDriver:
                 return
             _begin_in_one_round_trip(driver, statement)
             return
-        cursor = driver.cursor()
-        try:
-            cursor.execute(statement)
-        finally:
-            cursor.close()
+        driver.execute(statement)  # sqlite3's shortcut: its cursor is freed as it returns
 
     def _learn(self, driver: Any) -> tuple[bool, bool, bool]:
         features = (
