@@ -196,15 +196,21 @@ async def test_aiosqlite_deferred_begin_waits_for_no_round_trip(
         await conn.rollback()
 
 
-async def test_aiosqlite_immediate_begin_on_a_locked_database_raises(tmp_path: Path) -> None:
-    """BEGIN IMMEDIATE on aiosqlite is awaited: a write lock held elsewhere fails the begin."""
-    path = tmp_path / "locked.db"
+def _immediate_engines(path: Path) -> tuple[sa.Engine, AsyncEngine]:
+    """A sync engine that made the tables, and a txguard aiosqlite engine that begins IMMEDIATE."""
     sync = sa.create_engine(f"sqlite:///{path}")
     Base.metadata.create_all(sync)
     engine = create_async_engine(
         f"sqlite+aiosqlite:///{path}", connect_args={"isolation_level": "IMMEDIATE", "timeout": 0}
     )
     txguard.SessionRegistry(engine)
+    return sync, engine
+
+
+async def test_aiosqlite_immediate_begin_on_a_locked_database_raises(tmp_path: Path) -> None:
+    """BEGIN IMMEDIATE on aiosqlite is awaited: a write lock held elsewhere fails the begin."""
+    path = tmp_path / "locked.db"
+    sync, engine = _immediate_engines(path)
     with sync.connect() as holder:
         holder.exec_driver_sql("BEGIN IMMEDIATE")
         async with engine.connect() as conn:
@@ -222,12 +228,7 @@ def _driver_in_transaction(conn: sa.Connection) -> bool:
 async def test_aiosqlite_honours_the_drivers_begin_mode(tmp_path: Path) -> None:
     """isolation_level='IMMEDIATE' on aiosqlite gives BEGIN IMMEDIATE: the write lock at once."""
     path = tmp_path / "immediate.db"
-    sync = sa.create_engine(f"sqlite:///{path}")
-    Base.metadata.create_all(sync)
-    engine = create_async_engine(
-        f"sqlite+aiosqlite:///{path}", connect_args={"isolation_level": "IMMEDIATE", "timeout": 0}
-    )
-    txguard.SessionRegistry(engine)
+    sync, engine = _immediate_engines(path)
     async with engine.begin() as conn:
         await conn.execute(sa.text("SELECT 1"))  # reads only, yet holds the write lock
         with pytest.raises(sa.exc.OperationalError, match="database is locked"):
