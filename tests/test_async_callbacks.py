@@ -49,6 +49,28 @@ async def test_mixed_callbacks_run_in_registration_order(
     assert names(async_db.sync) == ["a"]
 
 
+class _Awaitable:
+    """An awaitable that is neither a coroutine nor a future (it has ``__await__`` only)."""
+
+    def __init__(self, seen: list[str]) -> None:
+        self.seen = seen
+
+    def __await__(self) -> Any:
+        yield from asyncio.sleep(0).__await__()
+        self.seen.append("awaited")
+
+
+async def test_a_callback_returning_a_plain_awaitable_is_awaited(
+    registry: txguard.SessionRegistry, async_db: AsyncDatabase
+) -> None:
+    """A callback may return any awaitable, not only a coroutine: it is awaited after the commit."""
+    seen: list[str] = []
+    async with txguard.unit_of_work() as session:
+        session.add(Item(name="a"))
+        txguard.on_commit(lambda: _Awaitable(seen))
+    assert seen == ["awaited"]
+
+
 async def test_async_callbacks_run_after_the_unit_left_the_stack(
     registry: txguard.SessionRegistry, async_db: AsyncDatabase
 ) -> None:

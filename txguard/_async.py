@@ -38,7 +38,7 @@ async def completed(awaitable: Any) -> tuple[asyncio.Future[Any], BaseException 
     Return the finished task (its ``result()`` gives the outcome) and the CancelledError
     that the caller received meanwhile, if any, for the caller to raise when it is done.
     """
-    task = _Finishing(awaitable)
+    task = _Finishing(awaitable if asyncio.iscoroutine(awaitable) else _awaited(awaitable))
     try:
         await task
     except asyncio.CancelledError as err:
@@ -47,6 +47,11 @@ async def completed(awaitable: Any) -> tuple[asyncio.Future[Any], BaseException 
     except BaseException:
         pass  # the task holds it, for result()
     return task, None
+
+
+async def _awaited(awaitable: Any) -> Any:
+    """Await an awaitable that is not a coroutine (a task runs coroutines only)."""
+    return await awaitable
 
 
 async def run_to_completion(awaitable: Any) -> Any:
