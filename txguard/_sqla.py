@@ -164,12 +164,14 @@ def queue_on_worker(driver: Any, function: Callable[[Any], object]) -> bool:
     """Queue ``function(sqlite3_connection)`` on an aiosqlite connection's worker thread
     without waiting for it (``aiosqlite.Connection._tx`` and ``_conn``, which SQLAlchemy's
     aiosqlite adapter also uses directly); return False, having queued nothing, if
-    ``driver`` has no such queue.
+    ``driver`` has no such queue or is older than aiosqlite 0.22.1.
 
     The worker runs what is queued in order, so ``function`` runs before the next call
     anyone makes on the connection; its result and any error it raises are dropped."""
     queue = getattr(driver, "_tx", None)
-    if queue is None:
+    # Before aiosqlite 0.22.1 (which added stop(), the other caller that queues no future)
+    # the worker fails on a call queued without a future, and stops.
+    if queue is None or not hasattr(driver, "stop"):
         return False
     queue.put_nowait((None, partial(_on_sqlite_connection, function, driver)))
     return True
