@@ -33,22 +33,6 @@ def recorder(seen: list[str], name: str) -> Any:
     return record
 
 
-async def test_mixed_callbacks_run_in_registration_order(
-    registry: txguard.SessionRegistry, async_db: AsyncDatabase
-) -> None:
-    """Sync callbacks, async functions and lambdas returning coroutines run after the commit, in registration order."""
-    seen: list[str] = []
-    async with txguard.unit_of_work() as session:
-        session.add(Item(name="a"))
-        txguard.on_commit(lambda: seen.append("sync 1"))
-        txguard.on_commit(recorder(seen, "async 1"))
-        txguard.on_commit(lambda: recorder(seen, "lambda")())
-        txguard.on_commit(lambda: seen.append("sync 2"))
-        assert seen == []
-    assert seen == ["sync 1", "async 1", "lambda", "sync 2"]
-    assert names(async_db.sync) == ["a"]
-
-
 class _Awaitable:
     """An awaitable that is neither a coroutine nor a future (it has ``__await__`` only)."""
 
@@ -57,18 +41,24 @@ class _Awaitable:
 
     def __await__(self) -> Any:
         yield from asyncio.sleep(0).__await__()
-        self.seen.append("awaited")
+        self.seen.append("awaitable")
 
 
-async def test_a_callback_returning_a_plain_awaitable_is_awaited(
+async def test_mixed_callbacks_run_in_registration_order(
     registry: txguard.SessionRegistry, async_db: AsyncDatabase
 ) -> None:
-    """A callback may return any awaitable, not only a coroutine: it is awaited after the commit."""
+    """Sync callbacks, async functions, lambdas returning coroutines or other awaitables run after the commit, in registration order."""
     seen: list[str] = []
     async with txguard.unit_of_work() as session:
         session.add(Item(name="a"))
+        txguard.on_commit(lambda: seen.append("sync 1"))
+        txguard.on_commit(recorder(seen, "async 1"))
+        txguard.on_commit(lambda: recorder(seen, "lambda")())
         txguard.on_commit(lambda: _Awaitable(seen))
-    assert seen == ["awaited"]
+        txguard.on_commit(lambda: seen.append("sync 2"))
+        assert seen == []
+    assert seen == ["sync 1", "async 1", "lambda", "awaitable", "sync 2"]
+    assert names(async_db.sync) == ["a"]
 
 
 async def test_async_callbacks_run_after_the_unit_left_the_stack(
