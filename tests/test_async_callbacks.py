@@ -33,19 +33,31 @@ def recorder(seen: list[str], name: str) -> Any:
     return record
 
 
+class _Awaitable:
+    """An awaitable that is neither a coroutine nor a future (it has ``__await__`` only)."""
+
+    def __init__(self, seen: list[str]) -> None:
+        self.seen = seen
+
+    def __await__(self) -> Any:
+        yield from asyncio.sleep(0).__await__()
+        self.seen.append("awaitable")
+
+
 async def test_mixed_callbacks_run_in_registration_order(
     registry: txguard.SessionRegistry, async_db: AsyncDatabase
 ) -> None:
-    """Sync callbacks, async functions and lambdas returning coroutines run after the commit, in registration order."""
+    """Sync callbacks, async functions, lambdas returning coroutines or other awaitables run after the commit, in registration order."""
     seen: list[str] = []
     async with txguard.unit_of_work() as session:
         session.add(Item(name="a"))
         txguard.on_commit(lambda: seen.append("sync 1"))
         txguard.on_commit(recorder(seen, "async 1"))
         txguard.on_commit(lambda: recorder(seen, "lambda")())
+        txguard.on_commit(lambda: _Awaitable(seen))
         txguard.on_commit(lambda: seen.append("sync 2"))
         assert seen == []
-    assert seen == ["sync 1", "async 1", "lambda", "sync 2"]
+    assert seen == ["sync 1", "async 1", "lambda", "awaitable", "sync 2"]
     assert names(async_db.sync) == ["a"]
 
 

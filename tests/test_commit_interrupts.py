@@ -54,6 +54,37 @@ async def test_cancel_during_commit_runs_on_commit_callbacks(async_db: AsyncData
     assert seen == ["first", "second"]
 
 
+async def test_cancelling_every_task_during_commit_still_commits(async_db: AsyncDatabase) -> None:
+    """Cancelling every task while a unit's COMMIT is in flight (as the shutdown of
+    asyncio.run does) cancels the unit's task, not the settling work: it commits, runs its
+    on_commit callbacks and gives its connection back, then the task is cancelled."""
+    registry = txguard.SessionRegistry(async_db.engine)
+    seen: list[str] = []
+    test_task = asyncio.current_task()
+    sent: list[bool] = []
+
+    def cancel_every_task(conn: sa.Connection) -> None:
+        if not sent:
+            sent.append(True)
+            for other in asyncio.all_tasks():
+                if other is not test_task:
+                    other.cancel()
+
+    async def work() -> None:
+        async with registry.unit_of_work() as session:
+            session.add(Item(name="a"))
+            registry.on_commit(lambda: seen.append("committed"))
+            event.listen(async_db.engine.sync_engine, "commit", cancel_every_task)
+        seen.append("after the block")
+
+    task = asyncio.ensure_future(work())
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert names(async_db.sync) == ["a"]
+    assert seen == ["committed"]
+    assert async_db.engine.sync_engine.pool.checkedout() == 0
+
+
 async def test_cancel_during_commit_of_a_transactional_function(async_db: AsyncDatabase) -> None:
     """An @transactional coroutine cancelled during its COMMIT runs its on_commit callbacks, then is cancelled."""
     registry = txguard.SessionRegistry(async_db.engine)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -156,6 +158,33 @@ def test_running_loop_is_none_outside_and_the_loop_inside() -> None:
         return _sqla.running_loop() is asyncio.get_running_loop()
 
     assert asyncio.run(inside())
+
+
+def test_queue_on_worker_runs_on_aiosqlites_worker_in_order() -> None:
+    """aiosqlite's ``Connection._tx`` queue and ``_conn`` still run a queued call on the
+    worker thread, before the calls queued after it."""
+    aiosqlite = pytest.importorskip("aiosqlite")
+    if not hasattr(aiosqlite.Connection, "stop"):
+        pytest.skip("before aiosqlite 0.22.1 nothing is queued (a call needs a future)")
+    ran: list[tuple[bool, int]] = []
+
+    async def main() -> int:
+        async with aiosqlite.connect(":memory:") as connection:
+            caller = threading.get_ident()
+
+            def first(sqlite_connection: sqlite3.Connection) -> None:
+                ran.append((isinstance(sqlite_connection, sqlite3.Connection),
+                            threading.get_ident() - caller))
+                sqlite_connection.execute("CREATE TABLE t (x)")
+
+            assert _sqla.queue_on_worker(connection, first)
+            async with connection.execute("SELECT count(*) FROM t") as cursor:
+                (count,) = await cursor.fetchone()
+            return int(count)
+
+    assert asyncio.run(main()) == 0
+    assert len(ran) == 1 and ran[0][0] and ran[0][1] != 0
+    assert not _sqla.queue_on_worker(object(), lambda connection: None)
 
 
 def test_sqlalchemy_generated_code_is_named_by_its_module() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -176,19 +177,51 @@ async def test_aiosqlite_outer_rollback_undoes_a_released_savepoint(
     assert names(fresh_engine) == []
 
 
-async def test_aiosqlite_begin_is_one_worker_round_trip(
+async def test_aiosqlite_deferred_begin_waits_for_no_round_trip(
     fresh_async_engine: AsyncEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """BEGIN on aiosqlite runs one call on the connection's worker thread, not a cursor's three."""
+    """A deferred BEGIN on aiosqlite is queued on the worker thread, not awaited: it runs
+    first, in the round trip of the statement after it."""
+    aiosqlite = pytest.importorskip("aiosqlite")
+    if not hasattr(aiosqlite.Connection, "stop"):
+        pytest.skip("before aiosqlite 0.22.1 BEGIN takes a round trip (a call needs a future)")
     txguard.SessionRegistry(fresh_async_engine)
     async with fresh_async_engine.connect() as conn:
+        loop_turns: list[str] = []
+        asyncio.get_running_loop().call_soon(loop_turns.append, "a turn of the loop")
         with caplog.at_level(logging.DEBUG, logger="aiosqlite"):
             await conn.begin()
-        worker_calls = [r for r in caplog.records if r.getMessage().startswith("executing")]
-        assert len(worker_calls) == 1
-        assert "'BEGIN'" in worker_calls[0].getMessage()
+            assert loop_turns == []  # begin() never waited on the worker
+            await conn.execute(sa.text("SELECT 1"))
+        worker_calls = [r.getMessage() for r in caplog.records if r.getMessage().startswith("executing")]
+        assert "_begin" in worker_calls[0]
         assert await conn.run_sync(_driver_in_transaction)
         await conn.rollback()
+
+
+def _immediate_engines(path: Path) -> tuple[sa.Engine, AsyncEngine]:
+    """A sync engine that made the tables, and a txguard aiosqlite engine that begins IMMEDIATE."""
+    sync = sa.create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(sync)
+    engine = create_async_engine(
+        f"sqlite+aiosqlite:///{path}", connect_args={"isolation_level": "IMMEDIATE", "timeout": 0}
+    )
+    txguard.SessionRegistry(engine)
+    return sync, engine
+
+
+async def test_aiosqlite_immediate_begin_on_a_locked_database_raises(tmp_path: Path) -> None:
+    """BEGIN IMMEDIATE on aiosqlite is awaited: a write lock held elsewhere fails the begin."""
+    path = tmp_path / "locked.db"
+    sync, engine = _immediate_engines(path)
+    with sync.connect() as holder:
+        holder.exec_driver_sql("BEGIN IMMEDIATE")
+        async with engine.connect() as conn:
+            with pytest.raises(sa.exc.OperationalError, match="database is locked"):
+                await conn.begin()
+        holder.rollback()
+    await engine.dispose()
+    sync.dispose()
 
 
 def _driver_in_transaction(conn: sa.Connection) -> bool:
@@ -198,12 +231,7 @@ def _driver_in_transaction(conn: sa.Connection) -> bool:
 async def test_aiosqlite_honours_the_drivers_begin_mode(tmp_path: Path) -> None:
     """isolation_level='IMMEDIATE' on aiosqlite gives BEGIN IMMEDIATE: the write lock at once."""
     path = tmp_path / "immediate.db"
-    sync = sa.create_engine(f"sqlite:///{path}")
-    Base.metadata.create_all(sync)
-    engine = create_async_engine(
-        f"sqlite+aiosqlite:///{path}", connect_args={"isolation_level": "IMMEDIATE", "timeout": 0}
-    )
-    txguard.SessionRegistry(engine)
+    sync, engine = _immediate_engines(path)
     async with engine.begin() as conn:
         await conn.execute(sa.text("SELECT 1"))  # reads only, yet holds the write lock
         with pytest.raises(sa.exc.OperationalError, match="database is locked"):

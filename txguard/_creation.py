@@ -4,18 +4,21 @@ A leaked Session is easiest to fix from where it was created, which is often not
 transaction began (a factory or a fixture creates it, other code runs the first statement).
 SessionEvents has no creation event, so while the leak guard or a leak detector wants it,
 ``Session.__init__`` is wrapped (a reversible patch, as ``Session.begin`` is). The wrapper
-notes the user's line in a WeakKeyDictionary: nothing is kept on the Session, and nothing
-keeps it alive.
+notes the user's line in the Session's ``__dict__``, as the guards keep their record of its
+transaction: it goes away with the Session and keeps nothing alive (an ``Origin`` holds
+code objects only); a generation number tells the sites noted before everyone stopped
+wanting them, which are then forgotten. A WeakKeyDictionary cost ~40 bytecodes and a weak
+reference more per Session, and a callback when the Session goes.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
-import weakref
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy.orm import Session
 
@@ -23,15 +26,23 @@ from ._origin import Origin, caller_origin
 
 __all__ = ["created_at", "want"]
 
-_created: weakref.WeakKeyDictionary[Session, Origin] = weakref.WeakKeyDictionary()
+KEY: Final = "_txguard_created"  # the Session attribute: (where it was created, _generation)
+_generation = 0  # bumped when nobody wants creation sites any more: those noted are stale
+_OWN_FILES: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _users: set[str] = set()
 _original: Callable[..., None] | None = None  # Session.__init__ while wrapped
 _wrapper: Callable[..., None] | None = None
 
 
 def created_at(session: Session) -> Origin | None:
-    """Return where ``session`` was created, if it was created while someone wanted to know."""
-    return _created.get(session)
+    """Return where ``session`` was created, if it was created while someone wanted to know;
+    for the session of a unit of work, while the unit runs, where the unit began."""
+    noted: tuple[Origin, int] | None = session.__dict__.get(KEY)
+    if noted is not None:
+        return noted[0] if noted[1] == _generation else None
+    unit = session.__dict__.get("_txguard_unit")  # a unit's session: created where it began
+    where: Origin | None = None if unit is None else unit.where
+    return where
 
 
 def want(user: str, on: bool) -> None:
@@ -39,7 +50,7 @@ def want(user: str, on: bool) -> None:
 
     A wrapper that something else replaced by the original is put back.
     """
-    global _original, _wrapper
+    global _original, _wrapper, _generation
     if on:
         _users.add(user)
     else:
@@ -56,7 +67,7 @@ def want(user: str, on: bool) -> None:
         if current is _wrapper:  # someone who wrapped it after us keeps their wrapper
             setattr(Session, "__init__", _original)
         _original = _wrapper = None
-        _created.clear()
+        _generation += 1
 
 
 def _wrap(original: Callable[..., None]) -> Callable[..., None]:
@@ -69,10 +80,9 @@ def _wrap(original: Callable[..., None]) -> Callable[..., None]:
             frame.f_locals.get("self") is self
         ):
             frame = frame.f_back
-        if frame is not None:
-            try:
-                _created[self] = caller_origin(frame)
-            except TypeError:  # a subclass that defines __eq__ without __hash__
-                pass
+        # A unit's session (created by txguard's own code) is not noted: its unit knows
+        # where it began, which saves the walk up to the user's frame.
+        if frame is not None and not frame.f_code.co_filename.startswith(_OWN_FILES):
+            self.__dict__[KEY] = (caller_origin(frame), _generation)
 
     return __init__

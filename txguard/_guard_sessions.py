@@ -390,7 +390,7 @@ def _awaits(owner: asyncio.Task[Any], task: asyncio.Task[Any]) -> bool:
     """Say whether ``owner`` is suspended awaiting ``task`` alone, in library code that started it.
 
     SQLAlchemy closes (and commits) an ``async with`` session in a task of its own that the
-    owner awaits, shielded; txguard settles async units the same way, and
+    owner awaits, shielded; txguard settles async units in a task of its own too, and
     ``asyncio.wait_for`` (before Python 3.12) runs its awaitable in a task: the owner is
     suspended until that task ends, so the session is handed over, not guard_records. Found by
     following the owner's chain of awaits to its innermost frame, which must be a library

@@ -159,9 +159,12 @@ def first_user_frame(frame: FrameType | None) -> FrameType | None:
     spawned, it goes on in the parent greenlet, where the user's coroutine runs.
     """
     glet = None
+    user_files = _user_files
     while True:
         while frame is not None:
-            if is_user_frame(frame):
+            # is_user_frame's cache read inline: the walk passes several frames per call
+            verdict = user_files.get(frame.f_code.co_filename)
+            if verdict or (verdict is None and is_user_frame(frame)):
                 return frame
             frame = frame.f_back
         glet = parent_greenlet(glet)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from functools import partial
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Callable, Final
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction
@@ -29,13 +30,15 @@ __all__ = [
     "DIALECT_EXECUTE_HOOKS", "ENGINE_FILE", "PQTRANS_INERROR", "PRIVATE_NAMES",
     "RECONNECT_CODE", "SESSION_CONNECT_CODE", "SESSION_FILE", "async_session_of", "autobegin_statement",
     "enclosing_savepoint", "held_connections", "holds_connection", "is_session_connect",
-    "live_sessions", "pool_connection", "pool_record", "running_loop", "transaction_state",
+    "live_sessions", "pool_connection", "pool_record", "queue_on_worker", "running_loop",
+    "transaction_state",
 ]
 
 PRIVATE_NAMES: Final = (
     "_connections", "_state", "_previous_nested", "_sessions", "_connection_for_bind",
     "_revalidate_connection", "_connection_record", "_dbapi_connection",
-    "_retrieve_proxy_for_target", "_execute_context", "_get_running_loop",
+    "_retrieve_proxy_for_target", "_execute_context", "_get_running_loop", "_tx",
+    "_conn",
 )
 
 SESSION_FILE: Final = SessionTransaction.__init__.__code__.co_filename
@@ -155,3 +158,24 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
     """Return the running event loop or None (CPython's ``asyncio._get_running_loop``):
     the public ``get_running_loop()`` raises instead, which costs more on hot paths."""
     return asyncio._get_running_loop()
+
+
+def queue_on_worker(driver: Any, function: Callable[[Any], object]) -> bool:
+    """Queue ``function(sqlite3_connection)`` on an aiosqlite connection's worker thread
+    without waiting for it (``aiosqlite.Connection._tx`` and ``_conn``, which SQLAlchemy's
+    aiosqlite adapter also uses directly); return False, having queued nothing, if
+    ``driver`` has no such queue or is older than aiosqlite 0.22.1.
+
+    The worker runs what is queued in order, so ``function`` runs before the next call
+    anyone makes on the connection; its result and any error it raises are dropped."""
+    queue = getattr(driver, "_tx", None)
+    # Before aiosqlite 0.22.1 (which added stop(), the other caller that queues no future)
+    # the worker fails on a call queued without a future, and stops.
+    if queue is None or not hasattr(driver, "stop"):
+        return False
+    queue.put_nowait((None, partial(_on_sqlite_connection, function, driver)))
+    return True
+
+
+def _on_sqlite_connection(function: Callable[[Any], object], driver: Any) -> None:
+    function(driver._conn)  # read on the worker: the call behind fails too if it is closed
