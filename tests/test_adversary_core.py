@@ -601,3 +601,29 @@ def test_ending_the_transaction_through_get_transaction_is_a_discipline_error(
             session.add(Item(name="after"))
     assert names(engine) == (["x"] if end == "commit" else [])
     assert engine.pool.checkedout() == 0
+
+
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_callbacks_do_not_run_after_the_transaction_was_ended_through_get_transaction(
+    engine: sa.Engine, end: str
+) -> None:
+    """txguard cannot tell whether the user's own end committed, so neither hook runs.
+
+    Running on_rollback after a commit that went through (or on_commit after a rollback)
+    would tell the hooks a lie; the error says the callbacks were dropped.
+    """
+    txguard.configure(engine)
+    ran: list[str] = []
+    with pytest.raises(txguard.DisciplineError, match="callbacks were not run") as caught:
+        with txguard.unit_of_work() as session:
+            txguard.on_commit(lambda: ran.append("commit"))
+            txguard.on_rollback(lambda: ran.append("rollback"))
+            session.add(Item(name="x"))
+            session.flush()
+            transaction = session.get_transaction()
+            assert transaction is not None
+            getattr(transaction, end)()
+    assert ran == []
+    assert "on_commit" in str(caught.value)
+    assert names(engine) == (["x"] if end == "commit" else [])
+    assert engine.pool.checkedout() == 0

@@ -26,7 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.util import greenlet_spawn
 
 from ._async import completed
-from ._callbacks import ALWAYS, ON_COMMIT, Callback, run_callbacks
+from ._callbacks import ALWAYS, NO_CALLBACKS, ON_COMMIT, Callback, run_callbacks
 from ._errors import (
     ConfigurationError,
     DisciplineError,
@@ -437,8 +437,13 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
                 _rollback(transaction, exc)
                 if exc is None:
                     error = _deactivated(tx)
-            elif exc is None:
-                error = _ended_inside(unit)
+            else:
+                # The user's own commit() or rollback(): which one ran is not known here, so
+                # neither set of callbacks may run.
+                dropped = bool(tx.callbacks)
+                tx.callbacks = NO_CALLBACKS
+                if exc is None:
+                    error = _ended_inside(unit, dropped)
         elif aborted(transaction):
             _rollback(transaction, exc)
             if exc is None:
@@ -659,12 +664,18 @@ def caught_failure(failure: Failure, refused: str, undone: str) -> UnexpectedRol
     return error
 
 
-def _ended_inside(unit: Unit) -> DisciplineError:
+def _ended_inside(unit: Unit, dropped_callbacks: bool) -> DisciplineError:
+    dropped = (
+        " Its on_commit and on_rollback callbacks were not run: txguard cannot tell whether "
+        "that call committed."
+        if dropped_callbacks else ""
+    )
     return DisciplineError(
         f"The transaction of the begin-once unit opened at {unit.where} was ended inside its "
         "block (session.get_transaction().commit() or .rollback()), so the unit had nothing "
-        "left to commit: work after that call was discarded. The unit owns its transaction: "
-        "raise an exception to roll it back, or open it with mode='commit_as_you_go'."
+        f"left to commit: work after that call was discarded.{dropped} The unit owns its "
+        "transaction: raise an exception to roll it back, or open it with "
+        "mode='commit_as_you_go'."
     )
 
 
