@@ -2,7 +2,6 @@
 
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,13 @@ from sqlalchemy.orm import Session
 
 import txguard
 from tests.apps.flask_app import create_schema
+from tests.backends import SYNC_URLS
 from tests.models import Item
 from txguard.asgi import UnitOfWorkMiddleware
 from txguard.fastapi import session
 
 
-PG = os.environ.get("TXGUARD_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test_h2")
+PG = SYNC_URLS["postgresql"]
 
 
 class Db:
