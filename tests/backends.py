@@ -15,12 +15,26 @@ import sqlalchemy as sa
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-SYNC_URLS = {
+# Under `pytest -n N` (pytest-xdist) each worker ("gw0", "gw1", ...) runs on a database of
+# its own, named after the configured one, which it creates: the tests create, empty and
+# drop the same tables, and two workers on one database would undo each other's rows.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+
+
+def _for_this_process(url: str) -> str:
+    if not WORKER:
+        return url
+    parsed = sa.make_url(url)
+    return parsed.set(database=f"{parsed.database}_{WORKER}").render_as_string(hide_password=False)
+
+
+CONFIGURED_URLS = {
     "postgresql": os.environ.get(
         "TXGUARD_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
     ),
     "mariadb": os.environ.get("TXGUARD_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
 }
+SYNC_URLS = {backend: _for_this_process(url) for backend, url in CONFIGURED_URLS.items()}
 
 ASYNC_DRIVERS = {
     "postgresql": ("postgresql+asyncpg", "postgresql+psycopg_async"),
@@ -41,6 +55,8 @@ def unreachable_reason(backend: str) -> str | None:
     args = {"connect_timeout": 3}
     engine = sa.create_engine(url, connect_args=args, poolclass=sa.pool.NullPool)
     try:
+        if WORKER:
+            _create_database(sa.make_url(CONFIGURED_URLS[backend]), engine.url.database)
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except Exception as exc:  # any failure to connect means "not here"
@@ -48,6 +64,26 @@ def unreachable_reason(backend: str) -> str | None:
     finally:
         engine.dispose()
     return None
+
+
+def _create_database(configured: sa.URL, name: str | None) -> None:
+    """Create database ``name`` (a worker's) on the server of the configured database."""
+    admin = sa.create_engine(
+        configured, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool,
+        connect_args={"connect_timeout": 3},
+    )
+    try:
+        with admin.connect() as conn:
+            if configured.get_backend_name() == "postgresql":
+                found = conn.execute(
+                    sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+                ).first()
+                if found is None:
+                    conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+            else:
+                conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{name}`")
+    finally:
+        admin.dispose()
 
 
 def require(backend: str) -> None:

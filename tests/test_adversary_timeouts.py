@@ -191,12 +191,14 @@ def test_caught_lock_timeout_dooms_the_unit(accounts: sa.Engine, backend: str) -
                 session.flush()
                 if backend == "postgresql":
                     session.execute(sa.text("SET LOCAL lock_timeout = 1"))
-                else:
-                    session.execute(sa.text("SET SESSION innodb_lock_wait_timeout = 1"))
-                try:
-                    session.execute(
-                        sa.update(Account).where(Account.id == 1).values(balance=0)
+                    update = "UPDATE txg_accounts SET balance = 0 WHERE id = 1"
+                else:  # not SET SESSION: the pooled connection would keep a 1 s lock wait
+                    update = (
+                        "SET STATEMENT innodb_lock_wait_timeout=1 FOR "
+                        "UPDATE txg_accounts SET balance = 0 WHERE id = 1"
                     )
+                try:
+                    session.execute(sa.text(update))
                 except OperationalError:
                     pass
     finally:

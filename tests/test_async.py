@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 
 import txguard
 from tests.conftest import AsyncDatabase
-from tests.helpers import names
+from tests.helpers import SERVER_SESSION_ID, names, transaction_left_open
 from tests.models import Item
 
 
@@ -224,15 +224,24 @@ async def test_cancellation_rolls_back_and_returns_the_connection(
 
 
 async def test_cancellation_during_a_query(registry: txguard.SessionRegistry, async_db: AsyncDatabase) -> None:
-    """Cancelling a task while the database runs its statement still cleans up."""
-    if async_db.backend == "sqlite":
+    """Cancelling a task while the database runs its statement still cleans up, on the server too.
+
+    asyncpg and psycopg cancel the statement on the server. aiomysql cannot: the server runs
+    the SLEEP to its end, holding the row lock of the INSERT, so the test kills that query
+    (as an operator would) and then checks that the connection was closed, not left open in
+    its transaction (which a later test's DELETE would wait on).
+    """
+    backend = async_db.backend
+    if backend == "sqlite":
         pytest.skip("SQLite has no server-side sleep to cancel")
-    sleep = "SELECT pg_sleep(5)" if async_db.backend == "postgresql" else "SELECT SLEEP(5)"
+    sleep = "SELECT pg_sleep(5)" if backend == "postgresql" else "SELECT SLEEP(5)"
     started = asyncio.Event()
+    server_ids: list[int] = []
 
     async def work() -> None:
         async with txguard.unit_of_work() as session:
             await add("cancelled")
+            server_ids.append(await session.scalar(sa.text(SERVER_SESSION_ID[backend])))
             started.set()
             await session.execute(sa.text(sleep))
 
@@ -243,6 +252,10 @@ async def test_cancellation_during_a_query(registry: txguard.SessionRegistry, as
     with pytest.raises(asyncio.CancelledError):
         await task
     assert async_db.engine.sync_engine.pool.checkedout() == 0
+    if backend == "mariadb":
+        with async_db.sync.connect() as conn:
+            conn.exec_driver_sql(f"KILL QUERY {server_ids[0]}")
+    assert transaction_left_open(async_db.sync, backend, server_ids[0]) is None
     assert names(async_db.sync) == []
 
 

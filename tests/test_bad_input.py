@@ -3,6 +3,7 @@ that names the option and the values it allows; every allowed value is accepted.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -200,10 +201,15 @@ GOOD_VALUES: dict[str, list[Any]] = {
 }
 
 
+def _id(value: Any) -> str:
+    """A test id that is the same in every process (pytest-xdist workers compare them)."""
+    return "<function>" if inspect.isfunction(value) else repr(value)
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        pytest.param(option, value, id=f"{option}={value!r}")
+        pytest.param(option, value, id=f"{option}={_id(value)}")
         for option, values in GOOD_VALUES.items()
         for value in values
     ],

@@ -36,8 +36,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, ExecutionContext
 from sqlalchemy.exc import DBAPIError
 
-from ._errors import UnexpectedRollbackError
+from ._errors import DisciplineError, UnexpectedRollbackError
+from ._options import Mode
 from ._origin import Origin, capture, shorten_sql
+from ._statements import ENDS_FIRST, ends_transaction
 from ._sqla import (
     DIALECT_EXECUTE_HOOKS,
     PQTRANS_INERROR,
@@ -80,6 +82,7 @@ class Holder(Protocol):
     block's holder."""
 
     failures: list[Failure] | tuple[Failure, ...]
+    mode: Mode
 
     def savepoints(self, connection: Connection) -> tuple[object, ...]:
         """The savepoints a statement failing now on ``connection`` runs in, innermost first."""
@@ -135,6 +138,8 @@ def _wrap(execute: Callable[..., None], dialect: Dialect, params: bool) -> Calla
         def do_execute_no_params(
             cursor: Any, statement: str, context: ExecutionContext | None = None
         ) -> None:
+            if (statement[:1] in ENDS_FIRST or ";" in statement) and context is not None:
+                _refuse_sql_end(statement, context)
             try:
                 execute(cursor, statement, context)
             except dbapi_error as error:
@@ -147,6 +152,8 @@ def _wrap(execute: Callable[..., None], dialect: Dialect, params: bool) -> Calla
     def do_execute(
         cursor: Any, statement: str, parameters: Any, context: ExecutionContext | None = None
     ) -> None:
+        if (statement[:1] in ENDS_FIRST or ";" in statement) and context is not None:
+            _refuse_sql_end(statement, context)
         try:
             execute(cursor, statement, parameters, context)
         except dbapi_error as error:
@@ -155,6 +162,33 @@ def _wrap(execute: Callable[..., None], dialect: Dialect, params: bool) -> Calla
             raise
 
     return do_execute
+
+
+def _refuse_sql_end(statement: str, context: ExecutionContext) -> None:
+    """Refuse SQL that would end a begin-once unit's transaction behind its back.
+
+    The server would commit (or roll back) while the unit, and SQLAlchemy, still take the
+    transaction for open: what follows would run outside it and the unit's rollback would
+    undo nothing before the COMMIT. Raised before the statement reaches the server.
+    """
+    verb = ends_transaction(statement)
+    if verb is None:
+        return
+    connection = context.root_connection
+    holder = _holders.get(connection)
+    if holder is None:
+        holder = _unit_of(connection)
+    if holder is None or holder.mode is not Mode.BEGIN_ONCE:
+        return
+    raise DisciplineError(
+        f"{verb} sent as SQL at {capture(1)}, inside the "
+        f"begin-once unit opened at {holder.where}: the server would end the transaction "
+        "while the unit still owns it, and the unit's rollback could no longer undo what "
+        "ran before. Remove the statement: the unit commits when its block ends and rolls "
+        "back if an exception leaves it; use a savepoint (begin_nested() or "
+        "propagation='nested') to undo part of the work, or open the unit with "
+        "mode='commit_as_you_go' and call commit()."
+    )
 
 
 def _statement_failed(error: Exception, statement: str, context: ExecutionContext) -> None:

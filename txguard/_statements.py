@@ -10,6 +10,11 @@ its statement; each statement of a multi-statement string counts. Strings, quote
 identifiers and comments are lexed, so a keyword inside a literal is not taken for one.
 Function calls that write (``SELECT f()``, ``CALL``) cannot be seen in the text; the
 server's READ ONLY transaction covers them on PostgreSQL and MariaDB.
+
+The same lexing tells SQL that ends the current transaction (``COMMIT``, ``END``,
+``ROLLBACK`` but not ``ROLLBACK TO SAVEPOINT``, ``ABORT``, ``PREPARE TRANSACTION``) from SQL
+that merely contains the word; ``ENDS_FIRST`` is the cheap test a caller on every statement
+makes first.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from sqlalchemy.schema import ExecutableDDLElement
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 
-__all__ = ["WRITE_KEYWORDS", "is_write_sql", "is_write_statement", "is_write_execution"]
+__all__ = [
+    "ENDS_FIRST", "WRITE_KEYWORDS", "ends_transaction", "is_write_sql", "is_write_statement",
+    "is_write_execution",
+]
 
 WRITE_KEYWORDS: Final = frozenset(
     {
@@ -72,6 +80,61 @@ def is_write_sql(sql: str) -> bool:
     return _writes(_tokens(sql, _STANDARD)) or (
         _MYSQL_SYNTAX.search(sql) is not None and _writes(_tokens(sql, _MYSQL))
     )
+
+
+_END_KEYWORDS: Final = frozenset({"COMMIT", "END", "ROLLBACK", "ABORT", "PREPARE"})
+# The first character of SQL that may end the transaction in its first statement (a later
+# one follows a semicolon): a keyword above, blank space, a comment or a parenthesis.
+ENDS_FIRST: Final = frozenset("CcEeRrAaPp \t\r\n(/-#")
+
+
+def ends_transaction(sql: str) -> str | None:
+    """Return the statement (``COMMIT``, ``ROLLBACK``, ...) of ``sql`` that ends the current
+    transaction, or None. A ``CREATE`` (a procedure's or trigger's body) ends nothing."""
+    head = _HEAD.match(sql)
+    if head is not None:
+        keyword = head.group(1).upper()
+        if keyword == "CREATE" or (keyword not in _END_KEYWORDS and ";" not in sql):
+            return None
+    found = _ending(_tokens(sql, _STANDARD))
+    if found is None and _MYSQL_SYNTAX.search(sql) is not None:
+        found = _ending(_tokens(sql, _MYSQL))
+    return found
+
+
+def _ending(tokens: list[str]) -> str | None:
+    """Return the first top-level statement of ``tokens`` that ends the transaction."""
+    start = depth = 0
+    for index, token in enumerate([*tokens, ";"]):
+        if token == "(":
+            depth += 1
+        elif token == ")":
+            depth = max(depth - 1, 0)
+        elif token == ";" and depth == 0:
+            statement = tokens[start:index]
+            if start == 0 and statement[:1] == ["CREATE"]:
+                return None
+            found = _statement_ends(statement)
+            if found is not None:
+                return found
+            start = index + 1
+    return None
+
+
+def _statement_ends(tokens: list[str]) -> str | None:
+    head = _at(tokens, 0)
+    if head not in _END_KEYWORDS:
+        return None
+    rest = [token for token in tokens[1:] if token not in ("WORK", "TRANSACTION")]
+    if head == "PREPARE":
+        return "PREPARE TRANSACTION" if _at(tokens, 1) == "TRANSACTION" else None
+    if head in ("ROLLBACK", "ABORT") and _at(rest, 0) == "TO":
+        return None  # ROLLBACK TO [SAVEPOINT] name: the transaction goes on
+    if _at(rest, 0) == "PREPARED":
+        return None  # COMMIT/ROLLBACK PREPARED 'id': another, prepared transaction
+    if head == "END" and rest[:1] not in ([], ["AND"]):
+        return None  # END of something else (END IF, END LOOP, END $$ ...)
+    return head
 
 
 def is_write_statement(statement: Any) -> bool:
