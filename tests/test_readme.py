@@ -298,9 +298,14 @@ def heading_anchors(path: Path) -> set[str]:
     return anchors
 
 
+def readme_links() -> list[str]:
+    """Return the README's relative link targets (``docs/x.md#anchor``), in order."""
+    return [target for target in _LINK.findall(README.read_text()) if "://" not in target]
+
+
 def test_readme_links_resolve_inside_the_repository() -> None:
     """Every relative link of the README names a file of the checkout, and its anchor a heading there."""
-    links = [target for target in _LINK.findall(README.read_text()) if "://" not in target]
+    links = readme_links()
     assert len(links) >= 20
     broken = []
     for target in links:
@@ -315,7 +320,7 @@ def test_readme_links_resolve_inside_the_repository() -> None:
 
 def test_readme_links_every_feature_page() -> None:
     """The feature list links each feature and recipe page of the docs site."""
-    linked = {(ROOT / target.partition("#")[0]).resolve() for target in _LINK.findall(README.read_text())}
+    linked = {(ROOT / target.partition("#")[0]).resolve() for target in readme_links()}
     pages = [*(ROOT / "docs" / "features").glob("*.md"), *(ROOT / "docs" / "recipes").glob("*.md")]
     assert pages and [page.name for page in pages if page.resolve() not in linked] == []
 
