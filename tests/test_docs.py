@@ -94,3 +94,26 @@ def test_glance_example_returns_the_id_and_notifies_after_commit(app: dict[str, 
     with app["engine"].connect() as conn:
         assert conn.execute(sa.select(Order.customer_id).where(Order.id == order_id)).scalar() == 7
         assert conn.execute(sa.select(sa.func.count()).select_from(Line)).scalar() == 1
+
+
+_TEST_FUNCTION = re.compile(r"^(?:async )?def test_", re.MULTILINE)
+
+
+def _test_module_blocks() -> list[Block]:
+    """The testing guide's runnable blocks that are whole test modules (they define tests)."""
+    blocks = page_blocks(DOCS / "recipes" / "testing.md")
+    return [block for block in blocks if block.not_run is None and _TEST_FUNCTION.search(block.code)]
+
+
+@pytest.mark.parametrize("block", _test_module_blocks(), ids=lambda b: f"testing.md:{b.line}")
+def test_testing_guide_modules_pass_under_pytest(block: Block, pytester: pytest.Pytester) -> None:
+    """The testing guide's test modules, run by pytest with the txguard plugin, pass."""
+    pytester.makepyfile(test_recipe=block.code)
+    tests = len(_TEST_FUNCTION.findall(block.code))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-o", "asyncio_mode=auto")
+    result.assert_outcomes(passed=tests)
+
+
+def test_testing_guide_has_test_modules() -> None:
+    """The sync and the async recipe of the testing guide both run as test modules."""
+    assert len(_test_module_blocks()) >= 2

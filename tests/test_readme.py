@@ -28,6 +28,7 @@ import ast
 import asyncio
 import inspect
 import re
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,3 +360,15 @@ def _section_text(heading: str) -> str:
     start = text.index(f"## {heading}\n")
     end = text.find("\n## ", start + 1)
     return text[start : end if end != -1 else None]
+
+
+def _make_dry_run(*args: str) -> str:
+    result = subprocess.run(["make", "-n", "test", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+def test_narrowed_make_test_skips_the_coverage_gate() -> None:
+    """`make test` gates coverage at 90%; `make test PYTEST_ARGS=...` passes them on and reports only."""
+    full, narrowed = _make_dry_run(), _make_dry_run("PYTEST_ARGS=tests/test_units.py -x")
+    assert "coverage report --fail-under=90" in full
+    assert "pytest tests/test_units.py -x" in narrowed and "--fail-under" not in narrowed
