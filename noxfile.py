@@ -42,6 +42,9 @@ DEFAULT_URLS = {
 }
 ADMIN_DATABASE = {"TXGUARD_PG_URL": "postgres", "TXGUARD_MYSQL_URL": "mysql"}
 REDIS_HOST = "redis://127.0.0.1:6379"
+# Cells take Redis dbs 9-15: above `make test`'s 8 (tests/apps/celery_app.py) and the low
+# numbers a developer's own runs use; the Celery tests flush their db.
+REDIS_FIRST_DB = 9
 
 
 def _add_pyenv_to_path() -> None:
@@ -86,7 +89,7 @@ def _cell_env(session: nox.Session, python: str, sqlalchemy: str) -> dict[str, s
     import sqlalchemy as sa
 
     name = f"test_nox_{python.replace('.', '')}_{sqlalchemy.removeprefix('sa')}"
-    env = {"TXGUARD_CELERY_REDIS_URL": f"{REDIS_HOST}/{CELLS.index((python, sqlalchemy)) + 1}"}
+    env = {"TXGUARD_CELERY_REDIS_URL": f"{REDIS_HOST}/{REDIS_FIRST_DB + CELLS.index((python, sqlalchemy))}"}
     for variable, default in DEFAULT_URLS.items():
         base = sa.make_url(os.environ.get(variable, default))
         url = base.set(database=name).render_as_string(hide_password=False)
@@ -95,9 +98,6 @@ def _cell_env(session: nox.Session, python: str, sqlalchemy: str) -> dict[str, s
             session.warn(f"{problem}; its tests skip (or fail under CI=true)")
         env[variable] = url
     return env
-
-
-_add_pyenv_to_path()
 
 
 def _run_cell(session: nox.Session, python: str, sqlalchemy: str) -> None:

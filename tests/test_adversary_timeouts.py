@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -293,12 +293,25 @@ def test_caught_deadlock_dooms_the_unit(accounts: sa.Engine) -> None:
 # KeyboardInterrupt while a statement runs.
 
 
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """Make SIGINT raise KeyboardInterrupt for the test, as in a terminal.
+
+    A run started as a background job of a non-interactive shell (``make test &``, some CI
+    runners) inherits SIGINT ignored, and Python then installs no handler: the interrupt
+    the test sends would be lost and pg_sleep(30) would run to its end.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _interrupt_when_sleeping(engine: sa.Engine, main: int) -> threading.Thread:
     """Start a thread that sends SIGINT to ``main`` once a pg_sleep is running on the server."""
     watcher = sa.create_engine(SYNC_URLS["postgresql"], poolclass=sa.pool.NullPool)
     query = sa.text(
         "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30)%' "
-        "AND state = 'active'"
+        "AND state = 'active' AND datname = current_database()"  # not another run's sleep
     )
 
     def watch() -> None:
@@ -319,7 +332,7 @@ def _interrupt_when_sleeping(engine: sa.Engine, main: int) -> threading.Thread:
 
 
 def test_keyboard_interrupt_during_a_statement_rolls_back_and_frees_the_connection(
-    pg: sa.Engine,
+    pg: sa.Engine, sigint_raises: None
 ) -> None:
     """Ctrl-C while pg_sleep runs ends the unit rolled back; the next unit works."""
     require("postgresql")
@@ -385,7 +398,7 @@ def test_keyboard_interrupt_before_commit_is_not_retried(engine: sa.Engine) -> N
 
 
 def test_keyboard_interrupt_in_a_retrying_function_during_a_statement_is_not_retried(
-    pg: sa.Engine,
+    pg: sa.Engine, sigint_raises: None
 ) -> None:
     """Ctrl-C while a statement of @transactional(retries=3) runs ends the call at once."""
     txguard.configure(pg)

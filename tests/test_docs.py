@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,13 +20,13 @@ import sqlalchemy as sa
 import txguard
 import txguard.testing
 
-from .test_readme import README, Block, app, readme_sections, run_block
+from .test_readme import README, Block, Line, Order, app, readme_sections, run_block
 
 __all__ = ["app"]  # the fixture, imported to be used here
 
 ROOT = README.parent
 DOCS = ROOT / "docs"
-PAGES = sorted(DOCS.rglob("*.md"))  # with _readme_draft.md, the README to be
+PAGES = sorted(DOCS.rglob("*.md"))
 
 
 def page_blocks(page: Path) -> list[Block]:
@@ -82,18 +83,37 @@ def test_testing_reference_documents_the_helpers_and_fixtures() -> None:
     assert [name for name in names if name not in reference] == []
 
 
-def test_readme_draft_fits_in_12_kb() -> None:
-    """The README prepared for the shrink stays within the issue's 12 KB."""
-    draft = DOCS / "_readme_draft.md"
-    assert len(draft.read_bytes()) <= 12 * 1024
-
-
-
-def test_readme_draft_quick_start_commits_the_note(app: dict[str, Any]) -> None:
-    """The draft README's quick start commits its note to its own SQLite file, notes.db."""
-    sections = readme_sections(DOCS / "_readme_draft.md")
-    (block,) = [block for section in sections if section.heading == "Quick start" for block in section.blocks]
+def test_glance_example_returns_the_id_and_notifies_after_commit(app: dict[str, Any]) -> None:
+    """The home page's place_order returns the new order's id, and notify() gets it after the commit."""
+    (block,) = [b for s in readme_sections(DOCS / "index.md") if s.heading == "At a glance" for b in s.blocks]
     run_block(block, app)
-    assert str(app["engine"].url) == "sqlite:///notes.db"
+    place_order: Callable[..., int] = app["place_order"]
+    order_id = place_order(7, [Line(sku="tea", quantity=2)])
+    assert isinstance(order_id, int)
+    assert app["ran"] == [("notify", order_id)]
     with app["engine"].connect() as conn:
-        assert conn.execute(sa.select(app["Note"].text)).scalars().all() == ["hello"]
+        assert conn.execute(sa.select(Order.customer_id).where(Order.id == order_id)).scalar() == 7
+        assert conn.execute(sa.select(sa.func.count()).select_from(Line)).scalar() == 1
+
+
+_TEST_FUNCTION = re.compile(r"^(?:async )?def test_", re.MULTILINE)
+
+
+def _test_module_blocks() -> list[Block]:
+    """The testing guide's runnable blocks that are whole test modules (they define tests)."""
+    blocks = page_blocks(DOCS / "recipes" / "testing.md")
+    return [block for block in blocks if block.not_run is None and _TEST_FUNCTION.search(block.code)]
+
+
+@pytest.mark.parametrize("block", _test_module_blocks(), ids=lambda b: f"testing.md:{b.line}")
+def test_testing_guide_modules_pass_under_pytest(block: Block, pytester: pytest.Pytester) -> None:
+    """The testing guide's test modules, run by pytest with the txguard plugin, pass."""
+    pytester.makepyfile(test_recipe=block.code)
+    tests = len(_TEST_FUNCTION.findall(block.code))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-o", "asyncio_mode=auto")
+    result.assert_outcomes(passed=tests)
+
+
+def test_testing_guide_has_test_modules() -> None:
+    """The sync and the async recipe of the testing guide both run as test modules."""
+    assert len(_test_module_blocks()) >= 2

@@ -1,5 +1,8 @@
 """Every ```python block of README.md runs as written, on SQLite, so no snippet can drift.
 
+The README itself is checked too: its size, its links, its commands. The runner below is
+shared with ``tests/test_docs.py``, which runs the docs pages' blocks the same way.
+
 How the blocks are run:
 
 - A block belongs to the section of the nearest heading above it. The blocks of one
@@ -25,6 +28,7 @@ import ast
 import asyncio
 import inspect
 import re
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,15 +248,8 @@ async def _finish(main: Any, namespace: dict[str, Any]) -> None:
 
 
 SECTIONS = readme_sections()
-
-
-@pytest.mark.parametrize("section", SECTIONS, ids=[s.heading for s in SECTIONS])
-def test_readme_section_runs(section: Section, app: dict[str, Any]) -> None:
-    """Each README section's python blocks run in order, showing the errors they say they show."""
-    for block in section.blocks:
-        if block.not_run is not None:
-            continue
-        run_block(block, app)
+ROOT = README.parent
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def _section(heading: str) -> Section:
@@ -260,22 +257,118 @@ def _section(heading: str) -> Section:
     return section
 
 
-def test_headline_example_returns_the_id_and_notifies_after_commit(app: dict[str, Any]) -> None:
-    """The headline's place_order returns the new order's id and notify() gets it after commit."""
-    (block,) = _section("Why").blocks
-    run_block(block, app)
-    place_order: Callable[..., int] = app["place_order"]
-    order_id = place_order(7, [Line(sku="tea", quantity=2)])
-    assert isinstance(order_id, int)
-    assert app["ran"] == [("notify", order_id)]
-    with app["engine"].connect() as conn:
-        assert conn.execute(sa.select(Order.customer_id).where(Order.id == order_id)).scalar() == 7
-        assert conn.execute(sa.select(sa.func.count()).select_from(Line)).scalar() == 1
+@pytest.mark.parametrize("section", SECTIONS, ids=[s.heading for s in SECTIONS])
+def test_readme_section_runs(section: Section, app: dict[str, Any]) -> None:
+    """Each README section's python blocks run in order, showing the errors they say they show."""
+    for block in section.blocks:
+        run_block(block, app)
 
 
-def test_readme_marks_few_blocks_not_run() -> None:
-    """Marks that skip a block stay rare: every other python block of the README runs."""
+def test_readme_runs_every_python_block() -> None:
+    """The README has its quick start as python, and no block is marked not to run."""
     blocks = [block for section in SECTIONS for block in section.blocks]
-    skipped = [block for block in blocks if block.not_run is not None]
-    assert len(blocks) >= 10
-    assert len(skipped) <= 1, [f"README.md:{b.line}: {b.not_run}" for b in skipped]
+    assert [block for block in blocks if block.not_run is not None] == []
+    assert "Quick start" in [section.heading for section in SECTIONS]
+
+
+def test_quick_start_commits_the_note(app: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """The quick start commits its note to its own SQLite file, then runs its on_commit callback."""
+    (block,) = _section("Quick start").blocks
+    run_block(block, app)
+    assert capsys.readouterr().out == "committed note 1\n"
+    assert str(app["engine"].url) == "sqlite:///notes.db"
+    with app["engine"].connect() as conn:
+        assert conn.execute(sa.select(app["Note"].text)).scalars().all() == ["hello"]
+
+
+def test_readme_fits_in_12_kb() -> None:
+    """A newcomer reads the README in five minutes: at most 12 KB, the rest is in docs/."""
+    assert len(README.read_bytes()) <= 12 * 1024
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """Return the anchors of a Markdown file's headings, slugged as MkDocs' toc (and GitHub) do."""
+    anchors = set()
+    fenced = False
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            title = re.sub(r"[^\w\s-]", "", line.lstrip("#").strip()).strip().lower()
+            anchors.add(re.sub(r"[-\s]+", "-", title))
+    return anchors
+
+
+def readme_links() -> list[str]:
+    """Return the README's relative link targets (``docs/x.md#anchor``), in order."""
+    return [target for target in _LINK.findall(README.read_text()) if "://" not in target]
+
+
+def test_readme_links_resolve_inside_the_repository() -> None:
+    """Every relative link of the README names a file of the checkout, and its anchor a heading there."""
+    links = readme_links()
+    assert len(links) >= 20
+    broken = []
+    for target in links:
+        path, _, anchor = target.partition("#")
+        resolved = (ROOT / path).resolve()
+        if not resolved.is_relative_to(ROOT) or not resolved.is_file():
+            broken.append(target)
+        elif anchor and anchor not in heading_anchors(resolved):
+            broken.append(target)
+    assert broken == []
+
+
+def test_readme_links_every_feature_page() -> None:
+    """The feature list links each feature and recipe page of the docs site."""
+    linked = {(ROOT / target.partition("#")[0]).resolve() for target in readme_links()}
+    pages = [*(ROOT / "docs" / "features").glob("*.md"), *(ROOT / "docs" / "recipes").glob("*.md")]
+    assert pages and [page.name for page in pages if page.resolve() not in linked] == []
+
+
+def _make_targets() -> set[str]:
+    makefile = (ROOT / "Makefile").read_text()
+    return set(re.findall(r"^([a-z][\w-]*):", makefile, re.MULTILINE))
+
+
+def test_the_two_commands_are_makefile_targets() -> None:
+    """The README's two commands are `make demo` and `make test`, and the Makefile has both."""
+    text = README.read_text()
+    fence = text.index("```bash", text.index("## The two commands"))
+    commands = re.findall(r"^make (\S+)", text[fence : text.index("```\n", fence + 3)], re.MULTILINE)
+    assert commands == ["demo", "test"]
+    assert set(commands) <= _make_targets()
+
+
+def test_every_make_target_the_readme_names_exists() -> None:
+    """Each `make X` the README mentions is a Makefile target."""
+    named = set(re.findall(r"(?:`|^)make ([a-z][\w-]*)", README.read_text(), re.MULTILINE))
+    assert named >= {"demo", "test", "docs"}
+    assert named - _make_targets() == set()
+
+
+def test_readme_says_how_to_open_the_docs() -> None:
+    """The README's way to open the docs matches where mkdocs.yml builds them, as plain files."""
+    mkdocs = (ROOT / "mkdocs.yml").read_text()
+    assert re.search(r"^site_dir: site$", mkdocs, re.MULTILINE)
+    assert re.search(r"^use_directory_urls: false", mkdocs, re.MULTILINE)
+    assert "`make docs`" in _section_text("Documentation") and "`site/index.html`" in _section_text("Documentation")
+
+
+def _section_text(heading: str) -> str:
+    text = README.read_text()
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def _make_dry_run(*args: str) -> str:
+    result = subprocess.run(["make", "-n", "test", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+def test_narrowed_make_test_skips_the_coverage_gate() -> None:
+    """`make test` gates coverage at 90%; `make test PYTEST_ARGS=...` passes them on and reports only."""
+    full, narrowed = _make_dry_run(), _make_dry_run("PYTEST_ARGS=tests/test_units.py -x")
+    assert "coverage report --fail-under=90" in full
+    assert "pytest tests/test_units.py -x" in narrowed and "--fail-under" not in narrowed

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from .backends import CI
+from .test_readme import readme_links, readme_sections
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +50,7 @@ class InstalledWheel:
 
     python: Path
     cwd: Path
+    sdist: Path
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run the venv's python with ``args`` in ``cwd``, with nothing of the repo on the path."""
@@ -79,6 +82,7 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
     if built.returncode != 0:
         _unavailable("building the wheel failed", built)
     (wheel,) = dist.glob("txguard-*.whl")
+    (sdist,) = dist.glob("txguard-*.tar.gz")
     venv = base / "venv"
     _run(sys.executable, "-m", "venv", venv).check_returncode()
     python = venv / "bin" / "python"
@@ -87,7 +91,7 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
         _unavailable("installing the wheel failed", installed)
     cwd = base / "outside"
     cwd.mkdir()
-    return InstalledWheel(python=python, cwd=cwd)
+    return InstalledWheel(python=python, cwd=cwd, sdist=sdist)
 
 
 @pytest.fixture(scope="session")
@@ -112,12 +116,30 @@ def test_wheel_ships_py_typed(installed_wheel: InstalledWheel) -> None:
     assert result.stdout.strip() == "True", result.stderr
 
 
-def test_quickstart_runs_from_the_installed_wheel(installed_wheel: InstalledWheel) -> None:
-    """The README's quick start, copied outside the repo, runs to the end on the installed wheel."""
+def test_demo_runs_from_the_installed_wheel(installed_wheel: InstalledWheel) -> None:
+    """``make demo``'s examples/quickstart.py, copied outside the repo, runs to the end on the installed wheel."""
     shutil.copy(ROOT / "examples" / "quickstart.py", installed_wheel.cwd / "quickstart.py")
     result = installed_wheel.run("quickstart.py")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1. A unit of work that commits" in result.stdout
+
+
+def test_readme_quick_start_runs_from_the_installed_wheel(installed_wheel: InstalledWheel) -> None:
+    """The README's quick start, written to a file outside the repo, runs on the installed wheel."""
+    (block,) = [block for section in readme_sections() if section.heading == "Quick start" for block in section.blocks]
+    (installed_wheel.cwd / "readme_quick_start.py").write_text(block.code)
+    result = installed_wheel.run("readme_quick_start.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == "committed note 1\n"
+
+
+def test_sdist_holds_every_file_the_readme_links(installed_wheel: InstalledWheel) -> None:
+    """The README of an unpacked sdist has no dead link: the docs pages and LICENSE come with it."""
+    with tarfile.open(installed_wheel.sdist) as sdist:
+        names = {name.partition("/")[2] for name in sdist.getnames()}
+    linked = {target.partition("#")[0] for target in readme_links()}
+    assert "docs/index.md" in linked
+    assert sorted(linked - names) == []
 
 
 def test_installed_plugin_passes_a_clean_test(plugin_run: subprocess.CompletedProcess[str]) -> None:
