@@ -10,7 +10,7 @@ that whatever the process does over time (caches warming, allocator state) hits 
 Run ``make bench-instructions`` (or ``python benchmarks/instructions.py``): it re-executes
 itself under ``setarch -R valgrind`` with a fixed ``PYTHONHASHSEED`` and prints a Markdown
 table with each row's budget and whether it holds; ``--json FILE`` also writes the numbers
-(the README's table is made from them), ``--keep DIR`` keeps the callgrind dumps for
+(the table in docs/performance.md is made from them), ``--keep DIR`` keeps the callgrind dumps for
 ``callgrind_annotate``, and ``--check`` exits with 1 when a budget does not hold.
 """
 
@@ -303,7 +303,7 @@ def tabulate(rows: list[dict[str, Any]], counts: dict[tuple[str, str], list[floa
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
-    """The table as the README shows it."""
+    """The table as docs/performance.md shows it."""
     lines = ["| row | variant | instructions | ratio | difference | budget | holds |",
              "| --- | --- | ---: | ---: | ---: | --- | --- |"]
     previous = None

@@ -156,7 +156,7 @@ def current_session(registry: Registry | None = None) -> Any:
     """Return the session of the current unit of work (a Session, or an AsyncSession).
 
     Typed by the registry given; without one, the default registry's kind is only known
-    at run time, hence the union (see the README's Decisions).
+    at run time, hence the union (see docs/decisions.md).
     Raises TransactionRequiredError outside any unit, saying how to open one.
     """
     unit = current_unit(resolve(registry))

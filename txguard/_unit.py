@@ -909,7 +909,7 @@ class UnitOfWork(Unit):
     allocates its ``Transaction``, and one that joins allocates nothing more. Where
     its block was entered is an ``Origin`` that keeps the caller's code and instruction
     offset and looks the line up only if a message shows it. Each object runs one block
-    (``state``; see the README's Decisions for why it is not reusable).
+    (``state``; see docs/decisions.md for why it is not reusable).
 
     Its block may end in another thread or another copy of the context than the one it
     began in (a web framework's thread-pool generator dependency, an async generator the
