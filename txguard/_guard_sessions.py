@@ -19,6 +19,8 @@ import os
 import sys
 import weakref
 from collections.abc import Callable
+
+import sqlalchemy
 from threading import get_ident
 from time import monotonic
 from types import AsyncGeneratorType, CoroutineType, FrameType, GeneratorType
@@ -79,7 +81,7 @@ class SessionRecord(Record):
 
     __slots__ = (
         "where", "autobegun", "sql", "thread", "began", "warned", "active", "task", "gen",
-        "transaction", "created", "__weakref__",
+        "transaction", "created", "lent_by", "__weakref__",
     )
 
     owner = "Session"
@@ -87,7 +89,9 @@ class SessionRecord(Record):
     active: bool
     transaction: SessionTransaction | None  # while active: the one its Session must hold
     created: Origin | None  # where its Session was created, if the leak guard saw it
-    task: weakref.ref[asyncio.Task[Any]] | None
+    task: weakref.ref[asyncio.Task[Any]] | None  # the task holding it: the one that began it,
+    # or a child task of its unit it was lent to (see _takes_turn), when ``lent_by`` names the first
+    lent_by: weakref.ref[asyncio.Task[Any]] | None  # absent until lent
     gen: int  # guard_records.generation when it began: records from before an uninstall() are stale
 
     def is_open(self) -> bool:
@@ -370,20 +374,94 @@ def check_task(session: Session, record: SessionRecord, operation: str) -> None:
     if owner_ref is None or record.thread != get_ident():
         return
     task = current_task()
-    owner = owner_ref()
-    if task is owner or task is None:
+    holder = owner_ref()
+    if task is holder or task is None:
         return
-    if owner is None or owner.done():
-        record.task = weakref.ref(task)  # the task that began it has finished: handed over
-        return
-    if _awaits(owner, task):
+    if holder is None or holder.done():
+        lender = _given_back(record)
+        if lender is None:
+            record.task = weakref.ref(task)  # the task that began it has finished: handed over
+            return
+        holder = lender  # the child task it was lent to has finished
+        if task is holder:
+            return
+    if _awaits(holder, task) or _takes_turn(session, record, holder, task):
         return
     level = cfg.cross_task
     warned = getattr(record, "warned", 0)
     if level == ERROR or not warned & WARNED_TASK:
         record.warned = warned | WARNED_TASK
-        message = _cross_task_message(session, record, owner, task, operation)
+        message = _cross_task_message(session, record, holder, task, operation)
         report(level, CrossTaskWarning, message)
+
+
+def _takes_turn(
+    session: Session, record: SessionRecord, holder: asyncio.Task[Any], task: asyncio.Task[Any]
+) -> bool:
+    """Say whether ``task`` takes its turn with the session of a request's unit.
+
+    A unit that follows its context (``txguard.asgi``'s and ``txguard.fastapi``'s, see
+    ``follow_context``) serves a request that frameworks move between tasks: Starlette's
+    ``BaseHTTPMiddleware`` runs the endpoint in a child task while the request's task waits
+    for its response, Quart runs handlers in tasks of their own. So the task that began the
+    transaction lends it to one child task whose context holds the unit, while it is not
+    inside SQLAlchemy itself; it (or a task it awaits alone, such as its COMMIT) uses it again
+    while that child is not inside SQLAlchemy. Concurrent use stays reported: a second child
+    task while the first still runs (``gather``, task groups), a task that did not inherit
+    the unit, and any use while the task holding the session is inside SQLAlchemy (a
+    statement, flush or COMMIT in flight).
+    """
+    lent: weakref.ref[asyncio.Task[Any]] | None = getattr(record, "lent_by", None)
+    if lent is not None:  # ``holder`` is the child task it was lent to
+        lender = lent()
+        back = task is lender or (lender is not None and _awaits(lender, task))
+        return back and not _busy(holder)
+    unit = session.__dict__.get("_txguard_unit")
+    if unit is None or not unit.lends_to_running_task() or _busy(holder):
+        return False
+    record.lent_by = record.task
+    record.task = weakref.ref(task)
+    return True
+
+
+def _given_back(record: SessionRecord) -> asyncio.Task[Any] | None:
+    """Give a transaction lent to a child task that has finished back to the task that lent
+    it; return that task, or None if it was not lent or its lender has finished too."""
+    lent: weakref.ref[asyncio.Task[Any]] | None = getattr(record, "lent_by", None)
+    if lent is None:
+        return None
+    record.lent_by = None
+    lender = lent()
+    if lender is None or lender.done():
+        return None
+    record.task = lent
+    return lender
+
+
+_SQLALCHEMY_DIR: Final = os.path.dirname(os.path.abspath(sqlalchemy.__file__)) + os.sep
+
+
+def _busy(task: asyncio.Task[Any], depth: int = 0) -> bool:
+    """Say whether ``task`` is suspended inside SQLAlchemy (a statement, flush or COMMIT in
+    flight), itself or in a task it awaits alone in library code (txguard's COMMIT task).
+
+    Any SQLAlchemy await counts, whichever session it serves: in doubt, the use is reported.
+    """
+    awaiting: Any = task.get_coro()
+    innermost = None
+    for _ in range(500):
+        frame, awaiting = _awaited_by(awaiting)
+        if frame is None:
+            break
+        if frame.f_code.co_filename.startswith(_SQLALCHEMY_DIR):
+            return True
+        innermost = frame
+    if innermost is None or depth > 3 or not _is_library(innermost.f_code.co_filename):
+        return False
+    return any(
+        isinstance(value, asyncio.Task) and not value.done() and _busy(value, depth + 1)
+        for value in innermost.f_locals.values()
+    )
 
 
 def _awaits(owner: asyncio.Task[Any], task: asyncio.Task[Any]) -> bool:
@@ -432,17 +510,23 @@ _ASYNC_GENERATOR_STEPS: Final = frozenset({"async_generator_asend", "async_gener
 def _cross_task_message(
     session: Session,
     record: SessionRecord,
-    owner: asyncio.Task[Any],
+    holder: asyncio.Task[Any],
     task: asyncio.Task[Any],
     operation: str,
 ) -> str:
     from sqlalchemy.ext.asyncio import async_session
 
     kind = "AsyncSession" if async_session(session) is not None else "Session"
+    lent: weakref.ref[asyncio.Task[Any]] | None = getattr(record, "lent_by", None)
+    lender = None if lent is None else lent()
+    running = (
+        "which is still running" if lender is None
+        else f"and task {holder.get_name()!r}, which is still running, uses it"
+    )
     return (
         f"An {kind} {operation} at {capture(1)} in task {task.get_name()!r}, but its "
-        f"transaction was {record.describe()} in task {owner.get_name()!r}, which is still "
-        f"running. An {kind} is not safe for concurrent use, and a child task inherits the "
+        f"transaction was {record.describe()} in task {(lender or holder).get_name()!r}, "
+        f"{running}. An {kind} is not safe for concurrent use, and a child task inherits the "
         "unit of work of the task that created it: give the task its own session "
         "(txguard.unit_of_work(propagation='requires_new'), or a new AsyncSession), or await "
         "the work in the task that began the transaction."
