@@ -19,6 +19,7 @@ import os
 import sys
 import weakref
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import sqlalchemy
 from threading import get_ident
@@ -90,8 +91,8 @@ class SessionRecord(Record):
     transaction: SessionTransaction | None  # while active: the one its Session must hold
     created: Origin | None  # where its Session was created, if the leak guard saw it
     task: weakref.ref[asyncio.Task[Any]] | None  # the task holding it: the one that began it,
-    # or a child task of its unit it was lent to (see _takes_turn), when ``lent_by`` names the first
-    lent_by: weakref.ref[asyncio.Task[Any]] | None  # absent until lent
+    # or a task of its unit it was lent to (see _takes_turn), when ``lent_by`` names those that lent it
+    lent_by: tuple[weakref.ref[asyncio.Task[Any]], ...]  # the tasks that lent it, outermost first
     gen: int  # guard_records.generation when it began: records from before an uninstall() are stale
 
     def is_open(self) -> bool:
@@ -366,15 +367,16 @@ def _concurrent_threads(session: Session, inside: int, operation: str) -> None:
 
 
 def check_task(session: Session, record: SessionRecord, operation: str) -> None:
-    """Report use from another task while the task that began the transaction runs."""
+    """Report use from another task while the task holding the transaction runs: the one
+    that began it, or one it was lent to (see ``_takes_turn``)."""
     cfg = guard_records.settings
     if cfg is None or record.gen != guard_records.generation or cfg.cross_task == OFF:
         return
-    owner_ref = record.task
-    if owner_ref is None or record.thread != get_ident():
+    held = record.task
+    if held is None or record.thread != get_ident():
         return
     task = current_task()
-    holder = owner_ref()
+    holder = held()
     if task is holder or task is None:
         return
     if holder is None or holder.done():
@@ -382,7 +384,7 @@ def check_task(session: Session, record: SessionRecord, operation: str) -> None:
         if lender is None:
             record.task = weakref.ref(task)  # the task that began it has finished: handed over
             return
-        holder = lender  # the child task it was lent to has finished
+        holder = lender  # the task it was lent to has finished
         if task is holder:
             return
     if _awaits(holder, task) or _takes_turn(session, record, holder, task):
@@ -403,39 +405,56 @@ def _takes_turn(
     A unit that follows its context (``txguard.asgi``'s and ``txguard.fastapi``'s, see
     ``follow_context``) serves a request that frameworks move between tasks: Starlette's
     ``BaseHTTPMiddleware`` runs the endpoint in a child task while the request's task waits
-    for its response, Quart runs handlers in tasks of their own. So the task that began the
-    transaction lends it to one child task whose context holds the unit, while it is not
-    inside SQLAlchemy itself; it (or a task it awaits alone, such as its COMMIT) uses it again
-    while that child is not inside SQLAlchemy. Concurrent use stays reported: a second child
-    task while the first still runs (``gather``, task groups), a task that did not inherit
-    the unit, and any use while the task holding the session is inside SQLAlchemy (a
-    statement, flush or COMMIT in flight).
+    for its response, Quart runs handlers in tasks of their own. So the task holding the
+    transaction lends it to a task it started (the first time: any task whose context holds
+    the unit), while it is not inside SQLAlchemy itself, and the tasks that lent it (or a
+    task one of them awaits alone, such as its COMMIT) use it again while the holder is not
+    inside SQLAlchemy. Concurrent use stays reported: a second task started while the first
+    still holds it (``gather``, task groups), a task that did not inherit the unit, and any
+    use while the task holding the session is inside SQLAlchemy (a statement, flush or
+    COMMIT in flight).
     """
-    lent: weakref.ref[asyncio.Task[Any]] | None = getattr(record, "lent_by", None)
-    if lent is not None:  # ``holder`` is the child task it was lent to
-        lender = lent()
-        back = task is lender or (lender is not None and _awaits(lender, task))
-        return back and not _busy(holder)
-    unit = session.__dict__.get("_txguard_unit")
-    if unit is None or not unit.lends_to_running_task() or _busy(holder):
+    lenders: tuple[weakref.ref[asyncio.Task[Any]], ...] = getattr(record, "lent_by", ())
+    if lenders:
+        for ref in lenders:
+            lender = ref()
+            if lender is not None and (task is lender or _awaits(lender, task)):
+                return not _busy(holder)  # it uses its session again; the holder keeps it
+        held = _held_here.get()
+        if held is None or held[0]() is not record or held[1]() is not holder:
+            return False  # not started by the holder since it took the session
+    else:
+        unit = session.__dict__.get("_txguard_unit")
+        if unit is None or not unit.lends_to_running_task():
+            return False
+    if _busy(holder):
         return False
-    record.lent_by = record.task
-    record.task = weakref.ref(task)
+    record.lent_by = (*lenders, weakref.ref(holder))
+    record.task = taken = weakref.ref(task)
+    _held_here.set((weakref.ref(record), taken))
     return True
 
 
+# In the context of the task a transaction was lent to, for the tasks it starts: the record
+# and that task (see _takes_turn). Weak, so that it keeps no record from the leak guard.
+_held_here: ContextVar[
+    tuple[weakref.ref[SessionRecord], weakref.ref[asyncio.Task[Any]]] | None
+] = ContextVar("txguard_held_here", default=None)
+
+
 def _given_back(record: SessionRecord) -> asyncio.Task[Any] | None:
-    """Give a transaction lent to a child task that has finished back to the task that lent
-    it; return that task, or None if it was not lent or its lender has finished too."""
-    lent: weakref.ref[asyncio.Task[Any]] | None = getattr(record, "lent_by", None)
-    if lent is None:
-        return None
-    record.lent_by = None
-    lender = lent()
-    if lender is None or lender.done():
-        return None
-    record.task = lent
-    return lender
+    """Give a transaction lent to a task that has finished back to the innermost task that
+    lent it and still runs; return that task, or None if it was not lent or they all ended."""
+    lenders: tuple[weakref.ref[asyncio.Task[Any]], ...] = getattr(record, "lent_by", ())
+    while lenders:
+        ref, lenders = lenders[-1], lenders[:-1]
+        lender = ref()
+        if lender is not None and not lender.done():
+            record.lent_by = lenders
+            record.task = ref
+            return lender
+    record.lent_by = ()
+    return None
 
 
 _SQLALCHEMY_DIR: Final = os.path.dirname(os.path.abspath(sqlalchemy.__file__)) + os.sep
@@ -517,8 +536,8 @@ def _cross_task_message(
     from sqlalchemy.ext.asyncio import async_session
 
     kind = "AsyncSession" if async_session(session) is not None else "Session"
-    lent: weakref.ref[asyncio.Task[Any]] | None = getattr(record, "lent_by", None)
-    lender = None if lent is None else lent()
+    lenders: tuple[weakref.ref[asyncio.Task[Any]], ...] = getattr(record, "lent_by", ())
+    lender = lenders[0]() if lenders else None
     running = (
         "which is still running" if lender is None
         else f"and task {holder.get_name()!r}, which is still running, uses it"
