@@ -20,9 +20,24 @@ is silent):
 - Streaming responses are decided at the start: the unit has ended before the body is
   produced, so the body runs outside it (a body that needs the database opens its own
   ``txguard.unit_of_work()``). Background tasks run after the response, so after the commit.
-  Known bug: under the cross-task guard, a response whose start Starlette sends from a
-  child task (streaming and file responses) and SQL behind ``BaseHTTPMiddleware`` fail
-  with a 500 (see ``docs/recipes/asgi.md``).
+- The unit begins and ends in the middleware's own task, and the app runs in a task of its
+  own that the middleware's task awaits (cancelled with it: a cancelled request rolls back).
+  The response's start, from whichever task the framework sends it (Starlette sends a
+  stream's and a file's from a child task when the server speaks ASGI < 2.4, as uvicorn
+  does), waits there while the middleware's task commits or rolls back, then goes out. So
+  the COMMIT never runs in a framework's child task, which Starlette may cancel when the
+  client disconnects, and the cross_task guard sees the task that began the transaction
+  end it.
+- The request's unit follows its context (``follow_context``), for threads and for the
+  cross_task guard: frameworks move a request between tasks (``BaseHTTPMiddleware`` runs
+  the endpoint in ``call_next``'s child task, Quart runs handlers in tasks of their own),
+  so a task started inside the request may take its turn with the session while the task
+  holding it waits outside SQLAlchemy. Concurrent use is still reported: a second task
+  while the first still holds it (``asyncio.gather`` of two services), a task started
+  outside the request, and any use while another task is inside SQLAlchemy (a statement,
+  flush or COMMIT in flight). Units opened in code keep the guard's stricter rule (a child
+  task may use the session only while its parent awaits it alone in library code): there
+  the child task is the user's choice, here the framework's.
 - Only ``http`` scopes get a unit by default; ``lifespan`` never does, and ``websocket``
   scopes do when asked (``scope_types=("http", "websocket")``): a websocket's unit commits
   when the app returns and rolls back when it raises.
