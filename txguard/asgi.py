@@ -63,6 +63,7 @@ from txguard import ConfigurationError, SessionRegistry
 from txguard._async import completed
 from txguard._options import UNIT_OPTION_NAMES, check_names
 from txguard._registry import Registry, resolve
+from txguard._responses import aend_by_status, aveto
 from txguard._unit import UnitOfWork, follow_context
 
 __all__ = ["UnitOfWorkMiddleware"]
@@ -77,13 +78,6 @@ logger = logging.getLogger("txguard")
 
 _SCOPE_TYPES: Final = frozenset({"http", "websocket"})
 _ERROR_BODY: Final = b"Internal Server Error"
-
-
-class ErrorStatus(BaseException):
-    """Passed to the request's unit when the response has an error status.
-
-    Not an ``Exception``, so the unit rolls back whatever ``rollback_for`` selects.
-    """
 
 
 class UnitOfWorkMiddleware:
@@ -168,7 +162,7 @@ class _Request:
         if self.open:
             self.open = False
             if self.http:  # returned without a response
-                await _roll_back(self.unit, ErrorStatus("the app sent no response"))
+                await aveto(self.unit, "the app sent no response")
             else:
                 await self.unit.__aexit__(None, None, None)
 
@@ -180,14 +174,10 @@ class _Request:
         """End the unit as the response's status says, then let the start go out."""
         self.open = False
         try:
-            if status >= 400:
-                await _roll_back(self.unit, ErrorStatus(status))
-            else:
-                try:
-                    await self.unit.__aexit__(None, None, None)
-                except Exception:
-                    self.dropped = self.failed = True
-                    logger.error("txguard: the request's COMMIT failed; answered 500", exc_info=True)
+            await aend_by_status(self.unit, status)
+        except Exception:
+            self.dropped = self.failed = True
+            logger.error("txguard: the request's COMMIT failed; answered 500", exc_info=True)
         finally:
             self.decided.set_result(None)
 
@@ -203,10 +193,6 @@ class _Request:
                     await _send_error(self.downstream)
                 return
         await self.downstream(message)
-
-
-async def _roll_back(unit: UnitOfWork, reason: BaseException) -> None:
-    await unit.__aexit__(type(reason), reason, reason.__traceback__)
 
 
 async def _send_error(send: Send) -> None:
