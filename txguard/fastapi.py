@@ -24,8 +24,9 @@ Decisions (Django's ``ATOMIC_REQUESTS`` where the SPEC is silent):
   ``JSONResponse(status_code=409)`` commits. Raise ``HTTPException`` to roll back, or use
   ``txguard.asgi.UnitOfWorkMiddleware``, which judges the response status (as pyramid_tm).
 - One unit per request and registry, however many parameters and sub-dependencies ask
-  for it: ``session()`` returns the same dependency for the same options and registry, and
-  FastAPI caches a dependency per request. Two ``session()`` with *different* options in
+  for it: ``session()`` returns the same dependency for the same options and registry
+  (cached weakly: a marker nothing uses any more keeps no registry alive), and FastAPI
+  caches a dependency per request. Two ``session()`` with *different* options in
   one request (say ``read_only=True`` on the router and the default on the endpoint) are
   refused with ``ConfigurationError``: one request runs in one unit; open a nested
   ``txguard.unit_of_work(propagation=...)`` in code for the part that differs.
@@ -47,6 +48,7 @@ Decisions (Django's ``ATOMIC_REQUESTS`` where the SPEC is silent):
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Any, Final
 
@@ -69,7 +71,11 @@ if "scope" not in inspect.signature(Depends).parameters:  # FastAPI before 0.121
     )
 
 _UNITS: Final = "txguard.fastapi.units"  # in the request's ASGI scope: registry -> options key
-_dependencies: dict[tuple[Hashable, ...], Callable[..., AsyncIterator[Any]]] = {}
+# (id(registry), options) -> the dependency serving them. Weak: only the routes that use a
+# dependency keep it, and with it its registry (so the id stays that registry's meanwhile).
+_dependencies: weakref.WeakValueDictionary[tuple[Hashable, ...], Callable[..., AsyncIterator[Any]]] = (
+    weakref.WeakValueDictionary()
+)
 
 
 def session(*, registry: SessionRegistry[Any] | None = None, **unit_options: Any) -> Any:
@@ -81,7 +87,7 @@ def session(*, registry: SessionRegistry[Any] | None = None, **unit_options: Any
     """
     check_names("txguard.fastapi.session()", unit_options, UNIT_OPTION_NAMES)
     txguard.unit_of_work(registry=registry, **unit_options)  # validates every value
-    key = (registry, *sorted((name, _hashable(value)) for name, value in unit_options.items()))
+    key = (id(registry), *sorted((name, _hashable(value)) for name, value in unit_options.items()))
     dependency = _dependencies.get(key)
     if dependency is None:
         dependency = _dependencies[key] = _dependency(registry, unit_options, key)
