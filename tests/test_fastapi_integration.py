@@ -215,3 +215,24 @@ def test_session_markers_do_not_keep_their_registry_alive() -> None:
     gc.collect()
     assert alive() is None
     engine.dispose()
+
+
+def test_messages_about_the_request_unit_name_the_endpoint(tmp_path: Path) -> None:
+    """A DisciplineError about the request's unit says it was opened at the endpoint's def."""
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/m.db")
+    registry = txguard.SessionRegistry(engine)
+    api = FastAPI()
+    messages: list[str] = []
+
+    @api.post("/orders")
+    async def create_order(db: AsyncSession = session(registry=registry)) -> None:
+        try:
+            await db.commit()
+        except txguard.DisciplineError as exc:
+            messages.append(str(exc))
+
+    TestClient(api).post("/orders")
+    line = create_order.__code__.co_firstlineno
+    assert f"opened at tests/test_fastapi_integration.py:{line} in create_order()" in messages[0]

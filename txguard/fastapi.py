@@ -41,6 +41,8 @@ Decisions (Django's ``ATOMIC_REQUESTS`` where the SPEC is silent):
 - Background tasks run after the response is sent, so after the commit, outside the unit:
   one that needs the database opens its own ``txguard.unit_of_work()``. The same holds for
   a ``StreamingResponse`` body.
+- Messages about the request's unit (a guard's, a ``DisciplineError``) say it was opened at
+  the endpoint's definition, the user's line, not at FastAPI's code entering the dependency.
 - Options are validated when ``session()`` is called (at import of your routes), not per
   request. ``registry=None`` uses the default registry, looked up at each request.
 """
@@ -59,6 +61,7 @@ from starlette.requests import HTTPConnection
 import txguard
 from txguard import ConfigurationError, SessionRegistry
 from txguard._options import UNIT_OPTION_NAMES, check_names
+from txguard._origin import Origin, capture
 from txguard._registry import resolve
 from txguard._unit import follow_context
 
@@ -117,15 +120,21 @@ def _dependency(
                 "txguard.unit_of_work(propagation=...) in code for the part that differs."
             )
         unit = txguard.unit_of_work(registry=owner, **options)
+        unit.where = _endpoint(connection)
         if owner.is_async:
-            async with unit as active:
-                follow_context(unit)
+            active = unit.session if await unit.aenter(owner) else None
+            follow_context(unit)
+            try:
                 yield active
+            except BaseException as exc:
+                await unit.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            await unit.__aexit__(None, None, None)
             return
         # A sync unit opens here, on the loop, and ends in a worker thread (COMMIT is
         # blocking IO), with its own limiter as FastAPI's sync yield dependencies: an exit
         # never waits for a thread behind requests that wait for the connection it holds.
-        sync_session = unit.__enter__()
+        sync_session = unit.session if unit.enter(owner) else None
         follow_context(unit)
         limiter = anyio.CapacityLimiter(1)
         try:
@@ -138,3 +147,10 @@ def _dependency(
         await anyio.to_thread.run_sync(unit.__exit__, None, None, None, limiter=limiter)
 
     return txguard_unit_session
+
+
+def _endpoint(connection: HTTPConnection) -> Origin:
+    """Where the request's unit is said to be opened in messages: its endpoint's definition
+    (the user's line, rather than FastAPI's code that enters the dependency)."""
+    code = getattr(connection.scope.get("endpoint"), "__code__", None)
+    return capture() if code is None else Origin.of_code(code)
