@@ -18,7 +18,7 @@ import gc
 import os
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
 import sqlalchemy
@@ -466,12 +466,8 @@ def _busy(task: asyncio.Task[Any], depth: int = 0) -> bool:
 
     Any SQLAlchemy await counts, whichever session it serves: in doubt, the use is reported.
     """
-    awaiting: Any = task.get_coro()
     innermost = None
-    for _ in range(500):
-        frame, awaiting = _awaited_by(awaiting)
-        if frame is None:
-            break
+    for frame in _await_chain(task):
         if frame.f_code.co_filename.startswith(_SQLALCHEMY_DIR):
             return True
         innermost = frame
@@ -494,16 +490,22 @@ def _awaits(owner: asyncio.Task[Any], task: asyncio.Task[Any]) -> bool:
     frame holding ``task`` itself. The chain passes through the async generators of
     ``@asynccontextmanager`` (FastAPI's dependencies with ``yield``) too.
     """
-    awaiting: Any = owner.get_coro()
     innermost = None
-    for _ in range(500):
-        frame, awaiting = _awaited_by(awaiting)
-        if frame is None:
-            break
-        innermost = frame
+    for innermost in _await_chain(owner):
+        pass
     if innermost is None or not _is_library(innermost.f_code.co_filename):
         return False
     return any(value is task for value in innermost.f_locals.values())
+
+
+def _await_chain(task: asyncio.Task[Any]) -> Iterator[FrameType]:
+    """Yield the frames of ``task``'s suspended chain of awaits, outermost first."""
+    awaiting: Any = task.get_coro()
+    for _ in range(500):
+        frame, awaiting = _awaited_by(awaiting)
+        if frame is None:
+            return
+        yield frame
 
 
 def _awaited_by(awaitable: object) -> tuple[FrameType | None, object]:
