@@ -351,9 +351,6 @@ def test_asgi_explicit_500_response_rolls_back(db: Db) -> None:
     assert db.names() == []
 
 
-@pytest.mark.xfail(strict=True, reason="StreamingResponse sends http.response.start from a child "
-                   "task of its task group; the COMMIT in UnitOfWorkMiddleware's send then trips "
-                   "the cross_task guard and the request answers 500, rolled back")
 def test_asgi_plain_streaming_response_commits_under_guards(db: Db) -> None:
     """A StreamingResponse under the middleware, guards at "error": 200 and committed."""
     api = asgi_app(db)
@@ -363,8 +360,6 @@ def test_asgi_plain_streaming_response_commits_under_guards(db: Db) -> None:
     assert db.names() == ["plain"]
 
 
-@pytest.mark.xfail(strict=True, reason="same cross_task trip as the plain stream: the start goes "
-                   "out from StreamingResponse's child task, the COMMIT there fails, rolled back")
 def test_asgi_streaming_body_raising_after_start_keeps_the_commit(db: Db) -> None:
     """Documented: a stream is decided at its start; the row is committed, the pool is clean."""
     api = asgi_app(db)
@@ -398,9 +393,6 @@ def test_asgi_with_a_base_http_middleware_inside_commits_without_guard_errors(db
     assert db.checked_out() == [0, 0]
 
 
-@pytest.mark.xfail(strict=True, reason="BaseHTTPMiddleware runs the endpoint in call_next's child "
-                   "task; its first SQL trips the cross_task guard (unit begun in the middleware's "
-                   "task, still running): 500, rolled back")
 def test_asgi_with_a_base_http_middleware_inside_an_endpoint_may_flush(db: Db) -> None:
     """@app.middleware("http") + an endpoint that flushes (SQL in call_next's child task): 200, committed."""
     api = asgi_app(db)

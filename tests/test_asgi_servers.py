@@ -14,11 +14,13 @@ from tests.backends import require
 from tests.test_fastapi_integration import database_url
 from tests.test_real_fastapi import CONCURRENCY, REQUESTS, uvicorn
 
-SUCCESS = ["/sync/items", "/async/items", "/starlette/items"]
+SUCCESS = ["/sync/items", "/async/items", "/starlette/items", "/starlette/stream",
+           "/starlette/sync-stream", "/behind/items"]
+STREAMS = frozenset({"/starlette/stream", "/starlette/sync-stream", "/behind/items"})
 FAILURES = {  # path -> the status its client must get
     "/sync/raise": 500, "/async/http-error": 409, "/starlette/conflict": 409,
     "/starlette/raise": 500, "/sync/commit-fails": 500, "/async/commit-fails": 500,
-    "/starlette/commit-fails": 500,
+    "/starlette/commit-fails": 500, "/behind/conflict": 409,
 }
 
 
@@ -26,7 +28,7 @@ def requests() -> list[tuple[str, str]]:
     """200 (path, name) pairs: seven in ten succeed, the rest fail in every way there is."""
     failing = list(FAILURES)
     chosen = [
-        (SUCCESS[i % 3] if i % 10 < 7 else failing[i % len(failing)], f"n{i}")
+        (SUCCESS[i % len(SUCCESS)] if i % 10 < 7 else failing[i % len(failing)], f"n{i}")
         for i in range(REQUESTS)
     ]
     return chosen
@@ -52,7 +54,10 @@ async def hammer(url: str, calls: list[tuple[str, str]]) -> Counter[tuple[str, i
 
         async def one(path: str, name: str) -> tuple[str, int]:
             async with gate:
-                return path, (await client.post(f"{path}/{name}")).status_code
+                response = await client.post(f"{path}/{name}")
+            if path in STREAMS and response.status_code == 201:
+                assert response.content == name.encode()  # the body after the COMMIT
+            return path, response.status_code
 
         return Counter(await asyncio.gather(*(one(p, n) for p, n in calls)))
 

@@ -192,3 +192,47 @@ def test_the_examples_tell_their_story(example: str) -> None:
     assert "POST /notes/forbidden -> 403" in result.stdout
     assert "POST /notes/hello -> 500" in result.stdout
     assert result.stdout.rstrip().endswith("GET /notes -> {'notes': ['hello']}")
+
+
+def test_session_markers_do_not_keep_their_registry_alive() -> None:
+    """session() caches its dependency per registry and options weakly: once nothing uses a
+    marker (an app built per test, gone), its registry and engine can be garbage-collected.
+    (FastAPI itself keeps the last endpoints it classified, and their defaults, in bounded
+    caches: a route's registry lives as long as FastAPI keeps that route's endpoint.)"""
+    import gc
+    import weakref
+
+    engine = sa.create_engine("sqlite://")
+    registry = txguard.SessionRegistry(engine)
+    marker = session(registry=registry)
+    assert session(registry=registry).dependency is marker.dependency  # one per options
+    assert session(registry=registry, read_only=True).dependency is not marker.dependency
+    alive = weakref.ref(registry)
+    del registry
+    gc.collect()
+    assert alive() is not None  # the marker's dependency serves it
+    del marker
+    gc.collect()
+    assert alive() is None
+    engine.dispose()
+
+
+def test_messages_about_the_request_unit_name_the_endpoint(tmp_path: Path) -> None:
+    """A DisciplineError about the request's unit says it was opened at the endpoint's def."""
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/m.db")
+    registry = txguard.SessionRegistry(engine)
+    api = FastAPI()
+    messages: list[str] = []
+
+    @api.post("/orders")
+    async def create_order(db: AsyncSession = session(registry=registry)) -> None:
+        try:
+            await db.commit()
+        except txguard.DisciplineError as exc:
+            messages.append(str(exc))
+
+    TestClient(api).post("/orders")
+    line = create_order.__code__.co_firstlineno
+    assert f"opened at tests/test_fastapi_integration.py:{line} in create_order()" in messages[0]

@@ -72,19 +72,25 @@ class Server:
 
 
 @contextlib.contextmanager
-def uvicorn(app: str, env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Serve the ASGI ``app`` ("module:attribute") with uvicorn on a free port of 127.0.0.1.
+def uvicorn(
+    app: str, env: dict[str, str], log: Path, server: str = "uvicorn"
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Serve the ASGI ``app`` ("module:attribute") with uvicorn (or hypercorn) on a free
+    port of 127.0.0.1.
 
     Yields its base URL once ``/stats`` answers; always stops it, whatever happens.
     """
     port = free_port()
     env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
     env.pop("COVERAGE_PROCESS_START", None)
+    if server == "uvicorn":
+        options = ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                   "--timeout-keep-alive", "300"]  # no idle close racing a request on a busy box
+    else:
+        options = ["--bind", f"127.0.0.1:{port}", "--keep-alive", "300"]
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", app,
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-             "--timeout-keep-alive", "300"],  # no idle close racing a request on a busy box
+            [sys.executable, "-m", server, app, *options],
             cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
         )
     try:

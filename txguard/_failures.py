@@ -83,6 +83,7 @@ class Holder(Protocol):
 
     failures: list[Failure] | tuple[Failure, ...]
     mode: Mode
+    where: Origin  # where the unit or the connect() block was opened
 
     def savepoints(self, connection: Connection) -> tuple[object, ...]:
         """The savepoints a statement failing now on ``connection`` runs in, innermost first."""

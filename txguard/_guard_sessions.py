@@ -18,7 +18,10 @@ import gc
 import os
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+
+import sqlalchemy
 from threading import get_ident
 from time import monotonic
 from types import AsyncGeneratorType, CoroutineType, FrameType, GeneratorType
@@ -79,7 +82,7 @@ class SessionRecord(Record):
 
     __slots__ = (
         "where", "autobegun", "sql", "thread", "began", "warned", "active", "task", "gen",
-        "transaction", "created", "__weakref__",
+        "transaction", "created", "lent_by", "__weakref__",
     )
 
     owner = "Session"
@@ -87,7 +90,9 @@ class SessionRecord(Record):
     active: bool
     transaction: SessionTransaction | None  # while active: the one its Session must hold
     created: Origin | None  # where its Session was created, if the leak guard saw it
-    task: weakref.ref[asyncio.Task[Any]] | None
+    task: weakref.ref[asyncio.Task[Any]] | None  # the task holding it: the one that began it,
+    # or a task of its unit it was lent to (see _takes_turn), when ``lent_by`` names those that lent it
+    lent_by: tuple[weakref.ref[asyncio.Task[Any]], ...]  # the tasks that lent it, outermost first
     gen: int  # guard_records.generation when it began: records from before an uninstall() are stale
 
     def is_open(self) -> bool:
@@ -362,28 +367,116 @@ def _concurrent_threads(session: Session, inside: int, operation: str) -> None:
 
 
 def check_task(session: Session, record: SessionRecord, operation: str) -> None:
-    """Report use from another task while the task that began the transaction runs."""
+    """Report use from another task while the task holding the transaction runs: the one
+    that began it, or one it was lent to (see ``_takes_turn``)."""
     cfg = guard_records.settings
     if cfg is None or record.gen != guard_records.generation or cfg.cross_task == OFF:
         return
-    owner_ref = record.task
-    if owner_ref is None or record.thread != get_ident():
+    held = record.task
+    if held is None or record.thread != get_ident():
         return
     task = current_task()
-    owner = owner_ref()
-    if task is owner or task is None:
+    holder = held()
+    if task is holder or task is None:
         return
-    if owner is None or owner.done():
-        record.task = weakref.ref(task)  # the task that began it has finished: handed over
-        return
-    if _awaits(owner, task):
+    if holder is None or holder.done():
+        lender = _given_back(record)
+        if lender is None:
+            record.task = weakref.ref(task)  # the task that began it has finished: handed over
+            return
+        holder = lender  # the task it was lent to has finished
+        if task is holder:
+            return
+    if _awaits(holder, task) or _takes_turn(session, record, holder, task):
         return
     level = cfg.cross_task
     warned = getattr(record, "warned", 0)
     if level == ERROR or not warned & WARNED_TASK:
         record.warned = warned | WARNED_TASK
-        message = _cross_task_message(session, record, owner, task, operation)
+        message = _cross_task_message(session, record, holder, task, operation)
         report(level, CrossTaskWarning, message)
+
+
+def _takes_turn(
+    session: Session, record: SessionRecord, holder: asyncio.Task[Any], task: asyncio.Task[Any]
+) -> bool:
+    """Say whether ``task`` takes its turn with the session of a request's unit.
+
+    A unit that follows its context (``txguard.asgi``'s and ``txguard.fastapi``'s, see
+    ``follow_context``) serves a request that frameworks move between tasks: Starlette's
+    ``BaseHTTPMiddleware`` runs the endpoint in a child task while the request's task waits
+    for its response, Quart runs handlers in tasks of their own. So the task holding the
+    transaction lends it to a task it started (the first time: any task whose context holds
+    the unit), while it is not inside SQLAlchemy itself, and the tasks that lent it (or a
+    task one of them awaits alone, such as its COMMIT) use it again while the holder is not
+    inside SQLAlchemy. Concurrent use stays reported: a second task started while the first
+    still holds it (``gather``, task groups), a task that did not inherit the unit, and any
+    use while the task holding the session is inside SQLAlchemy (a statement, flush or
+    COMMIT in flight).
+    """
+    lenders: tuple[weakref.ref[asyncio.Task[Any]], ...] = getattr(record, "lent_by", ())
+    if lenders:
+        for ref in lenders:
+            lender = ref()
+            if lender is not None and (task is lender or _awaits(lender, task)):
+                return not _busy(holder)  # it uses its session again; the holder keeps it
+        held = _held_here.get()
+        if held is None or held[0]() is not record or held[1]() is not holder:
+            return False  # not started by the holder since it took the session
+    else:
+        unit = session.__dict__.get("_txguard_unit")
+        if unit is None or not unit.lends_to_running_task():
+            return False
+    if _busy(holder):
+        return False
+    record.lent_by = (*lenders, weakref.ref(holder))
+    record.task = taken = weakref.ref(task)
+    _held_here.set((weakref.ref(record), taken))
+    return True
+
+
+# In the context of the task a transaction was lent to, for the tasks it starts: the record
+# and that task (see _takes_turn). Weak, so that it keeps no record from the leak guard.
+_held_here: ContextVar[
+    tuple[weakref.ref[SessionRecord], weakref.ref[asyncio.Task[Any]]] | None
+] = ContextVar("txguard_held_here", default=None)
+
+
+def _given_back(record: SessionRecord) -> asyncio.Task[Any] | None:
+    """Give a transaction lent to a task that has finished back to the innermost task that
+    lent it and still runs; return that task, or None if it was not lent or they all ended."""
+    lenders: tuple[weakref.ref[asyncio.Task[Any]], ...] = getattr(record, "lent_by", ())
+    while lenders:
+        ref, lenders = lenders[-1], lenders[:-1]
+        lender = ref()
+        if lender is not None and not lender.done():
+            record.lent_by = lenders
+            record.task = ref
+            return lender
+    record.lent_by = ()
+    return None
+
+
+_SQLALCHEMY_DIR: Final = os.path.dirname(os.path.abspath(sqlalchemy.__file__)) + os.sep
+
+
+def _busy(task: asyncio.Task[Any], depth: int = 0) -> bool:
+    """Say whether ``task`` is suspended inside SQLAlchemy (a statement, flush or COMMIT in
+    flight), itself or in a task it awaits alone in library code (txguard's COMMIT task).
+
+    Any SQLAlchemy await counts, whichever session it serves: in doubt, the use is reported.
+    """
+    innermost = None
+    for frame in _await_chain(task):
+        if frame.f_code.co_filename.startswith(_SQLALCHEMY_DIR):
+            return True
+        innermost = frame
+    if innermost is None or depth > 3 or not _is_library(innermost.f_code.co_filename):
+        return False
+    return any(
+        isinstance(value, asyncio.Task) and not value.done() and _busy(value, depth + 1)
+        for value in innermost.f_locals.values()
+    )
 
 
 def _awaits(owner: asyncio.Task[Any], task: asyncio.Task[Any]) -> bool:
@@ -397,16 +490,22 @@ def _awaits(owner: asyncio.Task[Any], task: asyncio.Task[Any]) -> bool:
     frame holding ``task`` itself. The chain passes through the async generators of
     ``@asynccontextmanager`` (FastAPI's dependencies with ``yield``) too.
     """
-    awaiting: Any = owner.get_coro()
     innermost = None
-    for _ in range(500):
-        frame, awaiting = _awaited_by(awaiting)
-        if frame is None:
-            break
-        innermost = frame
+    for innermost in _await_chain(owner):
+        pass
     if innermost is None or not _is_library(innermost.f_code.co_filename):
         return False
     return any(value is task for value in innermost.f_locals.values())
+
+
+def _await_chain(task: asyncio.Task[Any]) -> Iterator[FrameType]:
+    """Yield the frames of ``task``'s suspended chain of awaits, outermost first."""
+    awaiting: Any = task.get_coro()
+    for _ in range(500):
+        frame, awaiting = _awaited_by(awaiting)
+        if frame is None:
+            return
+        yield frame
 
 
 def _awaited_by(awaitable: object) -> tuple[FrameType | None, object]:
@@ -432,17 +531,23 @@ _ASYNC_GENERATOR_STEPS: Final = frozenset({"async_generator_asend", "async_gener
 def _cross_task_message(
     session: Session,
     record: SessionRecord,
-    owner: asyncio.Task[Any],
+    holder: asyncio.Task[Any],
     task: asyncio.Task[Any],
     operation: str,
 ) -> str:
     from sqlalchemy.ext.asyncio import async_session
 
     kind = "AsyncSession" if async_session(session) is not None else "Session"
+    lenders: tuple[weakref.ref[asyncio.Task[Any]], ...] = getattr(record, "lent_by", ())
+    lender = lenders[0]() if lenders else None
+    running = (
+        "which is still running" if lender is None
+        else f"and task {holder.get_name()!r}, which is still running, uses it"
+    )
     return (
         f"An {kind} {operation} at {capture(1)} in task {task.get_name()!r}, but its "
-        f"transaction was {record.describe()} in task {owner.get_name()!r}, which is still "
-        f"running. An {kind} is not safe for concurrent use, and a child task inherits the "
+        f"transaction was {record.describe()} in task {(lender or holder).get_name()!r}, "
+        f"{running}. An {kind} is not safe for concurrent use, and a child task inherits the "
         "unit of work of the task that created it: give the task its own session "
         "(txguard.unit_of_work(propagation='requires_new'), or a new AsyncSession), or await "
         "the work in the task that began the transaction."

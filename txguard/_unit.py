@@ -932,6 +932,22 @@ class UnitOfWork(Unit):
     _token: Token[Unit | None]  # set with state ACTIVE: the registry's stack before it
     _var: ContextVar[Unit | None]  # the registry's stack it was pushed on
 
+    def lends_to_running_task(self) -> bool:
+        """Say whether the running task may take its turn with this unit's session.
+
+        For the cross_task guard: the unit follows its context (``follow_context``: a
+        framework's request) and the running task's context holds it, so the task was
+        started inside the unit (by the framework or by the handler) and inherited it.
+        """
+        if self.thread != FOLLOWS_CONTEXT:
+            return False
+        current = self._var.get()
+        while current is not None:
+            if current is self:
+                return True
+            current = current.previous
+        return False
+
     def _refuse(self, registry: Registry, want_async: bool) -> None:
         if registry.is_async is not want_async:
             raise ConfigurationError(_mismatch(registry, "async with" if want_async else "with"))

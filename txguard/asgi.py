@@ -20,9 +20,24 @@ is silent):
 - Streaming responses are decided at the start: the unit has ended before the body is
   produced, so the body runs outside it (a body that needs the database opens its own
   ``txguard.unit_of_work()``). Background tasks run after the response, so after the commit.
-  Known bug: under the cross-task guard, a response whose start Starlette sends from a
-  child task (streaming and file responses) and SQL behind ``BaseHTTPMiddleware`` fail
-  with a 500 (see ``docs/recipes/asgi.md``).
+- The unit begins and ends in the middleware's own task, and the app runs in a task of its
+  own that the middleware's task awaits (cancelled with it: a cancelled request rolls back).
+  The response's start, from whichever task the framework sends it (Starlette sends a
+  stream's and a file's from a child task when the server speaks ASGI < 2.4, as uvicorn
+  does), waits there while the middleware's task commits or rolls back, then goes out. So
+  the COMMIT never runs in a framework's child task, which Starlette may cancel when the
+  client disconnects, and the cross_task guard sees the task that began the transaction
+  end it.
+- The request's unit follows its context (``follow_context``), for threads and for the
+  cross_task guard: frameworks move a request between tasks (``BaseHTTPMiddleware`` runs
+  the endpoint in ``call_next``'s child task, Quart runs handlers in tasks of their own),
+  so a task started inside the request may take its turn with the session while the task
+  holding it waits outside SQLAlchemy. Concurrent use is still reported: a second task
+  while the first still holds it (``asyncio.gather`` of two services), a task started
+  outside the request, and any use while another task is inside SQLAlchemy (a statement,
+  flush or COMMIT in flight). Units opened in code keep the guard's stricter rule (a child
+  task may use the session only while its parent awaits it alone in library code): there
+  the child task is the user's choice, here the framework's.
 - Only ``http`` scopes get a unit by default; ``lifespan`` never does, and ``websocket``
   scopes do when asked (``scope_types=("http", "websocket")``): a websocket's unit commits
   when the app returns and rolls back when it raises.
@@ -38,14 +53,17 @@ is silent):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any, Final
 
 import txguard
 from txguard import ConfigurationError, SessionRegistry
+from txguard._async import completed
 from txguard._options import UNIT_OPTION_NAMES, check_names
 from txguard._registry import Registry, resolve
+from txguard._responses import aend_by_status, aveto
 from txguard._unit import UnitOfWork, follow_context
 
 __all__ = ["UnitOfWorkMiddleware"]
@@ -60,13 +78,6 @@ logger = logging.getLogger("txguard")
 
 _SCOPE_TYPES: Final = frozenset({"http", "websocket"})
 _ERROR_BODY: Final = b"Internal Server Error"
-
-
-class ErrorStatus(BaseException):
-    """Passed to the request's unit when the response has an error status.
-
-    Not an ``Exception``, so the unit rolls back whatever ``rollback_for`` selects.
-    """
 
 
 class UnitOfWorkMiddleware:
@@ -103,52 +114,85 @@ class UnitOfWorkMiddleware:
         unit = txguard.unit_of_work(registry=registry, **self.unit_options)
         await unit.__aenter__()
         follow_context(unit)
-        request = _Request(unit, send)
-        try:
-            await self.app(scope, receive, request.send)
-        except BaseException as exc:
-            if request.open:
-                request.open = False
-                await unit.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        if request.open:
-            request.open = False
-            if scope["type"] == "http":  # returned without a response
-                await _roll_back(unit, ErrorStatus("the app sent no response"))
-            else:
-                await unit.__aexit__(None, None, None)
+        request = _Request(unit, send, scope["type"] == "http")
+        await request.run(self.app(scope, receive, request.send))
 
 
 class _Request:
-    """One request's unit and the ``send`` that ends it when the response starts."""
+    """One request: its unit, the app's task, and the ``send`` that holds the response's
+    start until the middleware's task has ended the unit."""
 
-    def __init__(self, unit: UnitOfWork, send: Send) -> None:
+    def __init__(self, unit: UnitOfWork, send: Send, http: bool) -> None:
+        loop = asyncio.get_running_loop()
         self.unit = unit
         self.downstream = send
+        self.http = http
         self.open = True  # the unit has not ended yet
-        self.replaced = False  # a failed COMMIT replaced the app's response with a 500
+        self.start: Message | None = None  # the response's start, once the app sent it
+        self.woken: asyncio.Future[None] = loop.create_future()  # the start came, or the app ended
+        self.decided: asyncio.Future[None] = loop.create_future()  # the unit ended: the start may go
+        self.dropped = False  # the app's messages go nowhere (a failed COMMIT answered 500)
+        self.failed = False  # the COMMIT failed: the start's sender answers 500 instead
+
+    async def run(self, app: Awaitable[None]) -> None:
+        """Run the app in a task of its own, and end the unit in this one.
+
+        This task waits for the app's task alone (it runs no app code), so the unit begins
+        and ends in the task that opened it, wherever the app sends the start from.
+        """
+        task = asyncio.ensure_future(app)
+        task.add_done_callback(self._wake)
+        try:
+            await self.woken
+            if self.start is not None:
+                await self._decide(self.start["status"])
+            await task
+        except BaseException as exc:
+            if not task.done():  # this task was cancelled: so is the app's, to its end
+                task.cancel()
+                await completed(task)
+            if self.open:
+                self.open = False
+                await self.unit.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        finally:
+            if not self.decided.done():  # never sent: the app's start and body go nowhere
+                self.dropped = True
+                self.decided.set_result(None)
+        if self.open:
+            self.open = False
+            if self.http:  # returned without a response
+                await aveto(self.unit, "the app sent no response")
+            else:
+                await self.unit.__aexit__(None, None, None)
+
+    def _wake(self, _: object = None) -> None:
+        if not self.woken.done():
+            self.woken.set_result(None)
+
+    async def _decide(self, status: int) -> None:
+        """End the unit as the response's status says, then let the start go out."""
+        self.open = False
+        try:
+            await aend_by_status(self.unit, status)
+        except Exception:
+            self.dropped = self.failed = True
+            logger.error("txguard: the request's COMMIT failed; answered 500", exc_info=True)
+        finally:
+            self.decided.set_result(None)
 
     async def send(self, message: Message) -> None:
-        if self.replaced:
+        if self.dropped:
             return
-        if self.open and message["type"] == "http.response.start":
-            self.open = False
-            status: int = message["status"]
-            if status >= 400:
-                await _roll_back(self.unit, ErrorStatus(status))
-            else:
-                try:
-                    await self.unit.__aexit__(None, None, None)
-                except Exception:
-                    self.replaced = True
-                    logger.error("txguard: the request's COMMIT failed; answered 500", exc_info=True)
+        if self.http and self.start is None and message["type"] == "http.response.start":
+            self.start = message
+            self._wake()
+            await asyncio.shield(self.decided)
+            if self.dropped:
+                if self.failed:
                     await _send_error(self.downstream)
-                    return
+                return
         await self.downstream(message)
-
-
-async def _roll_back(unit: UnitOfWork, reason: BaseException) -> None:
-    await unit.__aexit__(type(reason), reason, reason.__traceback__)
 
 
 async def _send_error(send: Send) -> None:

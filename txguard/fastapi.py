@@ -24,8 +24,9 @@ Decisions (Django's ``ATOMIC_REQUESTS`` where the SPEC is silent):
   ``JSONResponse(status_code=409)`` commits. Raise ``HTTPException`` to roll back, or use
   ``txguard.asgi.UnitOfWorkMiddleware``, which judges the response status (as pyramid_tm).
 - One unit per request and registry, however many parameters and sub-dependencies ask
-  for it: ``session()`` returns the same dependency for the same options and registry, and
-  FastAPI caches a dependency per request. Two ``session()`` with *different* options in
+  for it: ``session()`` returns the same dependency for the same options and registry
+  (cached weakly: a marker nothing uses any more keeps no registry alive), and FastAPI
+  caches a dependency per request. Two ``session()`` with *different* options in
   one request (say ``read_only=True`` on the router and the default on the endpoint) are
   refused with ``ConfigurationError``: one request runs in one unit; open a nested
   ``txguard.unit_of_work(propagation=...)`` in code for the part that differs.
@@ -40,6 +41,8 @@ Decisions (Django's ``ATOMIC_REQUESTS`` where the SPEC is silent):
 - Background tasks run after the response is sent, so after the commit, outside the unit:
   one that needs the database opens its own ``txguard.unit_of_work()``. The same holds for
   a ``StreamingResponse`` body.
+- Messages about the request's unit (a guard's, a ``DisciplineError``) say it was opened at
+  the endpoint's definition, the user's line, not at FastAPI's code entering the dependency.
 - Options are validated when ``session()`` is called (at import of your routes), not per
   request. ``registry=None`` uses the default registry, looked up at each request.
 """
@@ -47,6 +50,7 @@ Decisions (Django's ``ATOMIC_REQUESTS`` where the SPEC is silent):
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Any, Final
 
@@ -57,6 +61,7 @@ from starlette.requests import HTTPConnection
 import txguard
 from txguard import ConfigurationError, SessionRegistry
 from txguard._options import UNIT_OPTION_NAMES, check_names
+from txguard._origin import Origin, capture
 from txguard._registry import resolve
 from txguard._unit import follow_context
 
@@ -69,7 +74,11 @@ if "scope" not in inspect.signature(Depends).parameters:  # FastAPI before 0.121
     )
 
 _UNITS: Final = "txguard.fastapi.units"  # in the request's ASGI scope: registry -> options key
-_dependencies: dict[tuple[Hashable, ...], Callable[..., AsyncIterator[Any]]] = {}
+# (id(registry), options) -> the dependency serving them. Weak: only the routes that use a
+# dependency keep it, and with it its registry (so the id stays that registry's meanwhile).
+_dependencies: weakref.WeakValueDictionary[tuple[Hashable, ...], Callable[..., AsyncIterator[Any]]] = (
+    weakref.WeakValueDictionary()
+)
 
 
 def session(*, registry: SessionRegistry[Any] | None = None, **unit_options: Any) -> Any:
@@ -81,7 +90,7 @@ def session(*, registry: SessionRegistry[Any] | None = None, **unit_options: Any
     """
     check_names("txguard.fastapi.session()", unit_options, UNIT_OPTION_NAMES)
     txguard.unit_of_work(registry=registry, **unit_options)  # validates every value
-    key = (registry, *sorted((name, _hashable(value)) for name, value in unit_options.items()))
+    key = (id(registry), *sorted((name, _hashable(value)) for name, value in unit_options.items()))
     dependency = _dependencies.get(key)
     if dependency is None:
         dependency = _dependencies[key] = _dependency(registry, unit_options, key)
@@ -111,15 +120,21 @@ def _dependency(
                 "txguard.unit_of_work(propagation=...) in code for the part that differs."
             )
         unit = txguard.unit_of_work(registry=owner, **options)
+        unit.where = _endpoint(connection)
         if owner.is_async:
-            async with unit as active:
-                follow_context(unit)
+            active = unit.session if await unit.aenter(owner) else None
+            follow_context(unit)
+            try:
                 yield active
+            except BaseException as exc:
+                await unit.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            await unit.__aexit__(None, None, None)
             return
         # A sync unit opens here, on the loop, and ends in a worker thread (COMMIT is
         # blocking IO), with its own limiter as FastAPI's sync yield dependencies: an exit
         # never waits for a thread behind requests that wait for the connection it holds.
-        sync_session = unit.__enter__()
+        sync_session = unit.session if unit.enter(owner) else None
         follow_context(unit)
         limiter = anyio.CapacityLimiter(1)
         try:
@@ -132,3 +147,10 @@ def _dependency(
         await anyio.to_thread.run_sync(unit.__exit__, None, None, None, limiter=limiter)
 
     return txguard_unit_session
+
+
+def _endpoint(connection: HTTPConnection) -> Origin:
+    """Where the request's unit is said to be opened in messages: its endpoint's definition
+    (the user's line, rather than FastAPI's code that enters the dependency)."""
+    code = getattr(connection.scope.get("endpoint"), "__code__", None)
+    return capture() if code is None else Origin.of_code(code)

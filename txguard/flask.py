@@ -50,29 +50,19 @@ session, outside the unit)::
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Final
 
 from flask import Flask, Response, got_request_exception, request
 
 import txguard
 from txguard import ConfigurationError, SessionRegistry, UnitOfWork
+from txguard._options import UNIT_OPTION_NAMES, check_names
+from txguard._responses import end_by_status, veto
 
 __all__ = ["TxGuard"]
 
 _KEY: Final = "txguard"
 _UNIT: Final = "txguard.unit"  # the request's unit, in the WSGI environ (one per request)
-_OPTIONS: Final = tuple(
-    name for name in inspect.signature(txguard.unit_of_work).parameters if name != "registry"
-)
-
-
-class _ErrorStatus(BaseException):
-    """Passed to the request's unit when the response has an error status.
-
-    Not an ``Exception``, so the unit rolls back whatever ``rollback_for`` selects (an
-    exception that is not an ``Exception`` always rolls a unit back).
-    """
 
 
 class TxGuard:
@@ -85,12 +75,7 @@ class TxGuard:
     def __init__(
         self, app: Flask | None = None, registry: SessionRegistry[Any] | None = None, **unit_options: Any
     ) -> None:
-        unknown = sorted(set(unit_options) - set(_OPTIONS))
-        if unknown:
-            raise ConfigurationError(
-                f"TxGuard() got unknown option(s) {', '.join(map(repr, unknown))}; it takes "
-                f"registry= and the options of txguard.unit_of_work(): {', '.join(_OPTIONS)}."
-            )
+        check_names("TxGuard()", unit_options, UNIT_OPTION_NAMES)
         txguard.unit_of_work(registry=registry, **unit_options)  # validates every value
         if registry is not None and registry.is_async:
             raise ConfigurationError(
@@ -123,10 +108,7 @@ class TxGuard:
     def _end(self, response: Response) -> Response:
         unit = _take_unit()
         if unit is not None:
-            if response.status_code < 400:
-                unit.__exit__(None, None, None)  # a failed COMMIT raises: Flask answers 500
-            else:
-                _roll_back(unit, _ErrorStatus(response.status_code))
+            end_by_status(unit, response.status_code)  # a failed COMMIT raises: Flask answers 500
         return response
 
     def _failed(self, sender: Flask, exception: Exception, **extra: Any) -> None:
@@ -137,13 +119,9 @@ class TxGuard:
     def _close(self, exc: BaseException | None) -> None:
         unit = _take_unit()
         if unit is not None:
-            _roll_back(unit, _ErrorStatus("the request ended without a response"))
+            veto(unit, "the request ended without a response")
 
 
 def _take_unit() -> UnitOfWork | None:
     unit: UnitOfWork | None = request.environ.pop(_UNIT, None)
     return unit
-
-
-def _roll_back(unit: UnitOfWork, reason: BaseException) -> None:
-    unit.__exit__(type(reason), reason, reason.__traceback__)

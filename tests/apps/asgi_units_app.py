@@ -2,7 +2,8 @@
 
 ``create_apps(sync_url)`` builds, on one database, a FastAPI app whose endpoints take
 ``txguard.fastapi.session()`` (a sync and an async registry), and a Starlette app under
-``txguard.asgi.UnitOfWorkMiddleware``. Served by uvicorn with ``TXGUARD_APP_SYNC_URL=<url>
+``txguard.asgi.UnitOfWorkMiddleware`` (streams among its routes), and one behind a
+``BaseHTTPMiddleware`` that runs SQL (mounted at /behind). Served by uvicorn with ``TXGUARD_APP_SYNC_URL=<url>
 python -m uvicorn tests.apps.asgi_units_app:app`` (FastAPI at /, Starlette mounted at
 /starlette), guards at "error"; ``/stats`` reports findings, callbacks and pool counts. No ``from __future__ import
 annotations``: FastAPI must see the ``Annotated`` aliases local to ``create_apps``.
@@ -20,8 +21,10 @@ from fastapi import BackgroundTasks, FastAPI, HTTPException
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import txguard
@@ -185,15 +188,49 @@ def create_apps(
     def star_sync_handler(request: Request) -> Response:  # Starlette runs it in a thread
         return PlainTextResponse(str(txguard.in_transaction(async_registry)))
 
+    async def star_stream(request: Request) -> Response:
+        """Starlette sends a stream's start from a child task (ASGI spec_version < 2.4)."""
+        name = request.path_params["name"]
+        add(name, async_registry)
+        await txguard.current_session(async_registry).flush()
+
+        async def body() -> Any:
+            yield name.encode()
+
+        return StreamingResponse(body(), status_code=201)
+
+    async def star_sync_stream(request: Request) -> Response:
+        name = request.path_params["name"]
+        add(name, async_registry)
+        return StreamingResponse(iter([name.encode()]), status_code=201)  # read in a thread
+
+    class Counting(BaseHTTPMiddleware):
+        """SQL in dispatch after the endpoint, which runs in call_next's child task (none
+        before it: on SQLite, a read then a write in concurrent transactions deadlock)."""
+
+        async def dispatch(self, request: Request, call_next: Any) -> Response:
+            response: Response = await call_next(request)
+            session = txguard.current_session(async_registry)
+            await session.scalar(sa.select(sa.func.count()).select_from(Item))
+            return response
+
     star = Starlette(routes=[
         Route("/items/{name}", star_create, methods=["POST"]),
         Route("/conflict/{name}", star_conflict, methods=["POST"]),
         Route("/raise/{name}", star_raise, methods=["POST"]),
         Route("/commit-fails/{name}", star_commit_fails, methods=["POST"]),
         Route("/in-unit", star_sync_handler),
+        Route("/stream/{name}", star_stream, methods=["POST"]),
+        Route("/sync-stream/{name}", star_sync_stream, methods=["POST"]),
     ])
     star.add_middleware(UnitOfWorkMiddleware, registry=async_registry)
     api.mount("/starlette", star)
+    behind = Starlette(routes=[
+        Route("/items/{name}", star_stream, methods=["POST"]),
+        Route("/conflict/{name}", star_conflict, methods=["POST"]),
+    ], middleware=[Middleware(Counting)])
+    behind.add_middleware(UnitOfWorkMiddleware, registry=async_registry)
+    api.mount("/behind", behind)
     return api, star, stats
 
 
