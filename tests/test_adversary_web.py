@@ -121,26 +121,33 @@ def test_a_yield_sub_dependency_raising_after_the_endpoint_rolls_back(db: Db) ->
     assert db.names() == []
 
 
-@pytest.mark.xfail(strict=True, reason="session() is scope='function'; FastAPI refuses a default "
-                   "(request) scope yield dependency depending on it with DependencyScopeError at "
-                   "route definition; docs/recipes/fastapi.md does not say to write "
-                   "Depends(repo, scope='function')")
-def test_a_request_scoped_yield_dependency_may_take_session(db: Db) -> None:
-    """The default-scope yield dependency taking session() (the everyday repository shape) works."""
+def test_a_yield_dependency_taking_session_is_declared_function_scoped(db: Db) -> None:
+    """The repository shape: a yield dependency taking session() needs scope="function".
+
+    session() commits before the response, so it is function-scoped; FastAPI refuses a
+    default (request) scope yield dependency on it when the route is defined, and
+    docs/recipes/fastapi.md says to write Depends(repo, scope="function"), which works.
+    """
+    from fastapi.exceptions import DependencyScopeError
+
     api = FastAPI()
 
     async def repo(s: Any = session(registry=db.aio)) -> AsyncIterator[Any]:
         yield s
 
-    try:
-        @api.post("/x")
-        async def x(r: Any = Depends(repo)) -> dict[str, str]:
-            r.add(Item(name="repo"))
-            return {"ok": "yes"}
-    except Exception as exc:  # FastAPI refuses at route definition
-        pytest.fail(f"route definition refused: {type(exc).__name__}: {exc}")
+    with pytest.raises(DependencyScopeError):
+        @api.post("/refused")
+        async def refused(r: Any = Depends(repo)) -> None: ...
+
+    @api.post("/x")
+    async def x(r: Any = Depends(repo, scope="function")) -> dict[str, str]:
+        r.add(Item(name="repo"))
+        return {"ok": "yes"}
+
     assert client(api).post("/x").status_code == 200
     assert db.names() == ["repo"]
+    recipe = (Path(__file__).parent.parent / "docs" / "recipes" / "fastapi.md").read_text()
+    assert 'Depends(repo, scope="function")' in recipe
 
 
 def test_http_exception_in_a_dependency_before_the_endpoint_rolls_back(db: Db) -> None:

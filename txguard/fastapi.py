@@ -127,24 +127,30 @@ def _dependency(
             try:
                 yield active
             except BaseException as exc:
-                await unit.__aexit__(type(exc), exc, exc.__traceback__)
+                with anyio.CancelScope(shield=True):
+                    await unit.__aexit__(type(exc), exc, exc.__traceback__)
                 raise
-            await unit.__aexit__(None, None, None)
+            with anyio.CancelScope(shield=True):
+                await unit.__aexit__(None, None, None)
             return
         # A sync unit opens here, on the loop, and ends in a worker thread (COMMIT is
         # blocking IO), with its own limiter as FastAPI's sync yield dependencies: an exit
         # never waits for a thread behind requests that wait for the connection it holds.
+        # Both ends are shielded: a cancelled request (a timeout's cancel scope) must still
+        # roll back and return its connection; older FastAPI releases do not shield them.
         sync_session = unit.session if unit.enter(owner) else None
         follow_context(unit)
         limiter = anyio.CapacityLimiter(1)
         try:
             yield sync_session
         except BaseException as exc:
-            await anyio.to_thread.run_sync(
-                unit.__exit__, type(exc), exc, exc.__traceback__, limiter=limiter
-            )
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(
+                    unit.__exit__, type(exc), exc, exc.__traceback__, limiter=limiter
+                )
             raise
-        await anyio.to_thread.run_sync(unit.__exit__, None, None, None, limiter=limiter)
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(unit.__exit__, None, None, None, limiter=limiter)
 
     return txguard_unit_session
 
