@@ -2,6 +2,7 @@
 
 
 import asyncio
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -550,4 +551,49 @@ def test_fastapi_session_under_a_base_http_middleware_commits(db: Db) -> None:
 
     assert client(api).post("/x").status_code == 200
     assert db.names() == ["bhm"]
+    assert db.checked_out() == [0, 0]
+
+
+@pytest.mark.parametrize("status", [201, 409])
+@pytest.mark.parametrize("kind", ["fastapi-async", "fastapi-sync", "middleware"])
+def test_commit_as_you_go_requests_commit_what_is_pending_on_success(
+    db: Db, kind: str, status: int
+) -> None:
+    """mode="commit_as_you_go" request units commit pending work below 400 (not dropped)."""
+    if kind == "middleware":
+        from starlette.applications import Starlette
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Route
+
+        async def view(request: Request) -> PlainTextResponse:
+            s = db.aio.current_session()
+            s.add(Item(name="committed"))
+            await s.commit()
+            s.add(Item(name="pending"))
+            return PlainTextResponse("ok", status_code=status)
+
+        app: Any = UnitOfWorkMiddleware(
+            Starlette(routes=[Route("/x", view, methods=["POST"])]),
+            registry=db.aio, mode="commit_as_you_go")
+    else:
+        api = FastAPI()
+        registry: Any = db.aio if kind == "fastapi-async" else db.sync
+
+        @api.post("/x")
+        async def x(s: Any = session(registry=registry, mode="commit_as_you_go")) -> JSONResponse:
+            s.add(Item(name="committed"))
+            if registry.is_async:
+                await s.commit()
+            else:
+                s.commit()
+            s.add(Item(name="pending"))
+            if status >= 400:
+                raise HTTPException(status)
+            return JSONResponse({}, status_code=status)
+
+        app = api
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", txguard.UncommittedWorkWarning)
+        assert client(app).post("/x").status_code == status
+    assert db.names() == (["committed", "pending"] if status < 400 else ["committed"])
     assert db.checked_out() == [0, 0]

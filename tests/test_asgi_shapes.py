@@ -416,8 +416,11 @@ def test_a_request_cancelled_at_any_step_leaves_no_trace(db: Db, hops: int) -> N
     sent: list[str] = []
 
     async def main() -> BaseException | None:
-        async def receive() -> dict[str, Any]:
-            if not sent:
+        received: list[bool] = []
+
+        async def receive() -> dict[str, Any]:  # the body once, then a client that stays
+            if not received:
+                received.append(True)
                 return {"type": "http.request", "body": b"", "more_body": False}
             await asyncio.sleep(3600)
             return {"type": "http.disconnect"}

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
+import warnings
 
 import pytest
 import sqlalchemy as sa
@@ -403,3 +404,57 @@ def test_the_flask_example_runs() -> None:
     )
     assert "POST /notes/forbidden -> 403" in result.stdout
     assert result.stdout.rstrip().endswith("GET /notes -> {'notes': ['hello']}")
+
+
+@pytest.mark.parametrize("status", [201, 409])
+def test_commit_as_you_go_requests_commit_what_is_pending_on_success(
+    app_engine: sa.Engine, status: int
+) -> None:
+    """Work left pending in a commit-as-you-go request is committed below 400, not dropped.
+
+    A 201 over work then discarded is what the integration exists to prevent; 400 and
+    above rolls it back as in begin-once requests. No UncommittedWorkWarning either way.
+    """
+    flask_app = Flask(__name__)
+    registry = txguard.SessionRegistry(app_engine)
+    TxGuard(flask_app, registry=registry, mode="commit_as_you_go")
+    ran: list[str] = []
+
+    @flask_app.post("/")
+    def view() -> tuple[str, int]:
+        create_item("committed", registry)
+        registry.current_session().commit()
+        create_item("pending", registry)
+        txguard.on_commit(lambda: ran.append("after commit"), registry=registry)
+        return "ok", status
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert flask_app.test_client().post("/").status_code == status
+    assert names(app_engine) == (["committed", "pending"] if status < 400 else ["committed"])
+    assert ran == (["after commit"] if status < 400 else [])
+    assert app_engine.pool.checkedout() == 0
+
+
+def test_messages_about_the_request_unit_name_the_view(app_engine: sa.Engine) -> None:
+    """A DisciplineError about the request's unit says it was opened at the view's def.
+
+    Not at Flask's preprocess_request(), which is where before_request runs: the user
+    never opens that unit, so the view is the line to look at.
+    """
+    flask_app = Flask(__name__)
+    registry = txguard.SessionRegistry(app_engine)
+    TxGuard(flask_app, registry=registry)
+    messages: list[str] = []
+
+    @flask_app.post("/orders")
+    def create_order() -> str:
+        try:
+            registry.current_session().commit()
+        except txguard.DisciplineError as exc:
+            messages.append(str(exc))
+        return "ok"
+
+    assert flask_app.test_client().post("/orders").status_code == 200
+    line = create_order.__code__.co_firstlineno
+    assert f"opened at tests/test_flask_integration.py:{line} in create_order()" in messages[0]

@@ -63,6 +63,7 @@ from txguard import ConfigurationError, SessionRegistry
 from txguard._options import UNIT_OPTION_NAMES, check_names
 from txguard._origin import Origin, capture
 from txguard._registry import resolve
+from txguard._responses import acommit, commit
 from txguard._unit import follow_context
 
 __all__ = ["session"]
@@ -131,7 +132,7 @@ def _dependency(
                     await unit.__aexit__(type(exc), exc, exc.__traceback__)
                 raise
             with anyio.CancelScope(shield=True):
-                await unit.__aexit__(None, None, None)
+                await acommit(unit)
             return
         # A sync unit opens here, on the loop, and ends in a worker thread (COMMIT is
         # blocking IO), with its own limiter as FastAPI's sync yield dependencies: an exit
@@ -150,7 +151,7 @@ def _dependency(
                 )
             raise
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(unit.__exit__, None, None, None, limiter=limiter)
+            await anyio.to_thread.run_sync(commit, unit, limiter=limiter)
 
     return txguard_unit_session
 

@@ -50,13 +50,16 @@ session, outside the unit)::
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Final
 
-from flask import Flask, Response, got_request_exception, request
+from flask import Flask, Response, current_app, got_request_exception, request
 
 import txguard
 from txguard import ConfigurationError, SessionRegistry, UnitOfWork
 from txguard._options import UNIT_OPTION_NAMES, check_names
+from txguard._origin import Origin, capture
+from txguard._registry import Registry, resolve
 from txguard._responses import end_by_status, veto
 
 __all__ = ["TxGuard"]
@@ -77,11 +80,8 @@ class TxGuard:
     ) -> None:
         check_names("TxGuard()", unit_options, UNIT_OPTION_NAMES)
         txguard.unit_of_work(registry=registry, **unit_options)  # validates every value
-        if registry is not None and registry.is_async:
-            raise ConfigurationError(
-                f"TxGuard got the async registry {registry!r}, but Flask calls views "
-                "synchronously: build the registry on a sync Engine or sessionmaker."
-            )
+        if registry is not None:
+            _refuse_async(registry)
         self.registry = registry
         self.unit_options = unit_options
         if app is not None:
@@ -101,8 +101,11 @@ class TxGuard:
         got_request_exception.connect(self._failed, app, weak=False)
 
     def _begin(self) -> None:
-        unit = txguard.unit_of_work(registry=self.registry, **self.unit_options)
-        unit.__enter__()
+        registry = resolve(self.registry)
+        _refuse_async(registry)
+        unit = txguard.unit_of_work(registry=registry, **self.unit_options)
+        unit.where = _view_origin()
+        unit.enter(registry)
         request.environ[_UNIT] = unit
 
     def _end(self, response: Response) -> Response:
@@ -120,6 +123,22 @@ class TxGuard:
         unit = _take_unit()
         if unit is not None:
             veto(unit, "the request ended without a response")
+
+
+def _refuse_async(registry: Registry) -> None:
+    if registry.is_async:
+        raise ConfigurationError(
+            f"TxGuard got the async registry {registry!r}, but Flask calls views "
+            "synchronously: build the registry on a sync Engine or sessionmaker."
+        )
+
+
+def _view_origin() -> Origin:
+    """Where the request's unit is said to be opened in messages: its view's definition
+    (the user's line, rather than Flask's dispatch code that runs before_request)."""
+    view = current_app.view_functions.get(request.endpoint or "")
+    code = getattr(inspect.unwrap(view), "__code__", None) if view is not None else None
+    return capture() if code is None else Origin.of_code(code)
 
 
 def _take_unit() -> UnitOfWork | None:
