@@ -103,3 +103,29 @@ def test_unknown_scope_types_are_refused() -> None:
     """scope_types takes http and websocket only."""
     with pytest.raises(txguard.ConfigurationError, match="lifespan scopes never get a unit"):
         UnitOfWorkMiddleware(Starlette(), scope_types=("http", "lifespan"))
+
+
+def test_messages_about_the_request_unit_name_the_endpoint(tmp_path: Path) -> None:
+    """The unit opens before routing; its messages still name the endpoint's definition.
+
+    Not Starlette's middleware code that called the middleware, which the user never wrote;
+    a request that matched no route keeps the middleware's own site.
+    """
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/m.db")
+    registry = txguard.SessionRegistry(engine)
+    messages: list[str] = []
+
+    async def create_order(request: object) -> PlainTextResponse:
+        try:
+            await registry.current_session().commit()
+        except txguard.DisciplineError as exc:
+            messages.append(str(exc))
+        return PlainTextResponse("ok")
+
+    app = UnitOfWorkMiddleware(Starlette(routes=[Route("/orders", create_order, methods=["POST"])]),
+                               registry=registry)
+    with TestClient(app) as client:
+        assert client.post("/orders").status_code == 200
+    asyncio.run(engine.dispose())
+    line = create_order.__code__.co_firstlineno
+    assert f"opened at tests/test_asgi_integration.py:{line} in create_order()" in messages[0]

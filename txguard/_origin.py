@@ -15,12 +15,13 @@ import os
 import sys
 import warnings
 from types import CodeType, FrameType
-from typing import Any, Final
+from typing import Any, Callable, Final
 
 import sqlalchemy
 
 __all__ = [
     "UNKNOWN",
+    "DeferredOrigin",
     "Origin",
     "caller_origin",
     "failure_site",
@@ -244,6 +245,38 @@ class Origin:
             "  " + describe_location(code.co_filename, lineno, code.co_name)
             for code, lineno in self.frames
         )
+
+
+class DeferredOrigin(Origin):
+    """An origin named when it is shown, by a lookup that may only succeed later.
+
+    A web request's unit opens before the framework has routed the request, so the
+    endpoint that a message should name is not known yet: ``find`` returns the endpoint's
+    code once it is (a function's definition), and until then, or if it never is, the
+    origin is ``fallback``.
+    """
+
+    __slots__ = ("_find", "_fallback")
+
+    def __init__(self, find: Callable[[], CodeType | None], fallback: Origin) -> None:
+        self._find = find
+        self._fallback = fallback
+
+    def _found(self) -> Origin:
+        code = self._find()
+        return self._fallback if code is None else Origin(code)
+
+    @property
+    def code(self) -> CodeType | None:  # type: ignore[override]
+        return self._found().code
+
+    @property
+    def offset(self) -> int:  # type: ignore[override]
+        return self._found().offset
+
+    @property
+    def callers(self) -> tuple[tuple[CodeType, int], ...]:  # type: ignore[override]
+        return self._found().callers
 
 
 def describe_location(filename: str, lineno: int, function: str) -> str:

@@ -54,14 +54,18 @@ is silent):
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
+from functools import partial
+from types import CodeType
 from typing import Any, Final
 
 import txguard
 from txguard import ConfigurationError, SessionRegistry
 from txguard._async import completed
 from txguard._options import UNIT_OPTION_NAMES, check_names
+from txguard._origin import DeferredOrigin, capture
 from txguard._registry import Registry, resolve
 from txguard._responses import aend_by_status, aveto
 from txguard._unit import UnitOfWork, follow_context
@@ -112,10 +116,25 @@ class UnitOfWorkMiddleware:
             return
         registry = _check_async(resolve(self.registry))
         unit = txguard.unit_of_work(registry=registry, **self.unit_options)
-        await unit.__aenter__()
+        unit.where = DeferredOrigin(partial(_endpoint_code, scope), capture())
+        await unit.aenter(registry)
         follow_context(unit)
         request = _Request(unit, send, scope["type"] == "http")
         await request.run(self.app(scope, receive, request.send))
+
+
+def _endpoint_code(scope: Scope) -> CodeType | None:
+    """The code of the endpoint the framework routed the request to, once it has.
+
+    Messages about the request's unit name it rather than the framework's code that ran
+    the middleware: Starlette and FastAPI put the endpoint in ``scope["endpoint"]``,
+    Litestar its handler in ``scope["route_handler"]``.
+    """
+    endpoint = scope.get("endpoint")
+    if endpoint is None:
+        endpoint = getattr(scope.get("route_handler"), "fn", None)
+    code = getattr(inspect.unwrap(endpoint), "__code__", None) if callable(endpoint) else None
+    return code if isinstance(code, CodeType) else None
 
 
 class _Request:
