@@ -554,7 +554,9 @@ def test_serialization_failure_at_commit_is_retried(pg: sa.Engine) -> None:
 
     in_two_threads(run, ("a",), ("b",))
     assert errors == []
-    assert sorted(attempts.values()) == [1, 2]
+    # One of the two commits first; the other is refused and run again, which PostgreSQL
+    # may refuse once more under load (seen once on 3.10): the data is what counts.
+    assert min(attempts.values()) == 1 and max(attempts.values()) >= 2
     assert sorted(n[1] for n in names(pg)) == ["0", "1"]
 
 
