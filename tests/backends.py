@@ -59,11 +59,38 @@ def unreachable_reason(backend: str) -> str | None:
             _create_database(sa.make_url(CONFIGURED_URLS[backend]), engine.url.database)
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
+        claimed = _claim(url)
     except Exception as exc:  # any failure to connect means "not here"
         return f"{backend} not reachable at {sa.make_url(url).render_as_string()}: {type(exc).__name__}"
     finally:
         engine.dispose()
+    if not claimed:
+        pytest.exit(
+            f"another test run is using {sa.make_url(url).render_as_string()}: the tests empty "
+            "and drop the same tables, so two runs on one database undo each other's rows "
+            "(a committed row 'lost', another run's rows 'found'). Give this run a database "
+            "of its own (TXGUARD_PG_URL / TXGUARD_MYSQL_URL).",
+            returncode=3,
+        )
     return None
+
+
+# The connection holding each database's claim, open until this process ends.
+_CLAIMS: list[sa.Connection] = []
+
+
+def _claim(url: str) -> bool:
+    """Claim the database for this test run (a lock held by a connection kept open until the
+    process ends); False when another run holds it."""
+    conn = sa.create_engine(url, poolclass=sa.pool.NullPool).connect()
+    if sa.make_url(url).get_backend_name() == "postgresql":  # advisory locks are per database
+        query = "SELECT pg_try_advisory_lock(hashtext('txguard-tests'))"
+    else:  # a MariaDB lock is per server
+        query = "SELECT GET_LOCK(CONCAT('txguard-tests:', DATABASE()), 0)"
+    claimed = bool(conn.exec_driver_sql(query).scalar())
+    conn.commit()
+    _CLAIMS.append(conn)
+    return claimed
 
 
 def _create_database(configured: sa.URL, name: str | None) -> None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.apps.asgi_frameworks_app import create_litestar, create_quart
+from tests.apps.flask_app import create_engine, create_schema
 from tests.backends import require
 from tests.test_adversary_web import Db, db  # noqa: F401 (the fixture)
 from tests.test_fastapi_integration import database_url
@@ -62,7 +63,11 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     framework, backend = request.param
     require(backend)
     tmp = tmp_path_factory.mktemp(f"{framework}-{backend}")
-    env = {"TXGUARD_APP_SYNC_URL": database_url(backend, tmp), "TXGUARD_APP": framework}
+    database = database_url(backend, tmp)
+    engine = create_engine(database)
+    create_schema(engine)  # here, once: never in the served module, which a server may re-import
+    engine.dispose()
+    env = {"TXGUARD_APP_SYNC_URL": database, "TXGUARD_APP": framework}
     server = "hypercorn" if framework == "quart" else "uvicorn"
     with uvicorn("tests.apps.asgi_frameworks_app:app", env, tmp / "server.log", server) as (url, _):
         yield url

@@ -103,14 +103,17 @@ def create_quart(registry: txguard.SessionRegistry[Any], stats: Any = None) -> A
 
 
 def _serve() -> Any:
-    """The app a server runs: guards at "error", every finding recorded for /stats."""
+    """The app a server runs: guards at "error", every finding recorded for /stats.
+
+    The test creates the schema before it starts the server: an import of this module
+    (a server may import it again, as hypercorn does in each worker it spawns) never
+    empties the table.
+    """
     from tests.apps.asgi_units_app import create_engines
-    from tests.apps.flask_app import create_schema
 
     warnings.filterwarnings("error", category=txguard.TxGuardWarning)
     txguard.install(mixed_begin="error", leaks="warn", cross_thread="error", cross_task="error")
     engine, async_engine = create_engines(os.environ["TXGUARD_APP_SYNC_URL"])
-    create_schema(engine)
     registry = txguard.SessionRegistry(async_engine)
     findings: list[str] = []
     previous = sys.unraisablehook
