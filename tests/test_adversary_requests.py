@@ -278,3 +278,51 @@ async def test_asgi_statement_after_the_response_start_is_reported(tmp_path: Pat
     finally:
         txguard.uninstall()
         await aengine.dispose()
+
+
+@pytest.mark.xfail(strict=True, reason="a child task's statement in flight when the start goes out: the "
+                   "middleware's COMMIT waits for it and commits half the child's work with a 200, unreported")
+async def test_asgi_child_statement_in_flight_at_the_start_is_not_half_committed(pg: sa.Engine) -> None:
+    aengine = create_async_engine(PG)  # psycopg async: its connection lock queues the COMMIT
+    registry = txguard.SessionRegistry(aengine)
+    holder = pg.connect()
+    holder.execute(sa.text("SELECT pg_advisory_lock(4204)"))
+    holder.commit()
+    tasks: list[asyncio.Task[None]] = []
+    child_error: list[BaseException] = []
+
+    async def child(s: Any) -> None:
+        try:
+            await s.execute(sa.text("INSERT INTO adv_parent VALUES (2)"))
+            await s.execute(sa.text("SELECT pg_advisory_lock(4204)"))  # in flight at the start
+            await s.execute(sa.text("INSERT INTO adv_parent VALUES (3)"))
+        except BaseException as exc:
+            child_error.append(exc)
+
+    async def view(request: Request) -> PlainTextResponse:
+        s = txguard.current_session(registry)
+        await s.execute(sa.text("INSERT INTO adv_parent VALUES (1)"))
+        tasks.append(asyncio.create_task(child(s)))
+        while not holder.scalar(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'SELECT pg_advisory_lock%'")):
+            holder.commit()
+            await asyncio.sleep(0.01)
+        holder.execute(sa.text("SELECT pg_advisory_unlock(4204)"))
+        holder.commit()
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", view)])
+    app.add_middleware(UnitOfWorkMiddleware, registry=registry)
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            status = (await client.get("/")).status_code
+        await asyncio.gather(*tasks)
+        with pg.connect() as conn:
+            committed = sorted(conn.scalars(sa.text("SELECT id FROM adv_parent")))
+        assert (status, committed) in [(200, [1, 2, 3]), (500, [])], (status, committed, child_error)
+        assert aengine.sync_engine.pool.checkedout() == 0
+    finally:
+        holder.close()
+        await aengine.dispose()
