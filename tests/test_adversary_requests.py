@@ -130,7 +130,6 @@ def _commit_in_view(registry: txguard.SessionRegistry) -> str:
     return "x"
 
 
-@pytest.mark.xfail(strict=True, reason="a MethodView's unit is said to be opened in flask/views.py's view()")
 def test_flask_message_names_a_method_views_definition(tmp_path: Path) -> None:
     registry = txguard.SessionRegistry(sa.create_engine(f"sqlite:///{tmp_path}/f.db"))
     app = Flask(__name__)
@@ -330,8 +329,6 @@ async def test_asgi_child_statement_in_flight_at_the_start_is_not_half_committed
         await aengine.dispose()
 
 
-@pytest.mark.xfail(strict=True, reason="a commit-as-you-go websocket unit rolls back what is pending when the "
-                   "app returns (UncommittedWorkWarning), where an http request's unit commits it")
 def test_asgi_websocket_commit_as_you_go_commits_pending_work_on_return(tmp_path: Path) -> None:
     txguard.install(mixed_begin="error", leaks="warn", cross_thread="error", cross_task="error")
     url = f"{tmp_path}/ws.db"

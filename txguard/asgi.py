@@ -67,7 +67,7 @@ from txguard._async import completed
 from txguard._options import UNIT_OPTION_NAMES, check_names
 from txguard._origin import DeferredOrigin, capture
 from txguard._registry import Registry, resolve
-from txguard._responses import aend_by_status, aveto
+from txguard._responses import acommit, aend_by_status, aveto
 from txguard._unit import UnitOfWork, follow_context
 
 __all__ = ["UnitOfWorkMiddleware"]
@@ -182,8 +182,8 @@ class _Request:
             self.open = False
             if self.http:  # returned without a response
                 await aveto(self.unit, "the app sent no response")
-            else:
-                await self.unit.__aexit__(None, None, None)
+            else:  # a websocket that returned: its work commits, in either mode
+                await acommit(self.unit)
 
     def _wake(self, _: object = None) -> None:
         if not self.woken.done():

@@ -137,6 +137,9 @@ def _view_origin() -> Origin:
     """Where the request's unit is said to be opened in messages: its view's definition
     (the user's line, rather than Flask's dispatch code that runs before_request)."""
     view = current_app.view_functions.get(request.endpoint or "")
+    view_class = getattr(view, "view_class", None)  # a class-based view (View.as_view)
+    if view_class is not None:
+        view = getattr(view_class, request.method.lower(), None) or view_class.dispatch_request
     code = getattr(inspect.unwrap(view), "__code__", None) if view is not None else None
     return capture() if code is None else Origin.of_code(code)
 
