@@ -11,6 +11,7 @@ detector all record this one kind of origin.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import warnings
@@ -28,6 +29,7 @@ __all__ = [
     "line_of",
     "capture",
     "code_origin",
+    "definition_of",
     "describe_location",
     "first_user_frame",
     "is_user_frame",
@@ -293,6 +295,18 @@ def line_of(code: CodeType, offset: int) -> int:
 
 
 UNKNOWN: Final = Origin(None)
+
+
+def definition_of(fn: object) -> CodeType | None:
+    """Return the code of the function ``fn`` names, past decorators that set ``__wrapped__``.
+
+    None when ``fn`` is not a function (None, a class, a callable object). The web
+    integrations name a request's unit by its view's or endpoint's definition with it.
+    """
+    if not callable(fn):
+        return None
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    return code if isinstance(code, CodeType) else None
 
 
 def code_origin(code: CodeType, offset: int) -> Origin:

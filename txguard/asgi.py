@@ -54,7 +54,6 @@ is silent):
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from functools import partial
@@ -65,7 +64,7 @@ import txguard
 from txguard import ConfigurationError, SessionRegistry
 from txguard._async import completed
 from txguard._options import UNIT_OPTION_NAMES, check_names
-from txguard._origin import DeferredOrigin, capture
+from txguard._origin import DeferredOrigin, capture, definition_of
 from txguard._registry import Registry, resolve
 from txguard._responses import acommit, aend_by_status, aveto
 from txguard._unit import UnitOfWork, follow_context
@@ -133,8 +132,7 @@ def _endpoint_code(scope: Scope) -> CodeType | None:
     endpoint = scope.get("endpoint")
     if endpoint is None:
         endpoint = getattr(scope.get("route_handler"), "fn", None)
-    code = getattr(inspect.unwrap(endpoint), "__code__", None) if callable(endpoint) else None
-    return code if isinstance(code, CodeType) else None
+    return definition_of(endpoint)
 
 
 class _Request:

@@ -61,7 +61,7 @@ from starlette.requests import HTTPConnection
 import txguard
 from txguard import ConfigurationError, SessionRegistry
 from txguard._options import UNIT_OPTION_NAMES, check_names
-from txguard._origin import Origin, capture
+from txguard._origin import Origin, capture, definition_of
 from txguard._registry import resolve
 from txguard._responses import acommit, commit
 from txguard._unit import follow_context
@@ -159,5 +159,5 @@ def _dependency(
 def _endpoint(connection: HTTPConnection) -> Origin:
     """Where the request's unit is said to be opened in messages: its endpoint's definition
     (the user's line, rather than FastAPI's code that enters the dependency)."""
-    code = getattr(connection.scope.get("endpoint"), "__code__", None)
+    code = definition_of(connection.scope.get("endpoint"))
     return capture() if code is None else Origin.of_code(code)

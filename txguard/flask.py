@@ -50,7 +50,6 @@ session, outside the unit)::
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Final
 
 from flask import Flask, Response, current_app, got_request_exception, request
@@ -58,7 +57,7 @@ from flask import Flask, Response, current_app, got_request_exception, request
 import txguard
 from txguard import ConfigurationError, SessionRegistry, UnitOfWork
 from txguard._options import UNIT_OPTION_NAMES, check_names
-from txguard._origin import Origin, capture
+from txguard._origin import Origin, capture, definition_of
 from txguard._registry import Registry, resolve
 from txguard._responses import end_by_status, veto
 
@@ -140,7 +139,7 @@ def _view_origin() -> Origin:
     view_class = getattr(view, "view_class", None)  # a class-based view (View.as_view)
     if view_class is not None:
         view = getattr(view_class, request.method.lower(), None) or view_class.dispatch_request
-    code = getattr(inspect.unwrap(view), "__code__", None) if view is not None else None
+    code = definition_of(view)
     return capture() if code is None else Origin.of_code(code)
 
 
