@@ -101,7 +101,9 @@ def app(backend: str, tmp_path: Path) -> Iterator[tuple[Any, Any, Any]]:
 
 @pytest.fixture
 def strict() -> Iterator[list[BaseException | None]]:
-    """Install every guard at "error", make every warning an error, and collect unraisables."""
+    """Install every guard at "error", make every warning an error, and collect unraisables
+    (this test's: earlier tests' garbage is collected first)."""
+    gc.collect()
     txguard.install(**STRICT)
     unraisable: list[BaseException | None] = []
     previous_hook = sys.unraisablehook

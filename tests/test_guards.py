@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.machinery
 import sys
 import warnings
 from collections.abc import Iterator
@@ -47,7 +48,9 @@ def _uninstall() -> Iterator[None]:
 
 @pytest.fixture
 def strict() -> Iterator[None]:
-    """Install every guard at "error", turn every warning into an error, and check for leaks."""
+    """Install every guard at "error", turn every warning into an error, and check for leaks
+    (of this test: what earlier tests left for the garbage collector is collected first)."""
+    gc.collect()
     txguard.install(**STRICT)
     unraisable: list[BaseException | None] = []
     previous_hook = sys.unraisablehook
@@ -107,6 +110,19 @@ def test_install_twice_reports_a_misuse_once(sqlite_engine: sa.Engine) -> None:
         with pytest.warns(txguard.MixedBeginWarning) as record, pytest.raises(InvalidRequestError):
             session.begin()
     assert len(record) == 1
+
+
+def test_a_warning_from_code_run_as_a_string_is_shown(sqlite_engine: sa.Engine) -> None:
+    """Code compiled from a string whose module has a loader without sources (pytest-xdist's
+    worker, `python -m` of a frozen module) still gets its warning, at its line."""
+    txguard.install()
+    code = compile("session.execute(sa.text('SELECT 1'))\nsession.begin()\n", "<string>", "exec")
+    namespace = {"__name__": "__main__", "__loader__": importlib.machinery.BuiltinImporter, "sa": sa}
+    with Session(sqlite_engine) as session:
+        namespace["session"] = session
+        with pytest.warns(txguard.MixedBeginWarning) as record, pytest.raises(InvalidRequestError):
+            exec(code, namespace)
+    assert (record[0].filename, record[0].lineno) == ("<string>", 2)
 
 
 def test_install_again_changes_levels_in_place(sqlite_engine: sa.Engine) -> None:

@@ -27,6 +27,7 @@ def _uninstall() -> Iterator[None]:
 def unraisable() -> Iterator[list[BaseException]]:
     """Collect what Python reports through sys.unraisablehook (errors in finalizers)."""
     seen: list[BaseException] = []
+    gc.collect()  # earlier tests' garbage is not this test's
     previous = sys.unraisablehook
     sys.unraisablehook = lambda args: seen.append(args.exc_value)  # type: ignore[arg-type]
     yield seen

@@ -42,6 +42,7 @@ def findings() -> Iterator[list[str]]:
     Warnings are recorded, and errors raised in finalizers (leaks at "error") too.
     """
     seen: list[str] = []
+    gc.collect()  # earlier tests' garbage is not this block's
     previous = sys.unraisablehook
     sys.unraisablehook = lambda args: seen.append(
         f"{type(args.exc_value).__name__}: {args.exc_value}"

@@ -371,14 +371,17 @@ def warn_at_user(message: str, category: type[Warning]) -> None:
         warnings.warn(message, category, stacklevel=2)
         return
     module_globals = frame.f_globals
+    filename = frame.f_code.co_filename
     warnings.warn_explicit(
         message,
         category,
-        frame.f_code.co_filename,
+        filename,
         frame.f_lineno,
         module=module_globals.get("__name__", "<unknown>"),
         registry=module_globals.setdefault("__warningregistry__", {}),
-        module_globals=module_globals,
+        # Only a file's loader can give its source to the warning's display: code run from
+        # a string (`python -c`, pytest-xdist's worker) has a loader that raises instead.
+        module_globals=None if filename[:1] == "<" else module_globals,
     )
 
 

@@ -94,6 +94,7 @@ class TxGuard:
                 "init_app() once per app."
             )
         app.extensions[_KEY] = self
+        self.where = capture()  # the user's TxGuard(app) or init_app(app)
         app.before_request(self._begin)
         app.after_request(self._end)
         app.teardown_request(self._close)
@@ -103,7 +104,7 @@ class TxGuard:
         registry = resolve(self.registry)
         _refuse_async(registry)
         unit = txguard.unit_of_work(registry=registry, **self.unit_options)
-        unit.where = _view_origin()
+        unit.where = _view_origin(self.where)
         unit.enter(registry)
         request.environ[_UNIT] = unit
 
@@ -132,15 +133,17 @@ def _refuse_async(registry: Registry) -> None:
         )
 
 
-def _view_origin() -> Origin:
+def _view_origin(installed_at: Origin) -> Origin:
     """Where the request's unit is said to be opened in messages: its view's definition
-    (the user's line, rather than Flask's dispatch code that runs before_request)."""
+    (the user's line, rather than Flask's dispatch code that runs before_request), or, for
+    a request no view matched (a 404 or 405 its error handler answers), the line that
+    installed TxGuard on the app."""
     view = current_app.view_functions.get(request.endpoint or "")
     view_class = getattr(view, "view_class", None)  # a class-based view (View.as_view)
     if view_class is not None:
         view = getattr(view_class, request.method.lower(), None) or view_class.dispatch_request
     code = definition_of(view)
-    return capture() if code is None else Origin.of_code(code)
+    return installed_at if code is None else Origin.of_code(code)
 
 
 def _take_unit() -> UnitOfWork | None:
