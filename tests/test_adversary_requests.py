@@ -188,8 +188,6 @@ def test_flask_message_names_blueprint_and_wrapped_views(tmp_path: Path) -> None
     assert "in decorated()" in _commit_message(app, "/deco")
 
 
-@pytest.mark.xfail(strict=True, reason="a task spawned in a request keeps its turn with the session after "
-                   "the unit ended: its statement autobegins unreported and the connection stays out")
 async def test_asgi_task_outliving_the_request_is_reported(tmp_path: Path) -> None:
     txguard.install(mixed_begin="error", leaks="warn", cross_thread="error", cross_task="error")
     aengine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/bg.db")
@@ -254,8 +252,6 @@ def test_flask_callbacks_around_an_intermediate_commit_and_a_failed_final_one(pg
     assert pg.pool.checkedout() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the app's task uses the request's session after the start went out "
-                   "(the unit ended): unreported, and its autobegun transaction keeps a connection out")
 async def test_asgi_statement_after_the_response_start_is_reported(tmp_path: Path) -> None:
     txguard.install(mixed_begin="error", leaks="warn", cross_thread="error", cross_task="error")
     aengine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/after.db")

@@ -84,9 +84,9 @@ def test_a_session_subclass_keeps_its_overrides_under_the_guards(sqlite_engine: 
         with pytest.raises(txguard.DisciplineError, match="session.commit"):
             session.commit()
     assert calls == ["commit"]  # refused before the user's override ran
-    session.rollback()  # after its unit the session is a plain one again
-    with session.begin():
-        assert session.execute(sa.text("SELECT 1")).scalar() == 1
+    session.rollback()  # after its unit the guards are gone, and the session is closed for good
+    with pytest.raises(txguard.DisciplineError, match="has ended and closed it"):
+        session.begin()
     session.close()
     outside = AppSession(sqlite_engine)
     outside.commit()  # a session of the user's own class is never touched

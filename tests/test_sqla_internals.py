@@ -11,6 +11,7 @@ import re
 import sqlite3
 import sys
 import threading
+from typing import NoReturn
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 
+from tests.models import Item
 from txguard import _sqla
 
 PACKAGE = Path(_sqla.__file__).parent
@@ -52,6 +54,33 @@ def test_a_session_bound_to_a_connection_does_not_close_it(engine: sa.Engine) ->
         transaction = session.get_transaction()
         assert transaction is not None
         assert [autoclose for _, autoclose in _sqla.held_connections(transaction)] == [False]
+
+
+def test_beginning_refused_stops_every_way_a_session_begins(engine: sa.Engine) -> None:
+    """``Session._autobegin_t`` is still where a statement, ``connection()``, ``begin()``,
+    ``add()``, a flush and ``commit()`` begin a transaction when none is in progress."""
+
+    class Refused(Exception):
+        pass
+
+    def refuse(session: Session) -> NoReturn:
+        raise Refused(session)
+
+    sealed = type("Sealed", (Session,), _sqla.beginning_refused(refuse))
+    uses = [
+        lambda s: s.execute(sa.text("select 1")), lambda s: s.scalar(sa.select(Item.id)),
+        lambda s: s.connection(), lambda s: s.begin(), lambda s: s.add(Item(name="a")),
+        lambda s: s.commit(), lambda s: s.begin_nested(),
+    ]
+    for use in uses:
+        session = sealed(engine)
+        with pytest.raises(Refused):
+            use(session)
+        assert session.get_transaction() is None
+    session = sealed(engine)
+    session.flush()  # nothing to flush begins nothing
+    session.rollback()
+    session.close()
 
 
 def test_transaction_state_tells_a_commit_went_through(engine: sa.Engine) -> None:

@@ -61,14 +61,18 @@ def test_taking_over_a_begin_once_boundary_raises(
     assert names(engine) == []
 
 
-def test_boundary_methods_work_again_after_the_unit(registry: txguard.SessionRegistry, engine: sa.Engine) -> None:
-    """The session's own methods are restored when the unit ends."""
+def test_boundary_guards_end_with_the_unit_and_its_session_stays_closed(
+    registry: txguard.SessionRegistry, engine: sa.Engine
+) -> None:
+    """After the unit, close() and rollback() are refused no more, but the session begins
+    nothing new: the unit closed it for good (tests/test_closed_sessions.py)."""
     with txguard.unit_of_work() as session:
         pass
-    session.add(Item(name="later"))
-    session.commit()
+    session.rollback()
     session.close()
-    assert names(engine) == ["later"]
+    with pytest.raises(txguard.DisciplineError, match="has ended and closed it"):
+        session.add(Item(name="later"))
+    assert names(engine) == []
 
 
 def test_begin_nested_is_allowed_in_begin_once(registry: txguard.SessionRegistry, engine: sa.Engine) -> None:

@@ -14,7 +14,7 @@ import functools
 import inspect
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection
@@ -24,13 +24,15 @@ from sqlalchemy.sql.elements import TextClause
 from ._describe import describe
 from ._errors import ConfigurationError, DisciplineError, ReadOnlyTransactionError
 from ._origin import Origin, capture, shorten_sql
+from ._sqla import beginning_refused
 from ._statements import is_write_execution, is_write_statement
 
 if TYPE_CHECKING:
     from ._unit import Unit
 
 __all__ = [
-    "describe_bind", "check_session_options", "build_factory", "first_change", "refuse_autocommit"
+    "describe_bind", "check_session_options", "build_factory", "first_change", "refuse_autocommit",
+    "seal",
 ]
 
 # Where each commit-as-you-go session made its first change since its last commit; kept
@@ -210,9 +212,11 @@ def _guarded_methods(
 
     def close(self: Any) -> None:
         unit = self._txguard_unit
-        if unit is not None:
+        if unit is None:
+            base.close(self)
+        else:
             unit.session_close()
-        base.close(self)
+            base.reset(self)  # the unit's session stays usable (even with close_resets_only=False)
 
     def connection(
         self: Any, bind_arguments: Any = None, execution_options: Any = None, **kw: Any
@@ -317,8 +321,38 @@ def _variant(cls: type[Session], commit_as_you_go: bool, read_only: bool) -> typ
         event.listen(variant, "after_begin", _begin_read_only)
     if commit_as_you_go or read_only:
         event.listen(variant, "after_transaction_end", _end_transaction)
+    variant._txguard_sealed = type(  # type: ignore[attr-defined]
+        cls.__name__, (variant,), {**namespace, **beginning_refused(_refuse_after_unit)}
+    )
     of_class[key] = weakref.ref(variant)
     return variant
+
+
+def seal(session: Session, where: Origin) -> None:
+    """Make ``session``, which the unit opened at ``where`` has just closed, refuse to begin
+    another transaction, whatever ``close_resets_only`` says.
+
+    ``Session.close()`` only resets a session by default: code that kept the unit's session
+    (a task that outlives a request, a block's ``as`` variable used after it) would begin a
+    transaction that no unit ends, unreported, holding a connection until the garbage
+    collector closes it. The session's class becomes its variant's sealed twin, which
+    refuses every new transaction (``_sqla.beginning_refused``): sessions in use pay nothing.
+    Sealing twice is harmless (an interrupted unit's session may be closed twice).
+    """
+    sealed = type(session)._txguard_sealed  # type: ignore[attr-defined]
+    if type(session) is not sealed:
+        session.__class__ = sealed
+        session._txguard_closed_by = where  # type: ignore[attr-defined]  # after: a plain dict
+
+
+def _refuse_after_unit(session: Session) -> NoReturn:
+    where: Origin = session._txguard_closed_by  # type: ignore[attr-defined]
+    raise DisciplineError(
+        f"This session belonged to the unit of work opened at {where}, which has ended and "
+        "closed it: it cannot begin another transaction, which no unit would commit. "
+        "Open a new unit for work after it (`with txguard.unit_of_work() as session:`), "
+        "and await tasks that use a unit's session before the unit (a request) ends."
+    )
 
 
 class _Watcher:

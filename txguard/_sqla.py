@@ -16,7 +16,7 @@ import asyncio
 import sys
 from functools import partial
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING, Any, Callable, Final
+from typing import TYPE_CHECKING, Any, Callable, Final, NoReturn
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DIALECT_EXECUTE_HOOKS", "ENGINE_FILE", "PQTRANS_INERROR", "PRIVATE_NAMES",
     "RECONNECT_CODE", "SESSION_CONNECT_CODE", "SESSION_FILE", "async_session_of", "autobegin_statement",
+    "beginning_refused",
     "enclosing_savepoint", "held_connections", "holds_connection", "is_session_connect",
     "live_sessions", "pool_connection", "pool_record", "queue_on_worker", "running_loop",
     "transaction_state",
@@ -38,7 +39,7 @@ PRIVATE_NAMES: Final = (
     "_connections", "_state", "_previous_nested", "_sessions", "_connection_for_bind",
     "_revalidate_connection", "_connection_record", "_dbapi_connection",
     "_retrieve_proxy_for_target", "_execute_context", "_get_running_loop", "_tx",
-    "_conn",
+    "_conn", "_autobegin_t",
 )
 
 SESSION_FILE: Final = SessionTransaction.__init__.__code__.co_filename
@@ -98,6 +99,23 @@ def held_connections(transaction: SessionTransaction) -> list[tuple[Connection, 
         if all(conn is not other for other, _ in seen):
             seen.append((conn, autoclose))
     return seen
+
+
+def beginning_refused(refuse: Callable[[Session], NoReturn]) -> dict[str, Any]:
+    """Return the namespace of a Session subclass whose sessions call ``refuse(session)``
+    instead of beginning any transaction (by overriding ``_autobegin_t``).
+
+    Every transaction a Session begins with none in progress goes through that method:
+    autobegin by a statement or ``connection()``, ``begin()``, ``add()``, a flush,
+    ``commit()``. No event runs before a Session begins one (``after_transaction_create``
+    runs after), and overriding it on the classes of live sessions would cost every
+    ``add()`` and flush a call.
+    """
+
+    def _autobegin_t(self: Session, begin: bool = False) -> SessionTransaction:
+        refuse(self)
+
+    return {"_autobegin_t": _autobegin_t}
 
 
 def transaction_state(transaction: SessionTransaction) -> SessionTransactionState:

@@ -47,7 +47,7 @@ from ._propagation import Plan, plan
 from ._registry import Registry, check_registry, resolve
 from ._retry import _sqlstate, is_retryable, retry_wanted
 from ._transaction import Role, Transaction, TransactionState
-from ._sessions import first_change
+from ._sessions import first_change, seal
 from ._sqla import transaction_state
 
 if TYPE_CHECKING:
@@ -476,6 +476,8 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
                     mark_after_commit(close_error)
             else:
                 logger.warning("txguard: closing the session failed", exc_info=True)
+        finally:
+            seal(sync, tx.where)
     if tx.callbacks:
         return Finish(tx.take_callbacks(committed), committed), error
     return None, error
@@ -581,6 +583,8 @@ def _settle_commit_as_you_go(
         except BaseException as close_error:
             if error is None:
                 error = close_error
+        finally:
+            seal(sync, tx.where)
     return Finish(tx.take_callbacks(committed=False), False, warning), error
 
 
@@ -848,6 +852,8 @@ def _abandon(unit: Unit) -> None:
         transaction.session_class.close(sync)
     except Exception:
         logger.warning("txguard: closing the session failed", exc_info=True)
+    finally:
+        seal(sync, transaction.where)
 
 
 def _settled_inner(
