@@ -22,7 +22,7 @@ nox.options.reuse_existing_virtualenvs = True
 
 PYENV_VERSIONS = Path(os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))) / "versions"
 
-SQLALCHEMY = {"sa20": "sqlalchemy>=2.0.22,<2.1", "sa21": "sqlalchemy>=2.1,<2.2"}
+SQLALCHEMY = {"sa20": "sqlalchemy>=2.0.24,<2.1", "sa21": "sqlalchemy>=2.1,<2.2"}
 
 CELLS = [
     ("3.10", "sa20"),

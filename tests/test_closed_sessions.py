@@ -101,17 +101,34 @@ def test_objects_of_an_ended_unit_are_detached(registry: txguard.SessionRegistry
         item.name
 
 
+@pytest.mark.parametrize("call", ["close", "reset"])
 def test_close_inside_a_commit_as_you_go_unit_keeps_the_session_usable(
-    registry: txguard.SessionRegistry, engine: sa.Engine
+    registry: txguard.SessionRegistry, engine: sa.Engine, call: str
 ) -> None:
-    """A user's close() inside a commit-as-you-go unit discards pending work as before; the
-    unit's session works on until the unit ends."""
+    """A user's close() or reset() inside a commit-as-you-go unit discards pending work as
+    before; the unit's session works on until the unit ends."""
     with txguard.unit_of_work(mode="commit_as_you_go") as session:
         session.add(Item(name="dropped"))
-        session.close()
+        getattr(session, call)()
         session.add(Item(name="kept"))
         session.commit()
     assert names(engine) == ["kept"]
+
+
+@pytest.mark.parametrize("call", ["close", "reset"])
+def test_close_or_reset_inside_a_begin_once_unit_is_refused(
+    registry: txguard.SessionRegistry, engine: sa.Engine, call: str
+) -> None:
+    """Either would silently discard the begin-once unit's transaction: both raise, naming
+    the call, and the unit rolls back."""
+    line = this_line() + 2
+    with pytest.raises(txguard.DisciplineError, match=rf"session\.{call}\(\) inside the begin-once unit opened at .*:{line}"):
+        with txguard.unit_of_work() as session:
+            session.add(Item(name="never"))
+            session.flush()
+            getattr(session, call)()
+    assert names(engine) == []
+    assert engine.pool.checkedout() == 0
 
 
 @pytest.mark.parametrize("resets_only", [True, False])

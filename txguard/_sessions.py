@@ -1,7 +1,7 @@
 """Build the session factories of a registry: one per kind of unit, each built once.
 
 Sessions of units are instances of a private subclass of the user's session class. Its
-``commit``, ``rollback``, ``begin``, ``close`` and ``connection`` ask the unit that owns the
+``commit``, ``rollback``, ``begin``, ``close``, ``reset`` and ``connection`` ask the unit that owns the
 session (a single attribute, set for the unit's lifetime) whether the call is allowed; with
 no unit they are the user's methods. Units that need SQLAlchemy events (commit-as-you-go
 units track uncommitted writes, read-only units refuse writes) get their own subclass with
@@ -215,8 +215,14 @@ def _guarded_methods(
         if unit is None:
             base.close(self)
         else:
-            unit.session_close()
+            unit.session_close("close")
             base.reset(self)  # the unit's session stays usable (even with close_resets_only=False)
+
+    def reset(self: Any) -> None:
+        unit = self._txguard_unit
+        if unit is not None:
+            unit.session_close("reset")
+        base.reset(self)
 
     def connection(
         self: Any, bind_arguments: Any = None, execution_options: Any = None, **kw: Any
@@ -230,7 +236,7 @@ def _guarded_methods(
         return conn
 
     methods: dict[str, Callable[..., Any]] = {}
-    for method in (commit, rollback, begin, close, connection):
+    for method in (commit, rollback, begin, close, reset, connection):
         method.__qualname__ = f"{base.__qualname__}.{method.__name__}"
         method.__doc__ = getattr(base, method.__name__).__doc__
         methods[method.__name__] = method

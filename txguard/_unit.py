@@ -253,10 +253,10 @@ class Unit:
                 "session.begin_nested() for a savepoint."
             )
 
-    def session_close(self) -> None:
+    def session_close(self, call: str) -> None:
         if self.transaction.mode is _MODE_BEGIN_ONCE:
             raise DisciplineError(
-                f"session.close() inside the begin-once unit opened at {self.where}: "
+                f"session.{call}() inside the begin-once unit opened at {self.where}: "
                 "closing now would silently discard the transaction. The unit closes its "
                 "session when the block ends."
             )
