@@ -284,6 +284,8 @@ async def test_deadlock_is_retried_and_both_writes_applied_once(db: Db) -> None:
         def body(session: Session, attempt: int) -> None:
             if attempt == 1:
                 peer.provoke(session)
+            else:
+                peer.finished()
             session.execute(sa.text("UPDATE txg_accounts SET balance = balance + 1"))
 
         await call(db.transactional(body, retries=2, backoff=0))

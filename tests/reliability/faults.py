@@ -296,6 +296,12 @@ class DeadlockPeer:
         if not thread.is_alive():
             raise AssertionError(f"the deadlock peer did not wait: {self.error!r}")
 
+    def finished(self) -> None:
+        """Wait until the peer has rolled back and let go of its locks (the victim's retry
+        would otherwise race the peer for ``mine`` and may deadlock with it again)."""
+        if self.thread is not None:
+            self.thread.join(WAIT_S)
+
     def provoke(self, executor: Any) -> None:
         """Run the caller's part: lock ``mine``, let the peer wait, request ``theirs``."""
         self.victim_setup(executor)
