@@ -280,8 +280,6 @@ async def test_asgi_statement_after_the_response_start_is_reported(tmp_path: Pat
         await aengine.dispose()
 
 
-@pytest.mark.xfail(strict=True, reason="a child task's statement in flight when the start goes out: the "
-                   "middleware's COMMIT waits for it and commits half the child's work with a 200, unreported")
 async def test_asgi_child_statement_in_flight_at_the_start_is_not_half_committed(pg: sa.Engine) -> None:
     aengine = create_async_engine(PG)  # psycopg async: its connection lock queues the COMMIT
     registry = txguard.SessionRegistry(aengine)

@@ -3,9 +3,9 @@
 SessionEvents do the watching (unlike ConnectionEvents, they add no cost to every
 statement): ``after_transaction_create``/``after_transaction_end`` note where each root
 transaction began and when it ended, ``do_orm_execute`` keeps the statement that is about
-to autobegin one, and ``do_orm_execute``/``before_flush``/``after_transaction_end`` check
-which thread and task use the Session. ``Session.begin`` has no "before" event, so the
-mixed-begin check wraps it (see ``_guards``).
+to autobegin one, and ``do_orm_execute``/``before_flush``/``before_commit``/
+``after_transaction_end`` check which thread and task use the Session. ``Session.begin``
+has no "before" event, so the mixed-begin check wraps it (see ``_guards``).
 
 What the guards know of the current transaction lives on the Session itself, so it goes
 away with it; a record garbage-collected before its transaction ended is a leaked Session.
@@ -82,7 +82,7 @@ class SessionRecord(Record):
 
     __slots__ = (
         "where", "autobegun", "sql", "thread", "began", "warned", "active", "task", "gen",
-        "transaction", "created", "lent_by", "__weakref__",
+        "transaction", "created", "lent_by", "refused", "__weakref__",
     )
 
     owner = "Session"
@@ -94,6 +94,7 @@ class SessionRecord(Record):
     # or a task of its unit it was lent to (see _takes_turn), when ``lent_by`` names those that lent it
     lent_by: tuple[weakref.ref[asyncio.Task[Any]], ...]  # the tasks that lent it, outermost first
     gen: int  # guard_records.generation when it began: records from before an uninstall() are stale
+    refused: str  # the name of a task whose flush the cross_task guard refused (absent until then)
 
     def is_open(self) -> bool:
         """Say whether the Session still holds the transaction.
@@ -288,10 +289,51 @@ def on_before_flush(session: Session, flush_context: object, instances: object) 
             check_task(session, record, _FLUSHES)
 
 
+def on_before_commit(session: Session) -> None:
+    """Check who commits before the COMMIT goes out, not only once it went through.
+
+    A task that holds the session of a request (see ``_takes_turn``) may still be inside
+    SQLAlchemy when the unit commits: the COMMIT would wait for its statement (psycopg's
+    connection lock, aiosqlite's queue) and commit what it had done so far. At "error" the
+    report refuses the COMMIT, and the unit rolls back.
+    """
+    record = session.__dict__.get(KEY)
+    if record is not None and record.active and record.task is not None:
+        check_task(session, record, _COMMITS)
+        if hasattr(record, "refused"):
+            _refused_flush_pending(session, record)
+
+
+def _refused_flush_pending(session: Session, record: SessionRecord) -> None:
+    """Refuse the COMMIT while what a task's refused flush left pending is still there.
+
+    Refusing a flush (``before_flush``) leaves the objects that task added or changed in
+    the session, and the owner's COMMIT would flush them with its own: part of that task's
+    work, committed although its flush raised.
+    """
+    cfg = guard_records.settings
+    if cfg is None or cfg.cross_task != ERROR or record.gen != guard_records.generation:
+        return
+    if not (session.new or session.dirty or session.deleted):
+        return
+    kind = _kind(session)
+    report(
+        ERROR,
+        CrossTaskWarning,
+        f"An {kind} commits the transaction {record.describe()}, but the cross_task guard "
+        f"refused a flush of it by task {record.refused!r}, and what that task added or "
+        "changed is still pending: the COMMIT would commit part of its work. It is "
+        f"refused, and the transaction rolls back. Await every task that uses the {kind} "
+        "before its unit ends, or give the task its own session "
+        "(txguard.unit_of_work(propagation='requires_new'), or a new AsyncSession).",
+    )
+
+
 # Who uses the Session: threads.
 
 _STATEMENT: Final = "runs a statement"
 _FLUSHES: Final = "flushes"
+_COMMITS: Final = "commits its transaction"
 _ENDS: Final = "ends its transaction (commit, rollback or close)"
 
 # The Session methods the cross_thread guard wraps, and what a call of each does.
@@ -393,6 +435,8 @@ def check_task(session: Session, record: SessionRecord, operation: str) -> None:
     warned = getattr(record, "warned", 0)
     if level == ERROR or not warned & WARNED_TASK:
         record.warned = warned | WARNED_TASK
+        if level == ERROR and operation is _FLUSHES:
+            record.refused = task.get_name()  # what it added stays pending: see on_before_commit
         message = _cross_task_message(session, record, holder, task, operation)
         report(level, CrossTaskWarning, message)
 
@@ -535,11 +579,11 @@ def _cross_task_message(
     task: asyncio.Task[Any],
     operation: str,
 ) -> str:
-    from sqlalchemy.ext.asyncio import async_session
-
-    kind = "AsyncSession" if async_session(session) is not None else "Session"
+    kind = _kind(session)
     lenders: tuple[weakref.ref[asyncio.Task[Any]], ...] = getattr(record, "lent_by", ())
     lender = lenders[0]() if lenders else None
+    if operation is _COMMITS and _busy(holder):
+        return _commit_message(kind, record, lender or holder, holder)
     running = (
         "which is still running" if lender is None
         else f"and task {holder.get_name()!r}, which is still running, uses it"
@@ -552,6 +596,45 @@ def _cross_task_message(
         "(txguard.unit_of_work(propagation='requires_new'), or a new AsyncSession), or await "
         "the work in the task that began the transaction."
     )
+
+
+def _kind(session: Session) -> str:
+    from sqlalchemy.ext.asyncio import async_session
+
+    return "AsyncSession" if async_session(session) is not None else "Session"
+
+
+def _commit_message(
+    kind: str, record: SessionRecord, began: asyncio.Task[Any], inside: asyncio.Task[Any]
+) -> str:
+    """Say that the transaction commits while ``inside`` is suspended inside SQLAlchemy."""
+    cfg = guard_records.settings
+    if cfg is not None and cfg.cross_task == ERROR:
+        outcome = (
+            "would wait for that statement and commit only part of the task's work: it "
+            "is refused, and the transaction rolls back"
+        )
+    else:
+        outcome = "waits for that statement and commits only part of the task's work"
+    return (
+        f"An {kind} commits the transaction {record.describe()} in task "
+        f"{began.get_name()!r} while task {inside.get_name()!r}, still running, is inside "
+        f"it (a statement or flush in flight{_suspended_at(inside)}): the COMMIT {outcome}. "
+        f"Await every task that uses the {kind} before its unit ends (the session of a web "
+        "request: before the endpoint returns), or give the task its own session "
+        "(txguard.unit_of_work(propagation='requires_new'), or a new AsyncSession)."
+    )
+
+
+def _suspended_at(task: asyncio.Task[Any]) -> str:
+    """Say where the user's code in ``task`` awaits SQLAlchemy, if it does (for a message)."""
+    user = None
+    for frame in _await_chain(task):
+        if frame.f_code.co_filename.startswith(_SQLALCHEMY_DIR):
+            break
+        if is_user_frame(frame):
+            user = frame
+    return "" if user is None else f", awaited at {Origin(user.f_code, user.f_lasti)}"
 
 
 # Session.begin, wrapped: SQLAlchemy has no event before a begin.

@@ -199,6 +199,7 @@ def _wanted_listeners(cfg: Settings) -> set[tuple[type, str, Callable[..., Any]]
         wanted.add((Session, "do_orm_execute", sessions.on_orm_execute))
     if "cross_task" in on:
         wanted.add((Session, "before_flush", sessions.on_before_flush))
+        wanted.add((Session, "before_commit", sessions.on_before_commit))
     if "leaks" in on:
         wanted.add((Pool, "checkout", connections.on_checkout))
         wanted.add((Pool, "checkin", connections.on_checkin))

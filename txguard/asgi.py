@@ -35,9 +35,11 @@ is silent):
   holding it waits outside SQLAlchemy. Concurrent use is still reported: a second task
   while the first still holds it (``asyncio.gather`` of two services), a task started
   outside the request, and any use while another task is inside SQLAlchemy (a statement,
-  flush or COMMIT in flight). Units opened in code keep the guard's stricter rule (a child
-  task may use the session only while its parent awaits it alone in library code): there
-  the child task is the user's choice, here the framework's.
+  flush or COMMIT in flight), the unit's own COMMIT included: at "error" it is refused
+  while a task the endpoint did not await is still inside the session. Units opened in
+  code keep the guard's stricter rule (a child task may use the session only while its
+  parent awaits it alone in library code): there the child task is the user's choice, here
+  the framework's.
 - Only ``http`` scopes get a unit by default; ``lifespan`` never does, and ``websocket``
   scopes do when asked (``scope_types=("http", "websocket")``): a websocket's unit commits
   when the app returns and rolls back when it raises.
