@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from flask import Blueprint, Flask
 from flask.views import MethodView
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.util import await_only
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -358,3 +359,51 @@ def test_asgi_websocket_commit_as_you_go_commits_pending_work_on_return(tmp_path
     finally:
         txguard.uninstall()
         engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["+asyncpg", "+psycopg"])
+async def test_a_unit_ended_while_a_gathered_task_connects_returns_the_connection(
+    pg: sa.Engine, driver: str
+) -> None:
+    """``gather`` of two services on the request's session: the second is reported (cross_task
+    at "error") while the first is still provisioning the session's connection, so the unit
+    ends (a 500) with SQLAlchemy refusing to close the session mid-connect. The unit closes
+    it once that task is out: nothing is committed and no connection stays checked out."""
+    aengine = create_async_engine(PG.replace("+psycopg", driver))
+    connecting = asyncio.Event()
+    go_on = asyncio.Event()
+
+    @sa.event.listens_for(aengine.sync_engine, "connect")
+    def slow_connect(dbapi_connection: Any, record: Any) -> None:
+        connecting.set()
+        await_only(go_on.wait())
+
+    registry = txguard.SessionRegistry(aengine)
+    tasks: list[asyncio.Future[Any]] = []
+
+    async def one(i: int) -> None:
+        await txguard.current_session(registry).execute(sa.text(f"INSERT INTO adv_parent VALUES ({i})"))
+
+    async def second() -> None:
+        await connecting.wait()
+        asyncio.get_running_loop().call_later(0.2, go_on.set)
+        await one(2)
+
+    async def view(request: Request) -> PlainTextResponse:
+        tasks.append(gathered := asyncio.gather(one(1), second()))
+        await gathered
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", view)])
+    app.add_middleware(UnitOfWorkMiddleware, registry=registry)
+    try:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/")).status_code == 500
+        assert connecting.is_set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        with pg.connect() as conn:
+            assert list(conn.scalars(sa.text("SELECT id FROM adv_parent"))) == []
+        assert aengine.sync_engine.pool.checkedout() == 0
+    finally:
+        await aengine.dispose()

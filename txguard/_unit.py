@@ -14,10 +14,12 @@ functions inside SQLAlchemy's greenlet bridge, exactly as ``AsyncSession`` drive
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import sys
 import threading
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy.orm import Session, SessionTransaction
@@ -1131,4 +1133,39 @@ async def asettle(
     task, cancelled = await completed(greenlet_spawn(settle, unit, exc))
     finish: Finish | None
     finish, error = task.result()
+    tx = unit.transaction
+    if unit.role is _ROLE_BEGINS and tx.sync_session.get_transaction() is not None:
+        try:
+            await _close_once_free(tx)
+        except asyncio.CancelledError as err:  # stop waiting; the caller raises it
+            cancelled = cancelled or err
     return finish, error if cancelled is None else cancelled
+
+
+async def _close_once_free(tx: Transaction) -> None:
+    """Close a session that SQLAlchemy refused to close because another task was inside it.
+
+    ``gather`` of two services on one session, or a task nobody awaited, can still be in
+    the middle of a statement or of provisioning the connection when the unit ends (the
+    cross_task guard reports it; SQLAlchemy refuses a close mid-connect). Closed once that
+    task is out, the transaction rolls back and the connection returns to the pool instead
+    of waiting for the garbage collector. Polled: SQLAlchemy announces nothing when a
+    method in progress ends.
+    """
+    deadline = monotonic() + _FREE_WAIT_S
+    while True:
+        await asyncio.sleep(_FREE_POLL_S)
+        try:
+            await greenlet_spawn(tx.session_class.close, tx.sync_session)
+            return
+        except Exception:
+            if monotonic() >= deadline:
+                logger.warning(
+                    "txguard: another task is still inside the session of the unit opened at "
+                    "%s; its connection is left to the garbage collector", tx.where, exc_info=True
+                )
+                return
+
+
+_FREE_WAIT_S: Final = 10.0
+_FREE_POLL_S: Final = 0.01
