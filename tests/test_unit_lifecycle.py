@@ -198,6 +198,32 @@ def test_transactional_function_leaving_a_unit_open_rolls_back(
     assert engine.pool.checkedout() == 0
 
 
+@pytest.mark.parametrize("raises", [False, True])
+def test_joined_transactional_function_leaving_a_unit_open_rolls_back(
+    registry: txguard.SessionRegistry, engine: sa.Engine, raises: bool
+) -> None:
+    """A joined @transactional call returning (or raising) with a unit open inside it raises DisciplineError naming it; nothing commits."""
+    stack = contextlib.ExitStack()
+    line = this_line() + 2
+
+    @txguard.transactional
+    def leaky() -> None:
+        stack.enter_context(txguard.unit_of_work(propagation="requires_new")).add(Item(name="inner"))
+        if raises:
+            raise KeyError("k")
+
+    with pytest.raises(txguard.UnexpectedRollbackError):
+        with txguard.unit_of_work() as session:
+            session.add(Item(name="outer"))
+            with pytest.raises(txguard.DisciplineError, match=rf":{line} in leaky\(\) ended before"):
+                leaky()
+            assert txguard.current_session() is session
+    with pytest.raises(txguard.DisciplineError, match="was rolled back"):
+        stack.close()
+    assert names(engine) == []
+    assert engine.pool.checkedout() == 0
+
+
 # One block at a time.
 
 
