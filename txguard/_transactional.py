@@ -123,7 +123,8 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
         registry = opts.registry or resolve(None)
         if registry.is_async:
             raise ConfigurationError(_mismatch(registry, "def"))
-        joined = joinable(registry, opts)
+        current = registry._var.get()
+        joined = None if current is None else joinable(current, opts)
         if joined is not None:  # no frame of its own: see joinable
             try:
                 result = fn(*args, **kwargs) if kwargs else fn(*args)
@@ -173,6 +174,21 @@ def _async_wrapper(
         registry = opts.registry or resolve(None)
         if not registry.is_async:
             raise ConfigurationError(_mismatch(registry, "async def"))
+        current = registry._var.get()
+        joined = None if current is None else joinable(current, opts)
+        if joined is not None:  # no frame of its own: see joinable
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                error = end_joined(joined, opts, where, exc)
+                if error is not None and error is not exc:
+                    raise error  # units left open inside the call
+                raise
+            if registry._var.get() is not joined:  # it may have left units open inside it
+                error = end_joined(joined, opts, where, None)
+                if error is not None:
+                    raise error
+            return result
         attempt = 1
         while True:
             unit = UnitOfWork(opts, where)  # the class of every unit: see UnitOfWork

@@ -894,8 +894,9 @@ def _end_out_of_order(
     return finish, error
 
 
-def joinable(registry: Registry, opts: UnitOptions) -> Unit | None:
-    """Return the current unit if a call with ``opts`` joins its transaction without a frame.
+def joinable(current: Unit, opts: UnitOptions) -> Unit | None:
+    """Return ``current`` (the top of a registry's stack) if a call with ``opts`` joins its
+    transaction without a frame of its own.
 
     A call that joins (``required``, ``mandatory``, ``supports``) a live unit running in a
     transaction shares everything with it: the session, the transaction, its callbacks.
@@ -906,8 +907,7 @@ def joinable(registry: Registry, opts: UnitOptions) -> Unit | None:
     begin-once call inside a commit-as-you-go unit, whose frame refuses the session's
     ``commit()`` while it runs, get a frame (None here).
     """
-    current = registry._var.get()
-    if current is None or not opts.joins_without_frame or live(current) is not current:
+    if not opts.joins_without_frame or live(current) is not current:
         return None
     transaction = current.transaction
     if not transaction.transactional or (
