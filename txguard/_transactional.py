@@ -131,14 +131,10 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
                 if result is not None and hasattr(type(result), "__await__"):  # an Awaitable
                     _refuse_awaitable(fn, result, joined.transaction, where)
             except BaseException as exc:
-                error = end_joined(joined, opts, where, exc)
-                if error is not None and error is not exc:
-                    raise error  # units left open inside the call
+                end_joined(joined, opts, where, exc)
                 raise
             if registry._var.get() is not joined:  # it may have left units open inside it
-                error = end_joined(joined, opts, where, None)
-                if error is not None:
-                    raise error
+                end_joined(joined, opts, where, None)
             return result
         attempt = 1
         while True:
@@ -180,14 +176,10 @@ def _async_wrapper(
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as exc:
-                error = end_joined(joined, opts, where, exc)
-                if error is not None and error is not exc:
-                    raise error  # units left open inside the call
+                end_joined(joined, opts, where, exc)
                 raise
             if registry._var.get() is not joined:  # it may have left units open inside it
-                error = end_joined(joined, opts, where, None)
-                if error is not None:
-                    raise error
+                end_joined(joined, opts, where, None)
             return result
         attempt = 1
         while True:

@@ -886,7 +886,7 @@ def end(unit: UnitOfWork, exc: BaseException | None) -> tuple[Finish | None, Bas
 
 def _end_out_of_order(
     unit: Unit, inner: list[Unit], exc: BaseException | None
-) -> tuple[Finish | None, BaseException | None]:
+) -> tuple[Finish | None, DisciplineError]:
     error = _orphan(unit, inner)
     for u in inner:
         _settled_inner(settle(u, error), error)
@@ -917,28 +917,26 @@ def joinable(current: Unit, opts: UnitOptions) -> Unit | None:
     return current
 
 
-def end_joined(
-    unit: Unit, opts: UnitOptions, where: Origin, exc: BaseException | None
-) -> BaseException | None:
+def end_joined(unit: Unit, opts: UnitOptions, where: Origin, exc: BaseException | None) -> None:
     """End a call that joined ``unit``'s transaction without a frame (see ``joinable``).
 
     ``exc`` escaped the call, if any; a rollback-worthy one marks the transaction
-    rollback-only, naming the call's ``where``. Returns the error the call raises:
-    ``exc``, or a DisciplineError if the call returned with units entered inside it still
-    open, which are rolled back as at any out-of-order exit.
+    rollback-only, naming the call's ``where``. If the call left units entered inside it
+    open, they are rolled back as at any out-of-order exit, and this raises that
+    DisciplineError; otherwise the caller goes on (re-raising ``exc``).
     """
     if exc is not None and _rolls_back(opts, exc):
         unit.transaction.mark_rollback_only(exc, where)
     top = unit.transaction.registry._var.get()
     inner = [] if top is unit else _active_inside(top, unit)
-    if not inner:
-        return exc
-    call = UnitOfWork(opts, where)  # the frame the call did without, for the messages
-    call.role = _ROLE_JOINS
-    call.transaction = unit.transaction
-    call.previous = unit
-    call.state = _STATE_ENDED
-    return _end_out_of_order(call, inner, exc)[1]
+    if inner:
+        call = UnitOfWork(opts, where)  # the frame the call did without, for the messages
+        call.role = _ROLE_JOINS
+        call.transaction = unit.transaction
+        call.previous = unit
+        call.state = _STATE_ENDED
+        _, error = _end_out_of_order(call, inner, exc)
+        raise error
 
 
 async def aend(
