@@ -133,8 +133,7 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
             except BaseException as exc:
                 end_joined(joined, opts, where, exc)
                 raise
-            if registry._var.get() is not joined:  # it may have left units open inside it
-                end_joined(joined, opts, where, None)
+            end_joined(joined, opts, where, None)
             return result
         attempt = 1
         while True:
@@ -178,8 +177,7 @@ def _async_wrapper(
             except BaseException as exc:
                 end_joined(joined, opts, where, exc)
                 raise
-            if registry._var.get() is not joined:  # it may have left units open inside it
-                end_joined(joined, opts, where, None)
+            end_joined(joined, opts, where, None)
             return result
         attempt = 1
         while True:
