@@ -212,6 +212,38 @@ def test_commit_inside_a_joined_begin_once_unit_raises(
     assert names(engine) == []
 
 
+def test_commit_inside_a_joined_begin_once_transactional_call_raises(
+    registry: txguard.SessionRegistry, engine: sa.Engine
+) -> None:
+    """A begin-once @transactional call that joined a commit-as-you-go unit may not commit it."""
+
+    @txguard.transactional
+    def commits() -> None:
+        add("a")
+        txguard.current_session().commit()
+
+    with txguard.unit_of_work(mode="commit_as_you_go") as session:
+        with pytest.raises(txguard.DisciplineError, match="only that unit commits"):
+            commits()
+        session.rollback()
+    assert names(engine) == []
+
+
+def test_commit_inside_a_joined_commit_as_you_go_transactional_call_commits(
+    registry: txguard.SessionRegistry, engine: sa.Engine
+) -> None:
+    """A commit-as-you-go @transactional call that joined a commit-as-you-go unit may commit its work."""
+
+    @txguard.transactional(mode="commit_as_you_go")
+    def commits() -> None:
+        add("a")
+        txguard.current_session().commit()
+
+    with txguard.unit_of_work(mode="commit_as_you_go"):
+        commits()
+    assert names(engine) == ["a"]
+
+
 def test_commit_inside_a_savepoint_unit_raises(registry: txguard.SessionRegistry) -> None:
     """session.commit() inside a NESTED unit of a commit-as-you-go unit raises."""
     with txguard.unit_of_work(mode="commit_as_you_go") as session:

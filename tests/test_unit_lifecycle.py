@@ -198,6 +198,32 @@ def test_transactional_function_leaving_a_unit_open_rolls_back(
     assert engine.pool.checkedout() == 0
 
 
+@pytest.mark.parametrize("raises", [False, True])
+def test_joined_transactional_function_leaving_a_unit_open_rolls_back(
+    registry: txguard.SessionRegistry, engine: sa.Engine, raises: bool
+) -> None:
+    """A joined @transactional call returning (or raising) with a unit open inside it raises DisciplineError naming it; nothing commits."""
+    stack = contextlib.ExitStack()
+    line = this_line() + 2
+
+    @txguard.transactional
+    def leaky() -> None:
+        stack.enter_context(txguard.unit_of_work(propagation="requires_new")).add(Item(name="inner"))
+        if raises:
+            raise KeyError("k")
+
+    with pytest.raises(txguard.UnexpectedRollbackError):
+        with txguard.unit_of_work() as session:
+            session.add(Item(name="outer"))
+            with pytest.raises(txguard.DisciplineError, match=rf":{line} in leaky\(\) ended before"):
+                leaky()
+            assert txguard.current_session() is session
+    with pytest.raises(txguard.DisciplineError, match="was rolled back"):
+        stack.close()
+    assert names(engine) == []
+    assert engine.pool.checkedout() == 0
+
+
 # One block at a time.
 
 
@@ -418,6 +444,29 @@ async def test_async_out_of_order_exit_rolls_back_and_names_both_units(
         await outer.aclose()
     with pytest.raises(txguard.DisciplineError, match="was rolled back"):
         await inner.aclose()
+    await assert_a_later_unit_commits_on_its_own(async_db)
+
+
+async def test_async_joined_transactional_function_leaving_a_unit_open_rolls_back(
+    async_registry: txguard.SessionRegistry, async_db: AsyncDatabase
+) -> None:
+    """A joined async @transactional call returning with a unit open inside it raises DisciplineError naming it."""
+    stack = contextlib.AsyncExitStack()
+    line = this_line() + 2
+
+    @txguard.transactional
+    async def leaky() -> None:
+        (await stack.enter_async_context(txguard.unit_of_work(propagation="requires_new"))).add(
+            Item(name="inner")
+        )
+
+    with pytest.raises(txguard.UnexpectedRollbackError):
+        async with txguard.unit_of_work() as session:
+            session.add(Item(name="outer"))
+            with pytest.raises(txguard.DisciplineError, match=rf":{line} in leaky\(\) ended before"):
+                await leaky()
+    with pytest.raises(txguard.DisciplineError, match="was rolled back"):
+        await stack.aclose()
     await assert_a_later_unit_commits_on_its_own(async_db)
 
 

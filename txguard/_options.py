@@ -46,6 +46,9 @@ _E = TypeVar("_E", bound=enum.Enum)
 _NEVER_OWNS_A_TRANSACTION: Final = frozenset(
     {Propagation.MANDATORY, Propagation.NEVER, Propagation.SUPPORTS, Propagation.NOT_SUPPORTED}
 )
+_JOIN_AN_ACTIVE_UNIT: Final = frozenset(
+    {Propagation.REQUIRED, Propagation.MANDATORY, Propagation.SUPPORTS}
+)
 UNIT_OPTION_NAMES: Final = (
     "mode", "propagation", "read_only", "isolation_level", "rollback_for", "no_rollback_for",
     "durable",
@@ -175,6 +178,7 @@ class UnitOptions:
         "backoff",
         "plain_rollback_rules",
         "enter_needs_io",
+        "joins_without_frame",
         "session_key",
     )
 
@@ -191,6 +195,7 @@ class UnitOptions:
     backoff: Callable[[int], float] | float
     plain_rollback_rules: bool
     enter_needs_io: bool
+    joins_without_frame: bool  # inside a unit in a transaction, its call needs no frame (_unit.joinable)
     session_key: tuple[bool, bool, str | None]  # which of the registry's factories it uses
 
     def rolls_back(self, exc: BaseException) -> bool:
@@ -257,6 +262,12 @@ def unit_options(
     opts.session_key = (opts.mode is Mode.COMMIT_AS_YOU_GO, opts.read_only, opts.isolation_level)
     opts.enter_needs_io = bool(
         opts.propagation is Propagation.NESTED or opts.read_only or opts.isolation_level
+    )
+    opts.joins_without_frame = (
+        opts.propagation in _JOIN_AN_ACTIVE_UNIT
+        and not opts.durable
+        and opts.isolation_level is None
+        and not opts.retries
     )
     return opts
 

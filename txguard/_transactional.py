@@ -22,7 +22,8 @@ from ._options import (
 from ._origin import Origin, capture
 from ._registry import Registry, check_registry, resolve
 from ._retry import next_delay
-from ._unit import UnitOfWork, _mismatch, aend, aleave, end, leave
+from ._transaction import Transaction
+from ._unit import UnitOfWork, _mismatch, aend, aleave, end, end_joined, joinable, leave
 
 __all__ = ["transactional"]
 
@@ -95,11 +96,13 @@ def _decorate(fn: Any, opts: UnitOptions, decorated_at: Origin) -> Any:
     return functools.wraps(fn)(_sync_wrapper(fn, opts, where))
 
 
-def _refuse_awaitable(fn: Callable[..., Any], result: Any, unit: UnitOfWork) -> NoReturn:
+def _refuse_awaitable(
+    fn: Callable[..., Any], result: Any, transaction: Transaction, where: Origin
+) -> NoReturn:
     """Raise for the awaitable a plain function returned: its work would run after the commit.
 
-    The unit's transaction is marked rollback-only, so it rolls back whatever the
-    function's ``rollback_for`` rules say about the error, and so does a unit it joined.
+    The call's transaction is marked rollback-only, so it rolls back whatever the
+    function's ``rollback_for`` rules say about the error, also when the call joined it.
     """
     if inspect.iscoroutine(result):
         result.close()  # it will never run: spare the "never awaited" warning
@@ -111,7 +114,7 @@ def _refuse_awaitable(fn: Callable[..., Any], result: Any, unit: UnitOfWork) -> 
     try:
         raise error
     except ConfigurationError:
-        unit.transaction.mark_rollback_only(error, unit.where)  # with its traceback, for the site
+        transaction.mark_rollback_only(error, where)  # with its traceback, for the site
         raise
 
 
@@ -120,6 +123,18 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
         registry = opts.registry or resolve(None)
         if registry.is_async:
             raise ConfigurationError(_mismatch(registry, "def"))
+        current = registry._var.get()
+        joined = None if current is None else joinable(current, opts)
+        if joined is not None:  # no frame of its own: see joinable
+            try:
+                result = fn(*args, **kwargs) if kwargs else fn(*args)
+                if result is not None and hasattr(type(result), "__await__"):  # an Awaitable
+                    _refuse_awaitable(fn, result, joined.transaction, where)
+            except BaseException as exc:
+                end_joined(joined, opts, where, exc)
+                raise
+            end_joined(joined, opts, where, None)
+            return result
         attempt = 1
         while True:
             unit = UnitOfWork(opts, where)  # the class of every unit: see UnitOfWork
@@ -128,7 +143,7 @@ def _sync_wrapper(fn: Callable[..., Any], opts: UnitOptions, where: Origin) -> C
             try:
                 result = fn(*args, **kwargs) if kwargs else fn(*args)
                 if result is not None and hasattr(type(result), "__await__"):  # an Awaitable
-                    _refuse_awaitable(fn, result, unit)
+                    _refuse_awaitable(fn, result, unit.transaction, unit.where)
             except BaseException as exc:
                 finish, error = end(unit, exc)
             else:
@@ -154,6 +169,16 @@ def _async_wrapper(
         registry = opts.registry or resolve(None)
         if not registry.is_async:
             raise ConfigurationError(_mismatch(registry, "async def"))
+        current = registry._var.get()
+        joined = None if current is None else joinable(current, opts)
+        if joined is not None:  # no frame of its own: see joinable
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                end_joined(joined, opts, where, exc)
+                raise
+            end_joined(joined, opts, where, None)
+            return result
         attempt = 1
         while True:
             unit = UnitOfWork(opts, where)  # the class of every unit: see UnitOfWork

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Finish", "Unit", "UnitOfWork", "UnitState", "adopt", "aend", "aleave", "current_unit", "end",
-    "follow_context", "leave",
+    "end_joined", "follow_context", "joinable", "leave", "live",
     "open_unit", "settle", "unit_of_work",
 ]
 
@@ -408,7 +408,7 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
     tx = unit.transaction
     if role is not _ROLE_BEGINS:
         if role is _ROLE_JOINS:
-            if exc is not None and _rolls_back(unit, exc):
+            if exc is not None and _rolls_back(unit.opts, exc):
                 tx.mark_rollback_only(exc, unit.where)
             return None, exc
         return None, _settle_savepoint(unit, tx, exc)
@@ -420,7 +420,7 @@ def settle(unit: Unit, exc: BaseException | None) -> tuple[Finish | None, BaseEx
     error = exc
     committed = False
     try:
-        if exc is not None and _rolls_back(unit, exc):
+        if exc is not None and _rolls_back(unit.opts, exc):
             _rollback(transaction, exc)
         elif tx.state is _TX_ROLLBACK_ONLY:
             _rollback(transaction, exc)
@@ -502,8 +502,7 @@ _COMMITTED: Final = SessionTransactionState.COMMITTED
 _CLOSED: Final = SessionTransactionState.CLOSED
 
 
-def _rolls_back(unit: Unit, exc: BaseException) -> bool:
-    opts = unit.opts
+def _rolls_back(opts: UnitOptions, exc: BaseException) -> bool:
     if opts.rolls_back(exc):
         return True
     # The server already rolled the transaction (or the statement) back, or dropped the
@@ -520,7 +519,7 @@ def _settle_savepoint(
     error = exc
     released = False
     try:
-        if exc is not None and _rolls_back(unit, exc):
+        if exc is not None and _rolls_back(unit.opts, exc):
             savepoint.rollback()
         elif tx.state is _TX_ROLLBACK_ONLY:
             savepoint.rollback()
@@ -785,6 +784,12 @@ def _pop(unit: UnitOfWork) -> list[Unit]:
         pass
     if top is unit:
         return _NO_UNITS
+    return _active_inside(top, unit)
+
+
+def _active_inside(top: Unit | None, unit: Unit) -> list[Unit]:
+    """Return the units of the stack ``top`` tops that were entered inside ``unit`` and are
+    still active, innermost first ([] if ``unit`` is not on that stack)."""
     inner: list[Unit] = []
     while top is not None and top is not unit:
         if top.state is _STATE_ACTIVE:
@@ -884,11 +889,62 @@ def end(unit: UnitOfWork, exc: BaseException | None) -> tuple[Finish | None, Bas
                 _abandon(unit)
                 raise
         return None, _outlived(unit)
+    return _end_out_of_order(unit, inner, exc)
+
+
+def _end_out_of_order(
+    unit: Unit, inner: list[Unit], exc: BaseException | None
+) -> tuple[Finish | None, DisciplineError]:
     error = _orphan(unit, inner)
     for u in inner:
         _settled_inner(settle(u, error), error)
     finish, _ = settle(unit, exc if exc is not None else error)
     return finish, error
+
+
+def joinable(current: Unit, opts: UnitOptions) -> Unit | None:
+    """Return ``current`` (the top of a registry's stack) if a call with ``opts`` joins its
+    transaction without a frame of its own.
+
+    A call that joins (``required``, ``mandatory``, ``supports``) a live unit running in a
+    transaction shares everything with it: the session, the transaction, its callbacks.
+    What a frame of its own would add is only its end, which can do nothing but mark the
+    transaction rollback-only (``end_joined``); so ``@transactional`` runs such a call as
+    a plain call of its function, as Spring does. Options that make a join do more
+    (``durable``, ``isolation_level``, ``retries``: ``opts.joins_without_frame``) and a
+    begin-once call inside a commit-as-you-go unit, whose frame refuses the session's
+    ``commit()`` while it runs, get a frame (None here).
+    """
+    if not opts.joins_without_frame or live(current) is not current:
+        return None
+    transaction = current.transaction
+    if not transaction.transactional or (
+        transaction.mode is not _MODE_BEGIN_ONCE and opts.mode is _MODE_BEGIN_ONCE
+    ):
+        return None
+    return current
+
+
+def end_joined(unit: Unit, opts: UnitOptions, where: Origin, exc: BaseException | None) -> None:
+    """End a call that joined ``unit``'s transaction without a frame (see ``joinable``).
+
+    ``exc`` escaped the call, if any; a rollback-worthy one marks the transaction
+    rollback-only, naming the call's ``where``. If the call left units entered inside it
+    open, they are rolled back as at any out-of-order exit, and this raises that
+    DisciplineError; otherwise the caller goes on (re-raising ``exc``).
+    """
+    if exc is not None and _rolls_back(opts, exc):
+        unit.transaction.mark_rollback_only(exc, where)
+    top = unit.transaction.registry._var.get()
+    inner = [] if top is unit else _active_inside(top, unit)
+    if inner:
+        call = UnitOfWork(opts, where)  # the frame the call did without, for the messages
+        call.role = _ROLE_JOINS
+        call.transaction = unit.transaction
+        call.previous = unit
+        call.state = _STATE_ENDED
+        _, error = _end_out_of_order(call, inner, exc)
+        raise error
 
 
 async def aend(
