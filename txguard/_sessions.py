@@ -369,14 +369,14 @@ def _refuse_after_unit(
 def _refuse_commit_after_unit(session: Session) -> NoReturn:
     """``commit()`` of a sealed session: refused even while the session still holds the unit's
     transaction, which SQLAlchemy refused to close because another task was inside it (the
-    unit closes it, rolling back, once that task is out: see ``_unit._close_once_free``)."""
+    unit invalidates it, rolling back, once that task is out: see ``_unit._close_once_free``)."""
     _refuse_after_unit(session, "commit what was done on it after the unit ended, which is rolled back")
 
 
 def _init_unsealed(self: Session, *args: Any, **kw: Any) -> None:
     """Initialise a session made from a sealed session's class (``type(session)(...)``): a
     new session, of the class of sessions in use, which works as the user's class does."""
-    self.__class__ = type(self).__base__
+    self.__class__ = type(self).__mro__[1]
     self.__init__(*args, **kw)  # type: ignore[misc]
 
 
