@@ -2,6 +2,7 @@
 closing a session once another task is out of it), against shapes real code produces."""
 
 import asyncio
+import collections
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,7 @@ import txguard
 from tests.backends import SYNC_URLS, require
 from tests.helpers import names
 from tests.models import Item
+from tests.test_real_fastapi import uvicorn
 from txguard.asgi import UnitOfWorkMiddleware
 
 PG = SYNC_URLS["postgresql"]
@@ -215,3 +217,42 @@ async def test_a_refused_commit_answers_without_waiting_for_a_stuck_task(pg: sa.
         locker.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         await aengine.dispose()
+
+
+KINDS = ["ok", "outlive", "gather", "unawaited", "stream"]  # tests/apps/adversary_today_app.py
+MISUSED = {"gather": 500, "unawaited": 500}  # refused by cross_task at "error": rolled back
+
+
+@pytest.mark.xfail(
+    strict=False,  # the race is hit in most runs (1-2 innocent requests of 120), not every one
+    reason="a request's session closed (settle's first close) while a misusing task is between "
+    "its connect and its statement's IO returns the connection to the pool; that task's BEGIN "
+    "then runs on a pooled connection, and an innocent request that checks it out fails "
+    "('cannot use Connection.transaction() in a manually started transaction', a 500 and its "
+    "row lost). Before the poll invalidated its session, ~70 of 120 innocent requests failed.",
+)
+async def test_requests_that_misuse_the_session_leave_the_others_exact(
+    pg: sa.Engine, tmp_path: Any
+) -> None:
+    """uvicorn, 200 requests 20 at a time, two in five misusing the request's session: every
+    well-behaved request commits (201), the misusing ones answer as the guards decide, late
+    uses are refused, the data is exact and no connection stays checked out."""
+    env = {"TXGUARD_ADV_URL": PG.replace("+psycopg", "+asyncpg")}
+    with uvicorn("tests.apps.adversary_today_app:app", env, tmp_path / "server.log") as (url, _):
+        gate = asyncio.Semaphore(20)
+        limits = httpx.Limits(max_connections=20, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+
+            async def one(i: int) -> tuple[str, int]:
+                kind = KINDS[i % len(KINDS)]
+                async with gate:
+                    return kind, (await client.post(f"/{kind}/n{i}")).status_code
+
+            outcomes = collections.Counter(await asyncio.gather(*(one(i) for i in range(200))))
+            await asyncio.sleep(1)
+            stats = (await client.get("/stats")).json()
+    assert outcomes == collections.Counter((k, MISUSED.get(k, 201)) for k in KINDS for _ in range(40))
+    kept = sorted(f"n{i}" for i in range(200) if KINDS[i % len(KINDS)] not in MISUSED)
+    assert stats["names"] == kept
+    assert stats["checked_out"] == 0
+    assert stats["late"] == {"refused": 80, "other": 0}
