@@ -15,7 +15,6 @@ import sqlalchemy as sa
 from flask import Blueprint, Flask
 from flask.views import MethodView
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.util import await_only
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -369,15 +368,10 @@ async def test_a_unit_ended_while_a_gathered_task_connects_returns_the_connectio
     at "error") while the first is still provisioning the session's connection, so the unit
     ends (a 500) with SQLAlchemy refusing to close the session mid-connect. The unit closes
     it once that task is out: nothing is committed and no connection stays checked out."""
+    from tests.test_adversary_today import slow_connects
+
     aengine = create_async_engine(PG.replace("+psycopg", driver))
-    connecting = asyncio.Event()
-    go_on = asyncio.Event()
-
-    @sa.event.listens_for(aengine.sync_engine, "connect")
-    def slow_connect(dbapi_connection: Any, record: Any) -> None:
-        connecting.set()
-        await_only(go_on.wait())
-
+    connecting, go_on = slow_connects(aengine)
     registry = txguard.SessionRegistry(aengine)
     tasks: list[asyncio.Future[Any]] = []
 

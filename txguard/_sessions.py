@@ -316,7 +316,9 @@ def _variant(cls: type[Session], commit_as_you_go: bool, read_only: bool) -> typ
         return existing
     namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
     methods = _guarded_methods(cls, read_only, watch=commit_as_you_go or read_only)
-    variant: type[Session] = type(cls.__name__, (cls,), {**namespace, **methods})
+    variant: type[Session] = type(
+        cls.__name__, (cls,), {**namespace, "_txguard_unit": None, **methods}
+    )
     if commit_as_you_go:
         event.listen(variant, "transient_to_pending", _note_pending)
         event.listen(variant, "after_flush", _note_flush)
@@ -327,8 +329,9 @@ def _variant(cls: type[Session], commit_as_you_go: bool, read_only: bool) -> typ
         event.listen(variant, "after_begin", _begin_read_only)
     if commit_as_you_go or read_only:
         event.listen(variant, "after_transaction_end", _end_transaction)
+    sealed = {"commit": _refuse_commit_after_unit, "__init__": _init_unsealed}
     variant._txguard_sealed = type(  # type: ignore[attr-defined]
-        cls.__name__, (variant,), {**namespace, **beginning_refused(_refuse_after_unit)}
+        cls.__name__, (variant,), {**namespace, **beginning_refused(_refuse_after_unit), **sealed}
     )
     of_class[key] = weakref.ref(variant)
     return variant
@@ -342,8 +345,8 @@ def seal(session: Session, where: Origin) -> None:
     (a task that outlives a request, a block's ``as`` variable used after it) would begin a
     transaction that no unit ends, unreported, holding a connection until the garbage
     collector closes it. The session's class becomes its variant's sealed twin, which
-    refuses every new transaction (``_sqla.beginning_refused``): sessions in use pay nothing.
-    Sealing twice is harmless (an interrupted unit's session may be closed twice).
+    refuses every new transaction (``_sqla.beginning_refused``) and every ``commit()``:
+    sessions in use pay nothing. Sealing twice is harmless (an interrupted unit's session may be closed twice).
     """
     sealed = type(session)._txguard_sealed  # type: ignore[attr-defined]
     if type(session) is not sealed:
@@ -351,14 +354,30 @@ def seal(session: Session, where: Origin) -> None:
         session._txguard_closed_by = where  # type: ignore[attr-defined]  # after: a plain dict
 
 
-def _refuse_after_unit(session: Session) -> NoReturn:
+def _refuse_after_unit(
+    session: Session, action: str = "begin another transaction, which no unit would commit"
+) -> NoReturn:
     where: Origin = session._txguard_closed_by  # type: ignore[attr-defined]
     raise DisciplineError(
         f"This session belonged to the unit of work opened at {where}, which has ended and "
-        "closed it: it cannot begin another transaction, which no unit would commit. "
+        f"closed it: it cannot {action}. "
         "Open a new unit for work after it (`with txguard.unit_of_work() as session:`), "
         "and await tasks that use a unit's session before the unit (a request) ends."
     )
+
+
+def _refuse_commit_after_unit(session: Session) -> NoReturn:
+    """``commit()`` of a sealed session: refused even while the session still holds the unit's
+    transaction, which SQLAlchemy refused to close because another task was inside it (the
+    unit invalidates it, rolling back, once that task is out: see ``_unit._close_once_free``)."""
+    _refuse_after_unit(session, "commit what was done on it after the unit ended, which is rolled back")
+
+
+def _init_unsealed(self: Session, *args: Any, **kw: Any) -> None:
+    """Initialise a session made from a sealed session's class (``type(session)(...)``): a
+    new session, of the class of sessions in use, which works as the user's class does."""
+    self.__class__ = type(self).__mro__[1]
+    self.__init__(*args, **kw)  # type: ignore[misc]
 
 
 class _Watcher:

@@ -1191,10 +1191,10 @@ async def asettle(
     finish, error = task.result()
     tx = unit.transaction
     if unit.role is _ROLE_BEGINS and tx.sync_session.get_transaction() is not None:
-        try:
-            await _close_once_free(tx)
-        except asyncio.CancelledError as err:  # stop waiting; the caller raises it
-            cancelled = cancelled or err
+        # Waited for even if the task is cancelled meanwhile: left open, the transaction
+        # would keep its connection and its locks once that task is out.
+        _, late = await completed(_close_once_free(tx))
+        cancelled = cancelled or late
     return finish, error if cancelled is None else cancelled
 
 
@@ -1203,16 +1203,18 @@ async def _close_once_free(tx: Transaction) -> None:
 
     ``gather`` of two services on one session, or a task nobody awaited, can still be in
     the middle of a statement or of provisioning the connection when the unit ends (the
-    cross_task guard reports it; SQLAlchemy refuses a close mid-connect). Closed once that
-    task is out, the transaction rolls back and the connection returns to the pool instead
-    of waiting for the garbage collector. Polled: SQLAlchemy announces nothing when a
-    method in progress ends.
+    cross_task guard reports it; SQLAlchemy refuses a close mid-connect). Once SQLAlchemy
+    lets it, the session is invalidated, not closed: that task may be between its connect and
+    its statement's IO, and a connection returned to the pool would then run that statement
+    in a transaction nobody ends (idle in transaction, handed to the next request). Its
+    connection is discarded, which rolls the transaction back, instead of waiting for the
+    garbage collector. Polled: SQLAlchemy announces nothing when a method in progress ends.
     """
     deadline = monotonic() + _FREE_WAIT_S
     while True:
         await asyncio.sleep(_FREE_POLL_S)
         try:
-            await greenlet_spawn(tx.session_class.close, tx.sync_session)
+            await greenlet_spawn(tx.session_class.invalidate, tx.sync_session)
             return
         except Exception:
             if monotonic() >= deadline:
