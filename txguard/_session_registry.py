@@ -20,7 +20,7 @@ from ._hooks import on_commit, on_rollback
 from ._options import UNIT_OPTION_NAMES, cached_options, check_names
 from ._registry import Registry, resolve, set_default
 from ._transactional import transactional
-from ._unit import Unit, UnitOfWork, current_unit, live
+from ._unit import Unit, UnitOfWork, current_unit
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -94,9 +94,7 @@ class SessionRegistry(Registry, Generic[S]):
 
     def current_session(self) -> S:
         """Return the session of the current unit of work of this registry."""
-        unit = self._var.get()  # current_unit(self), one call less: it runs in every join
-        if unit is not None:
-            unit = live(unit)
+        unit = current_unit(self)
         if unit is None:
             raise _no_session()
         session: S = unit.transaction.session

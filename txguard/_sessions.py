@@ -1,9 +1,9 @@
 """Build the session factories of a registry: one per kind of unit, each built once.
 
 Sessions of units are instances of a private subclass of the user's session class. Its
-``commit``, ``rollback``, ``begin``, ``close``, ``reset`` and ``connection`` ask the unit that owns the
-session (a single attribute, set for the unit's lifetime) whether the call is allowed; with
-no unit they are the user's methods. Units that need SQLAlchemy events (commit-as-you-go
+``commit``, ``rollback``, ``begin``, ``close``, ``reset`` and ``connection`` ask the unit
+that owns the session (a single attribute, set for the unit's lifetime) whether the call
+is allowed; with no unit they are the user's methods. Units that need SQLAlchemy events (commit-as-you-go
 units track uncommitted writes, read-only units refuse writes) get their own subclass with
 the listeners on it, so plain units never pay for an event dispatch.
 """
@@ -346,7 +346,8 @@ def seal(session: Session, where: Origin) -> None:
     transaction that no unit ends, unreported, holding a connection until the garbage
     collector closes it. The session's class becomes its variant's sealed twin, which
     refuses every new transaction (``_sqla.beginning_refused``) and every ``commit()``:
-    sessions in use pay nothing. Sealing twice is harmless (an interrupted unit's session may be closed twice).
+    sessions in use pay nothing. Sealing twice is harmless (an interrupted unit's session
+    may be closed twice).
     """
     sealed = type(session)._txguard_sealed  # type: ignore[attr-defined]
     if type(session) is not sealed:
