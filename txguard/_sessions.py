@@ -3,9 +3,9 @@
 Sessions of units are instances of a private subclass of the user's session class. Its
 ``commit``, ``rollback``, ``begin``, ``close``, ``reset`` and ``connection`` ask the unit
 that owns the session (a single attribute, set for the unit's lifetime) whether the call
-is allowed; with no unit they are the user's methods. Units that need SQLAlchemy events (commit-as-you-go
-units track uncommitted writes, read-only units refuse writes) get their own subclass with
-the listeners on it, so plain units never pay for an event dispatch.
+is allowed; with no unit they are the user's methods. Units that need SQLAlchemy events
+(commit-as-you-go units track uncommitted writes, read-only units refuse writes) get their
+own subclass with the listeners on it, so plain units never pay for an event dispatch.
 """
 
 from __future__ import annotations
