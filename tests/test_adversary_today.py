@@ -96,7 +96,7 @@ async def test_a_cancelled_unit_still_closes_a_session_another_task_was_connecti
     pg: sa.Engine, driver: str
 ) -> None:
     """`gather` of two services, one failing while the other is still provisioning the
-    session's connection, inside `asyncio.timeout`: the timeout fires while the unit waits
+    session's connection, under a timeout (`asyncio.wait_for`, as on Python 3.10): the timeout fires while the unit waits
     for the other task to leave the session. The unit still closes it once that task is out
     (the cancellation is raised then, as for the unit's own COMMIT or ROLLBACK):
     no connection stays checked out, no transaction stays open on the server (holding the
@@ -114,13 +114,16 @@ async def test_a_cancelled_unit_still_closes_a_session_another_task_was_connecti
         raise KeyError("the other service failed")
 
     gathered: list[asyncio.Future[Any]] = []
+
+    async def unit() -> None:
+        async with registry.unit_of_work():
+            gathered.append(both := asyncio.gather(insert(), fail_once_connecting()))
+            await both
+
     try:
         started = time.monotonic()
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.3):
-                async with registry.unit_of_work():
-                    gathered.append(both := asyncio.gather(insert(), fail_once_connecting()))
-                    await both
+        with pytest.raises(asyncio.TimeoutError):  # TimeoutError itself from Python 3.11
+            await asyncio.wait_for(unit(), 0.3)
         assert time.monotonic() - started < 5  # waited for the connect, not the give-up time
         await asyncio.wait_for(asyncio.gather(*gathered, return_exceptions=True), 5)
         await asyncio.sleep(0.2)
