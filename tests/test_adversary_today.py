@@ -176,19 +176,21 @@ async def test_a_task_cannot_commit_the_session_of_a_unit_that_ended(pg: sa.Engi
         await aengine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="psycopg queues the rollback of a refused COMMIT behind the other task's statement: "
-    "the 500 waits as long as that statement does (unbounded), not _FREE_WAIT_S",
-)
-async def test_a_refused_commit_answers_without_waiting_for_a_stuck_task(pg: sa.Engine) -> None:
-    """A task the endpoint started and did not await is stuck on a row lock when the response
-    starts: cross_task at "error" refuses the COMMIT. The client's 500 should not wait for the
-    lock (here held 6 s; in production it may be held for minutes)."""
+@pytest.mark.parametrize("driver", ["+psycopg_async", "+asyncpg"])
+@pytest.mark.parametrize("mode", ["begin_once", "commit_as_you_go"])
+async def test_a_refused_commit_answers_without_waiting_for_a_stuck_task(
+    pg: sa.Engine, driver: str, mode: str
+) -> None:
+    """A task the endpoint started and did not await is stuck on a row lock when the unit
+    commits: cross_task at "error" refuses the COMMIT (the unit's, or the endpoint's own in
+    commit-as-you-go mode). The client's 500 does not wait for the lock (here held 6 s; in
+    production it may be held for minutes): a ROLLBACK would queue behind the stuck
+    statement, so the unit discards the connection instead. The stuck task fails rather
+    than hangs, nothing of the request is committed, no connection stays checked out."""
     txguard.install(cross_task="error")
     with pg.begin() as conn:
         conn.execute(sa.text("INSERT INTO adv4_t VALUES (1, 0)"))
-    aengine = create_async_engine(PG.replace("+psycopg", "+psycopg_async"))
+    aengine = create_async_engine(PG.replace("+psycopg", driver))
     registry = txguard.SessionRegistry(aengine)
     tasks: list[asyncio.Task[None]] = []
 
@@ -196,13 +198,16 @@ async def test_a_refused_commit_answers_without_waiting_for_a_stuck_task(pg: sa.
         await txguard.current_session(registry).execute(sa.text("UPDATE adv4_t SET v = v + 1 WHERE id = 1"))
 
     async def view(request: Request) -> PlainTextResponse:
-        await txguard.current_session(registry).execute(sa.text("INSERT INTO adv4_t VALUES (2, 0)"))
+        session = txguard.current_session(registry)
+        await session.execute(sa.text("INSERT INTO adv4_t VALUES (2, 0)"))
         tasks.append(asyncio.create_task(stuck()))
         await asyncio.sleep(0.1)
+        if mode == "commit_as_you_go":
+            await session.commit()
         return PlainTextResponse("ok")
 
     app = Starlette(routes=[Route("/", view)])
-    app.add_middleware(UnitOfWorkMiddleware, registry=registry)
+    app.add_middleware(UnitOfWorkMiddleware, registry=registry, mode=mode)
     locker = pg.connect()
     locker.execute(sa.text("SELECT * FROM adv4_t WHERE id = 1 FOR UPDATE"))
     asyncio.get_running_loop().call_later(6, locker.rollback)
@@ -213,9 +218,13 @@ async def test_a_refused_commit_answers_without_waiting_for_a_stuck_task(pg: sa.
             response = await client.get("/")
         waited = time.monotonic() - started
         assert response.status_code == 500
-        await asyncio.gather(*tasks, return_exceptions=True)
-        assert rows(pg) == [(1, 0)]
         assert waited < 3, f"the 500 took {waited:.1f} s"
+        (outcome,) = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
+        assert isinstance(outcome, Exception), "the stuck task's UPDATE ran on after its unit ended"
+        locker.rollback()
+        assert rows(pg) == [(1, 0)]
+        assert aengine.sync_engine.pool.checkedout() == 0
+        assert idle_in_transaction(pg) == []
     finally:
         locker.close()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -226,14 +235,6 @@ KINDS = ["ok", "outlive", "gather", "unawaited", "stream"]  # tests/apps/adversa
 MISUSED = {"gather": 500, "unawaited": 500}  # refused by cross_task at "error": rolled back
 
 
-@pytest.mark.xfail(
-    strict=False,  # the race is hit in most runs (1-2 innocent requests of 120), not every one
-    reason="a request's session closed (settle's first close) while a misusing task is between "
-    "its connect and its statement's IO returns the connection to the pool; that task's BEGIN "
-    "then runs on a pooled connection, and an innocent request that checks it out fails "
-    "('cannot use Connection.transaction() in a manually started transaction', a 500 and its "
-    "row lost). Before the poll invalidated its session, ~70 of 120 innocent requests failed.",
-)
 async def test_requests_that_misuse_the_session_leave_the_others_exact(
     pg: sa.Engine, tmp_path: Any
 ) -> None:

@@ -31,6 +31,7 @@ from ._async import completed
 from ._callbacks import ALWAYS, NO_CALLBACKS, ON_COMMIT, Callback, run_callbacks
 from ._errors import (
     ConfigurationError,
+    CrossTaskWarning,
     DisciplineError,
     UncommittedWorkWarning,
     UnexpectedRollbackError,
@@ -50,7 +51,7 @@ from ._registry import Registry, check_registry, resolve
 from ._retry import _sqlstate, is_retryable, retry_wanted
 from ._transaction import Role, Transaction, TransactionState
 from ._sessions import first_change, seal
-from ._sqla import transaction_state
+from ._sqla import held_connections, transaction_state
 
 if TYPE_CHECKING:
     from contextvars import ContextVar, Token
@@ -577,6 +578,8 @@ def _settle_commit_as_you_go(
     try:
         if exc is None:
             warning = _uncommitted_work(tx)
+        elif _discards(sync, exc):
+            sync.invalidate()
     finally:
         tx.move_to(_TX_ROLLED_BACK)  # closing the session rolls back what it had not committed
         try:
@@ -591,7 +594,10 @@ def _settle_commit_as_you_go(
 
 def _rollback(transaction: SessionTransaction, cause: BaseException | None) -> None:
     try:
-        transaction.rollback()
+        if _discards(transaction.session, cause):
+            transaction.session.invalidate()
+        else:
+            transaction.rollback()
     except Exception as rollback_error:
         if cause is None:
             raise
@@ -599,6 +605,25 @@ def _rollback(transaction: SessionTransaction, cause: BaseException | None) -> N
             "txguard: rolling back after %s failed too: %s",
             describe_exception(cause), describe_exception(rollback_error),
         )
+
+
+def _discards(session: Session, cause: BaseException | None) -> bool:
+    """Say whether a unit ending with ``cause`` rolls back by discarding its connections.
+
+    It does when the cross_task guard found another task inside its session: that task may
+    be mid-statement (stuck on a lock, say), and a ROLLBACK would wait for it behind
+    psycopg's connection lock, and the request's error response with it (asyncpg refuses
+    it instead). Closing the connection to a server rolls the transaction back there
+    without waiting, and the other task's statement fails instead of running on. Not on
+    SQLite: the file stays locked until the connection really closes, and an aiosqlite
+    connection discarded mid-statement left it locked for the transactions that followed.
+    """
+    if not isinstance(cause, CrossTaskWarning):
+        return False
+    transaction = session.get_transaction()
+    return transaction is not None and all(
+        conn.dialect.name != "sqlite" for conn, _ in held_connections(transaction)
+    )
 
 
 def _uncommitted_work(tx: Transaction) -> str | None:
