@@ -1,10 +1,11 @@
 """The version matrix: Python 3.10–3.13 × SQLAlchemy 2.0.x and 2.1.x (``make matrix``).
 
-SQLAlchemy 2.1 needs Python ≥ 3.11, so 3.10 runs 2.0 only. Each cell runs the suite
-serially without coverage against its own PostgreSQL and MariaDB databases (created here
-when missing, e.g. ``test_nox_311_21``) and its own Redis db, so cells never share state
-with each other or with ``make test``. Run one cell with ``nox -s py313-sa21``,
-CI's two corners with ``nox -t corners``.
+SQLAlchemy 2.1 needs Python ≥ 3.11, so 3.10 runs 2.0 only; ``py311-sa20-floor`` runs the
+oldest SQLAlchemy that ``pyproject.toml`` allows (``SQLALCHEMY_FLOOR``). Each cell runs the
+suite serially without coverage against its own PostgreSQL and MariaDB databases (created
+here when missing, e.g. ``test_nox_311_21``) and its own Redis db (the floor cell shares
+3.11 × 2.0's), so cells never share state with each other or with ``make test``. Run one
+cell with ``nox -s py313-sa21``, CI's two corners with ``nox -t corners``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import nox
 
-__all__ = ["CELLS", "CORNERS"]
+__all__ = ["CELLS", "CORNERS", "SQLALCHEMY_FLOOR"]
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
@@ -22,7 +23,14 @@ nox.options.reuse_existing_virtualenvs = True
 
 PYENV_VERSIONS = Path(os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))) / "versions"
 
-SQLALCHEMY = {"sa20": "sqlalchemy>=2.0.24,<2.1", "sa21": "sqlalchemy>=2.1,<2.2"}
+# The oldest SQLAlchemy the suite passes on, which pyproject.toml declares as its minimum
+# (docs/development.md says why): the py311-sa20-floor cell runs exactly it.
+SQLALCHEMY_FLOOR = "2.0.55"
+SQLALCHEMY = {
+    "sa20": f"sqlalchemy>={SQLALCHEMY_FLOOR},<2.1",
+    "sa20-floor": f"sqlalchemy=={SQLALCHEMY_FLOOR}",
+    "sa21": "sqlalchemy>=2.1,<2.2",
+}
 
 CELLS = [
     ("3.10", "sa20"),
@@ -32,6 +40,7 @@ CELLS = [
     ("3.12", "sa21"),
     ("3.13", "sa20"),
     ("3.13", "sa21"),
+    ("3.11", "sa20-floor"),
 ]
 # The fastest representative corners (oldest × oldest, newest × newest): CI's `nox -t corners`.
 CORNERS = [("3.10", "sa20"), ("3.13", "sa21")]
@@ -43,7 +52,8 @@ DEFAULT_URLS = {
 ADMIN_DATABASE = {"TXGUARD_PG_URL": "postgres", "TXGUARD_MYSQL_URL": "mysql"}
 REDIS_HOST = "redis://127.0.0.1:6379"
 # Cells take Redis dbs 9-15: above `make test`'s 8 (tests/apps/celery_app.py) and the low
-# numbers a developer's own runs use; the Celery tests flush their db.
+# numbers a developer's own runs use; the Celery tests flush their db. Redis has 16 dbs, so
+# the floor cell shares 3.11 × 2.0's (nox runs the cells one after another).
 REDIS_FIRST_DB = 9
 
 
@@ -88,8 +98,9 @@ def _cell_env(session: nox.Session, python: str, sqlalchemy: str) -> dict[str, s
     """Return the environment of one cell: its own databases and Redis db."""
     import sqlalchemy as sa
 
-    name = f"test_nox_{python.replace('.', '')}_{sqlalchemy.removeprefix('sa')}"
-    env = {"TXGUARD_CELERY_REDIS_URL": f"{REDIS_HOST}/{REDIS_FIRST_DB + CELLS.index((python, sqlalchemy))}"}
+    name = f"test_nox_{python.replace('.', '')}_{sqlalchemy.removeprefix('sa').replace('-', '')}"
+    redis_db = REDIS_FIRST_DB + CELLS.index((python, sqlalchemy.removesuffix("-floor")))
+    env = {"TXGUARD_CELERY_REDIS_URL": f"{REDIS_HOST}/{redis_db}"}
     for variable, default in DEFAULT_URLS.items():
         base = sa.make_url(os.environ.get(variable, default))
         url = base.set(database=name).render_as_string(hide_password=False)
