@@ -23,9 +23,11 @@ def test_the_matrix_floor_cell_runs_the_declared_minimum() -> None:
     assert found == [declared_floor()]
 
 
-@pytest.mark.parametrize("page", ["docs/quickstart.md", "docs/development.md", "docs/decisions.md"])
+@pytest.mark.parametrize(
+    "page", ["README.md", "docs/quickstart.md", "docs/development.md", "docs/decisions.md"]
+)
 def test_the_docs_state_the_declared_minimum(page: str) -> None:
     """Every 2.0.x release a page names as the minimum is pyproject.toml's."""
     text = (ROOT / page).read_text()
-    stated = set(re.findall(r"(2\.0\.[0-9]+) or later|sqlalchemy>=(2\.0\.[0-9]+)|minimum is (2\.0\.[0-9]+)", text))
+    stated = set(re.findall(r"\[?(2\.0\.[0-9]+) or later|sqlalchemy>=(2\.0\.[0-9]+)|minimum is (2\.0\.[0-9]+)", text))
     assert {next(v for v in match if v) for match in stated} == {declared_floor()}
