@@ -22,8 +22,9 @@ from ._describe import name_of
 from ._errors import ConfigurationError, mark_after_commit
 
 __all__ = [
-    "ALWAYS", "Callback", "NO_CALLBACKS", "ON_COMMIT", "ON_ROLLBACK", "call_each", "capturing",
-    "capturing_callbacks", "intercept", "run_callbacks",
+    "ALWAYS", "BlockCallbacks", "Callback", "NO_CALLBACKS", "ON_COMMIT", "ON_ROLLBACK",
+    "call_each", "capturing", "capturing_callbacks", "current_block", "intercept",
+    "run_callbacks", "selected",
 ]
 
 logger = logging.getLogger("txguard")
@@ -45,6 +46,38 @@ class Callback:
 
 
 NO_CALLBACKS: Final[tuple[Callback, ...]] = ()
+
+
+def selected(callbacks: list[Callback] | tuple[Callback, ...], committed: bool) -> list[Callback]:
+    """The callbacks an outcome runs, in registration order."""
+    wanted = ON_COMMIT if committed else ON_ROLLBACK
+    return [cb for cb in callbacks if cb.when == wanted or cb.when == ALWAYS]
+
+
+class BlockCallbacks:
+    """The callbacks of a ``txguard.connect()`` block, which is on no registry's stack.
+
+    ``outer`` is the unit that was current on the block's registry when the block opened:
+    while it is still the current one, the block is the innermost transaction and
+    ``on_commit()`` keeps its callbacks here; a unit opened inside the block keeps its own.
+    """
+
+    __slots__ = ("callbacks", "outer")
+
+    def __init__(self, outer: object) -> None:
+        self.callbacks: list[Callback] = []
+        self.outer = outer
+
+    def take(self, committed: bool) -> list[Callback]:
+        """Remove and return the callbacks this outcome runs (the others are dropped)."""
+        callbacks, self.callbacks = self.callbacks, []
+        return selected(callbacks, committed)
+
+
+# The txguard.connect() block the code runs in, if any (see BlockCallbacks).
+current_block: contextvars.ContextVar[BlockCallbacks | None] = contextvars.ContextVar(
+    "txguard_connect_block", default=None
+)
 
 
 capturing: contextvars.ContextVar[list[Callable[[], object]] | None] = contextvars.ContextVar(

@@ -9,6 +9,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection, RootTransaction
 from sqlalchemy.util import greenlet_spawn
 
+from ._callbacks import BlockCallbacks, current_block, run_callbacks
 from ._describe import describe
 from ._errors import ConfigurationError, DisciplineError
 from ._failures import (
@@ -22,12 +23,13 @@ from ._failures import (
 from ._options import Mode, _isolation, choice
 from ._origin import Origin, caller_origin, capture, shorten_sql
 from ._async import completed
-from ._registry import Registry, check_registry, resolve
+from ._registry import Registry, check_registry, registry_or_default, resolve
 from ._sessions import refuse_autocommit
 from ._statements import is_write_execution
-from ._unit import Finish, aleave, caught_failure, leave
+from ._unit import Finish, aleave, caught_failure, current_unit, leave
 
 if TYPE_CHECKING:
+    from contextvars import Token
     from types import TracebackType
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -40,12 +42,13 @@ __all__ = ["connect", "ConnectionUnit"]
 _GUARDED = ("commit", "rollback", "begin", "close")
 
 
-class _Held:
-    """A connection while a ``connect()`` block holds it."""
+class _Held(BlockCallbacks):
+    """A connection while a ``connect()`` block holds it, and the block's callbacks."""
 
     __slots__ = ("conn", "mode", "transaction", "where", "first_write", "first_sql", "failures")
 
-    def __init__(self, conn: Connection, mode: Mode, where: Origin) -> None:
+    def __init__(self, conn: Connection, mode: Mode, where: Origin, outer: object) -> None:
+        super().__init__(outer)
         self.conn = conn
         self.mode = mode
         self.where = where
@@ -80,7 +83,7 @@ class _Held:
         conn = self.conn
         failure = first_failure(self)
         if failure is not None:
-            type(conn).rollback(conn)
+            self.rollback()
             raise caught_failure(
                 failure,
                 f"conn.commit() in the commit-as-you-go connection opened at {self.where} "
@@ -88,24 +91,32 @@ class _Held:
                 "the transaction has been rolled back",
             )
         if aborted(conn):
-            type(conn).rollback(conn)
+            self.rollback()
             raise aborted_error(
                 f"conn.commit() in the commit-as-you-go connection opened at {self.where} "
                 "was refused"
             )
         type(conn).commit(conn)
+        run_callbacks(self.take(committed=True), committed=True, in_flight=False)
+
+    def rollback(self) -> None:
+        """``conn.rollback()`` of a commit-as-you-go block: its on_rollback callbacks run."""
+        type(self.conn).rollback(self.conn)
+        run_callbacks(self.take(committed=False), committed=False, in_flight=False)
 
     def forget(self, conn: Connection) -> None:
         self.first_write = self.first_sql = None
         self.failures = ()
 
 
-def _open(engine: Engine, mode: Mode, isolation_level: str | None, where: Origin) -> _Held:
+def _open(
+    engine: Engine, mode: Mode, isolation_level: str | None, where: Origin, outer: object
+) -> _Held:
     conn = engine.connect()
     try:
         if isolation_level is not None:
             conn.execution_options(isolation_level=isolation_level)
-        held = _Held(conn, mode, where)
+        held = _Held(conn, mode, where, outer)
         own_connection(conn, held)
         if mode is Mode.BEGIN_ONCE:
             held.transaction = type(conn).begin(conn)
@@ -113,6 +124,7 @@ def _open(engine: Engine, mode: Mode, isolation_level: str | None, where: Origin
                 conn.__dict__[name] = held.refuse
         else:
             conn.__dict__["commit"] = held.commit
+            conn.__dict__["rollback"] = held.rollback
             event.listen(conn, "before_cursor_execute", held.note_statement)
             event.listen(conn, "commit", held.forget)
             event.listen(conn, "rollback", held.forget)
@@ -129,6 +141,7 @@ def _settle(held: _Held, exc: BaseException | None) -> tuple[Finish | None, Base
         d.pop(name, None)
     error = exc
     warning = None
+    committed = False
     try:
         transaction = held.transaction
         if transaction is not None:
@@ -147,6 +160,7 @@ def _settle(held: _Held, exc: BaseException | None) -> tuple[Finish | None, Base
             else:
                 try:
                     transaction.commit()
+                    committed = True
                 except BaseException as commit_error:
                     transaction.rollback()
                     error = commit_error
@@ -162,20 +176,32 @@ def _settle(held: _Held, exc: BaseException | None) -> tuple[Finish | None, Base
             error = rollback_error
     finally:
         conn.close()
-    return (None if warning is None else Finish([], False, warning)), error
+    callbacks = held.take(committed)
+    if not callbacks and warning is None:
+        return None, error
+    return Finish(callbacks, committed, warning), error
 
 
 class ConnectionUnit:
     """A disciplined Core connection: ``with`` for an Engine, ``async with`` for an AsyncEngine."""
 
-    __slots__ = ("_engine", "_mode", "_isolation_level", "_where", "_held")
+    __slots__ = ("_engine", "_mode", "_isolation_level", "_where", "_registry", "_held", "_token")
 
-    def __init__(self, engine: Engine | AsyncEngine, mode: Mode, isolation_level: str | None, where: Origin) -> None:
+    def __init__(
+        self,
+        engine: Engine | AsyncEngine,
+        mode: Mode,
+        isolation_level: str | None,
+        where: Origin,
+        registry: Registry | None,
+    ) -> None:
         self._engine = engine
         self._mode = mode
         self._isolation_level = isolation_level
         self._where = where
+        self._registry = registry
         self._held: _Held | None = None
+        self._token: Token[BlockCallbacks | None] | None = None
 
     def _refuse_reentry(self) -> None:
         if self._held is not None:
@@ -192,8 +218,25 @@ class ConnectionUnit:
                 "`async with txguard.connect(...)`."
             )
         self._refuse_reentry()
-        self._held = _open(self._engine, self._mode, self._isolation_level, self._where)
-        return self._held.conn
+        self._held = held = _open(
+            self._engine, self._mode, self._isolation_level, self._where, self._outer()
+        )
+        self._token = current_block.set(held)
+        return held.conn
+
+    def _outer(self) -> object:
+        """The unit current when the block opens, which on_commit() finds around it."""
+        registry = registry_or_default(self._registry)
+        return None if registry is None else current_unit(registry)
+
+    def _leave_context(self) -> None:
+        """Stop being the context's block: its callbacks run outside it."""
+        token, self._token = self._token, None
+        if token is not None:
+            try:
+                current_block.reset(token)
+            except ValueError:  # ended in another context (a generator closed elsewhere)
+                current_block.set(None)
 
     def __exit__(
         self,
@@ -204,6 +247,7 @@ class ConnectionUnit:
         held, self._held = self._held, None
         if held is None:
             return
+        self._leave_context()
         finish, error = _settle(held, exc)
         leave(finish, error, exc)
 
@@ -216,10 +260,12 @@ class ConnectionUnit:
                 f"{describe(engine)} is a sync Engine: use `with txguard.connect(...)`."
             )
         self._refuse_reentry()
-        self._held = await greenlet_spawn(
-            _open, engine.sync_engine, self._mode, self._isolation_level, self._where
+        self._held = held = await greenlet_spawn(
+            _open, engine.sync_engine, self._mode, self._isolation_level, self._where,
+            self._outer(),
         )
-        return AsyncConnection(engine, self._held.conn)
+        self._token = current_block.set(held)
+        return AsyncConnection(engine, held.conn)
 
     async def __aexit__(
         self,
@@ -230,6 +276,7 @@ class ConnectionUnit:
         held, self._held = self._held, None
         if held is None:
             return
+        self._leave_context()
         task, cancelled = await completed(greenlet_spawn(_settle, held, exc))
         finish, error = task.result()
         await aleave(finish, error if cancelled is None else cancelled, exc)
@@ -262,4 +309,4 @@ def connect(
                     "pass create_engine(url) or create_async_engine(url)."
                 )
         refuse_autocommit(engine, "txguard.connect()")
-    return ConnectionUnit(engine, checked_mode, level, caller_origin(sys._getframe(1)))
+    return ConnectionUnit(engine, checked_mode, level, caller_origin(sys._getframe(1)), registry)

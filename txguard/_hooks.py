@@ -5,11 +5,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-from ._callbacks import ON_COMMIT, ON_ROLLBACK, Callback, run_callbacks
+from ._callbacks import ON_COMMIT, ON_ROLLBACK, Callback, current_block, run_callbacks
 from ._describe import describe, option_value
 from ._errors import ConfigurationError
 from ._registry import Registry, resolve
-from ._unit import current_unit
+from ._unit import current_unit, ended_uncommitted
 
 __all__ = ["on_commit", "on_rollback"]
 
@@ -41,8 +41,11 @@ def on_commit(
 ) -> None:
     """Run ``fn`` after the outermost transaction of the current unit commits.
 
-    Outside any transaction ``fn`` runs at once. Inside a savepoint that rolls back, ``fn``
-    is dropped. With ``robust=True`` an exception from ``fn`` is logged (logger
+    Inside a ``txguard.connect()`` block (and no unit opened in it) ``fn`` runs after the
+    block's COMMIT. Outside any transaction ``fn`` runs at once, except in a task started
+    inside a begin-once unit that has since rolled back: there ``fn`` is dropped, as it
+    would have been had the task registered it in time. Inside a savepoint that rolls back,
+    ``fn`` is dropped. With ``robust=True`` an exception from ``fn`` is logged (logger
     ``txguard``) and the other callbacks still run; otherwise it propagates to the caller
     after the commit, whose data stays committed. In an async unit ``fn`` may be an
     ``async def`` function (or return a coroutine): it is awaited after the commit, in order.
@@ -52,6 +55,12 @@ def on_commit(
     if not isinstance(robust, bool):
         raise ConfigurationError(f"robust={option_value(robust)} is not valid; use True or False.")
     unit = current_unit(owner)
+    block = current_block.get()
+    if block is not None and (unit is None or unit is block.outer):
+        block.callbacks.append(Callback(fn, ON_COMMIT, robust))
+        return
+    if unit is None and ended_uncommitted(owner):
+        return
     transaction = None if unit is None else unit.transaction
     if transaction is None or not (
         transaction.transactional or transaction.sync_session.in_transaction()
@@ -71,6 +80,10 @@ def on_rollback(fn: Callable[[], object], *, registry: Registry | None = None) -
     owner = resolve(registry)
     _check("on_rollback", fn, owner)
     unit = current_unit(owner)
+    block = current_block.get()
+    if block is not None and (unit is None or unit is block.outer):
+        block.callbacks.append(Callback(fn, ON_ROLLBACK, False))
+        return
     if unit is None:
         return
     unit.transaction.add_callback(Callback(fn, ON_ROLLBACK, False))

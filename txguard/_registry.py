@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 
     Bind = Union[Engine, sessionmaker[Any], AsyncEngine, async_sessionmaker[Any]]
 
-__all__ = ["Registry", "check_registry", "default_registry", "resolve", "set_default"]
+__all__ = [
+    "Registry", "check_registry", "default_registry", "registry_or_default", "resolve", "set_default",
+]
 
 _ids = itertools.count(1)
 
@@ -136,6 +138,11 @@ def resolve(registry: Registry | None) -> Registry:
     if _default is None:
         return default_registry()
     return _default
+
+
+def registry_or_default(registry: Registry | None) -> Registry | None:
+    """Return ``registry``, or the default one when it is None (None when none is set)."""
+    return _default if registry is None else registry
 
 
 def check_registry(registry: object) -> Registry | None:

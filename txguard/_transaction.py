@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any, Final
 
-from ._callbacks import ALWAYS, NO_CALLBACKS, ON_COMMIT, ON_ROLLBACK, Callback
+from ._callbacks import NO_CALLBACKS, Callback, selected
 from ._errors import DisciplineError
 from ._failures import Failure, session_savepoints
 from ._options import Mode
@@ -186,8 +186,7 @@ class Transaction:
         if not callbacks:
             return []
         self.callbacks = NO_CALLBACKS
-        wanted = ON_COMMIT if committed else ON_ROLLBACK
-        return [cb for cb in callbacks if cb.when == wanted or cb.when == ALWAYS]
+        return selected(callbacks, committed)
 
     def savepoints(self, connection: Connection) -> tuple[object, ...]:
         """The savepoints of this transaction's session, innermost first (see _failures)."""

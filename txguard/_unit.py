@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Finish", "Unit", "UnitOfWork", "UnitState", "adopt", "aend", "aleave", "current_unit", "end",
-    "end_joined", "follow_context", "joinable", "leave", "live",
+    "end_joined", "ended_uncommitted", "follow_context", "joinable", "leave", "live",
     "open_unit", "settle", "unit_of_work",
 ]
 
@@ -754,6 +754,23 @@ def live(unit: Unit) -> Unit | None:
                 return current
         current = current.previous
     return None
+
+
+def ended_uncommitted(registry: Registry) -> bool:
+    """Say whether this context's innermost unit on ``registry`` is a begin-once unit whose
+    transaction has ended without committing, though the context still holds it.
+
+    Code that sees it runs after that unit, in a task the unit's block started and did not
+    await (a request's fire-and-forget task, after the request failed): whatever it does
+    was meant to follow that transaction's commit, which never came.
+    """
+    unit = registry._var.get()
+    if unit is None or (unit.thread != threading.get_ident() and unit.thread != FOLLOWS_CONTEXT):
+        return False
+    transaction = unit.transaction.root
+    return transaction.mode is _MODE_BEGIN_ONCE and (
+        transaction.state is _TX_ROLLED_BACK or transaction.state is _TX_IN_DOUBT
+    )
 
 
 def _in_progress(transaction: Transaction | None) -> bool:
