@@ -250,7 +250,7 @@ def child(args: argparse.Namespace) -> None:
     loop = asyncio.new_event_loop()
 
     def chosen(rows: list[Comparison]) -> list[Comparison]:
-        return [row for row in rows if args.only in row.title]
+        return [row for row in rows if row.title.startswith(tuple(args.only.split("|")))]
 
     rows = chosen(sync_rows()) + chosen(async_rows(loop))
     guards = chosen(guard_rows())
@@ -356,7 +356,8 @@ def main() -> int:
                              "(0,1,2), measure one process each and show the medians")
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--keep", help="keep the callgrind dumps in this folder")
-    parser.add_argument("--only", default="", help="run only the rows whose title has this text")
+    parser.add_argument("--only", default="", help="run only the rows whose title begins with this text, or with "
+                             "one of several separated by | ('SELECT 1|REQUIRED': the sync rows)")
     parser.add_argument("--check", action="store_true", help="exit with 1 when a budget does not hold")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
