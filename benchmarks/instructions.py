@@ -9,7 +9,9 @@ that whatever the process does over time (caches warming, allocator state) hits 
 
 Run ``make bench-instructions`` (or ``python benchmarks/instructions.py``): it re-executes
 itself under ``setarch -R valgrind`` with a fixed ``PYTHONHASHSEED`` and prints a Markdown
-table with each row's budget and whether it holds; ``--json FILE`` also writes the numbers
+table with each row's budget and whether it holds. ``--seeds 0,1,2`` measures one process
+per hash seed (the layout a seed gives moves a count by ~1%) and shows each figure's median
+over them, with the differences seed by seed; ``--json FILE`` also writes the numbers
 (the table in docs/performance.md is made from them), ``--keep DIR`` keeps the callgrind dumps for
 ``callgrind_annotate``, and ``--check`` exits with 1 when a budget does not hold.
 """
@@ -24,6 +26,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,10 +66,10 @@ class Budget:
     ratio: float | None = None
     plus: float | None = None
 
-    def holds(self, value: float, base: float) -> bool:
+    def holds(self, ratio: float, difference: float) -> bool:
         if self.ratio is not None:
-            return value <= base * self.ratio
-        return self.plus is not None and value - base <= self.plus
+            return ratio <= self.ratio
+        return self.plus is not None and difference <= self.plus
 
     def __str__(self) -> str:
         return f"≤ {self.ratio:.2f}x" if self.ratio is not None else f"≤ +{self.plus:,.0f}"
@@ -247,7 +250,7 @@ def child(args: argparse.Namespace) -> None:
     loop = asyncio.new_event_loop()
 
     def chosen(rows: list[Comparison]) -> list[Comparison]:
-        return [row for row in rows if args.only in row.title]
+        return [row for row in rows if row.title.startswith(tuple(args.only.split("|")))]
 
     rows = chosen(sync_rows()) + chosen(async_rows(loop))
     guards = chosen(guard_rows())
@@ -282,48 +285,79 @@ def collect(folder: Path, batch: int) -> dict[tuple[str, str], list[float]]:
     return counts
 
 
-def tabulate(rows: list[dict[str, Any]], counts: dict[tuple[str, str], list[float]]) -> list[dict[str, Any]]:
-    """One entry per variant: its least count over the rounds, ratio, difference, budget."""
+def tabulate(rows: list[dict[str, Any]], runs: list[dict[tuple[str, str], list[float]]]) -> list[dict[str, Any]]:
+    """One entry per variant: its least count over the rounds, ratio, difference, budget.
+
+    With several runs (one per hash seed) each figure is the median over the runs; a ratio
+    and a difference are taken within a run, against the baseline measured beside it.
+    """
     table: list[dict[str, Any]] = []
     for row in rows:
         title = row["row"]
-        base = min(counts[(title, row["variants"][0][0])])
+        bases = [min(counts[(title, row["variants"][0][0])]) for counts in runs]
         for name, limits in row["variants"]:
-            values = counts[(title, name)]
-            value = min(values)
+            values = [min(counts[(title, name)]) for counts in runs]
+            differences = [value - base for value, base in zip(values, bases)]
+            ratio = statistics.median(value / base for value, base in zip(values, bases))
+            difference = statistics.median(differences)
             budget = None if limits is None else Budget(*limits)
             table.append({
-                "row": title, "variant": name, "instructions": round(value),
-                "ratio": round(value / base, 4), "difference": round(value - base),
-                "rounds_within": round((max(values) - value) / value, 5),
+                "row": title, "variant": name, "instructions": round(statistics.median(values)),
+                "ratio": round(ratio, 4), "difference": round(difference),
+                "per_seed": [round(value) for value in values],
+                "differences_per_seed": [round(d) for d in differences],
+                "rounds_within": max(round((max(counts[(title, name)]) - value) / value, 5)
+                                     for counts, value in zip(runs, values)),
                 "budget": None if budget is None else str(budget),
-                "holds": None if budget is None else budget.holds(value, base),
+                "holds": None if budget is None else budget.holds(ratio, difference),
             })
     return table
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
-    """The table as docs/performance.md shows it."""
-    lines = ["| row | variant | instructions | ratio | difference | budget | holds |",
-             "| --- | --- | ---: | ---: | ---: | --- | --- |"]
+    """The table as docs/performance.md shows it, with the differences seed by seed if several."""
+    several = len(table[0]["per_seed"]) > 1
+    lines = ["| row | variant | instructions | ratio | difference | budget | holds |"
+             + (" difference per seed |" if several else ""),
+             "| --- | --- | ---: | ---: | ---: | --- | --- |" + (" ---: |" if several else "")]
     previous = None
     for entry in table:
         title = entry["row"] if entry["row"] != previous else ""
         previous = entry["row"]
         holds = "" if entry["holds"] is None else "yes" if entry["holds"] else "**no**"
+        per_seed = ", ".join(f"{d:+,}" for d in entry["differences_per_seed"])
         lines.append(f"| {title} | {entry['variant']} | {entry['instructions']:,} | "
-                     f"{entry['ratio']:.3f} | {entry['difference']:+,} | {entry['budget'] or ''} | {holds} |")
+                     f"{entry['ratio']:.3f} | {entry['difference']:+,} | {entry['budget'] or ''} | {holds} |"
+                     + (f" {per_seed} |" if several else ""))
     return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, seed: str, folder: Path) -> dict[tuple[str, str], list[float]]:
+    """Measure one process under callgrind with this hash seed; its counts per variant."""
+    command = [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
+        f"--callgrind-out-file={folder}/callgrind.out.%p",
+        sys.executable, __file__, "--child", "--workdir", str(folder),
+        "--rounds", str(args.rounds), "--batch", str(args.batch), "--only", args.only,
+    ]
+    if shutil.which("setarch"):
+        command = ["setarch", os.uname().machine, "-R", *command]
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    subprocess.run(command, check=True, env=env, stderr=subprocess.DEVNULL)
+    return collect(folder, args.batch)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row")
     parser.add_argument("--batch", type=int, default=200, help="transactions per loop")
-    parser.add_argument("--seed", default="0", help="PYTHONHASHSEED of the measured process")
+    parser.add_argument("--seeds", "--seed", default="0",
+                        help="PYTHONHASHSEED of the measured process; several, comma-separated "
+                             "(0,1,2), measure one process each and show the medians")
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--keep", help="keep the callgrind dumps in this folder")
-    parser.add_argument("--only", default="", help="run only the rows whose title has this text")
+    parser.add_argument("--only", default="", help="run only the rows whose title begins with this text, or with "
+                             "one of several separated by | ('SELECT 1|REQUIRED': the sync rows)")
     parser.add_argument("--check", action="store_true", help="exit with 1 when a budget does not hold")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -335,27 +369,21 @@ def main() -> int:
         sys.exit("valgrind is needed: apt-get install valgrind (dnf install valgrind valgrind-devel)")
     if not header_found():
         sys.exit(HEADER_HELP)
+    seeds = args.seeds.split(",")
     with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(args.keep or scratch)
-        folder.mkdir(parents=True, exist_ok=True)
-        command = [
-            "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
-            f"--callgrind-out-file={folder}/callgrind.out.%p",
-            sys.executable, __file__, "--child", "--workdir", str(folder),
-            "--rounds", str(args.rounds), "--batch", str(args.batch), "--only", args.only,
-        ]
-        if shutil.which("setarch"):
-            command = ["setarch", os.uname().machine, "-R", *command]
-        env = {**os.environ, "PYTHONHASHSEED": args.seed}
-        subprocess.run(command, check=True, env=env, stderr=subprocess.DEVNULL)
-        table = tabulate(json.loads((folder / "rows.json").read_text()), collect(folder, args.batch))
+        runs = []
+        for seed in seeds:  # one after the other: a count does not depend on the load, but the wait does
+            folder = Path(args.keep or scratch) / f"seed{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            runs.append(run(args, seed, folder))
+        table = tabulate(json.loads((folder / "rows.json").read_text()), runs)
     print(f"instructions per transaction (callgrind, Python {platform.python_version()}, "
-          f"SQLAlchemy {sa.__version__}, PYTHONHASHSEED={args.seed}, {args.rounds} rounds x {args.batch}, "
-          f"the least round of each)\n")
+          f"SQLAlchemy {sa.__version__}, PYTHONHASHSEED={args.seeds}, {args.rounds} rounds x {args.batch}, "
+          f"the least round of each{', the median over the seeds' if len(seeds) > 1 else ''})\n")
     print(markdown(table))
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "python": platform.python_version(), "sqlalchemy": sa.__version__, "seed": args.seed,
+            "python": platform.python_version(), "sqlalchemy": sa.__version__, "seeds": seeds,
             "rounds": args.rounds, "batch": args.batch, "rows": table}, indent=2))
     return 1 if args.check and any(entry["holds"] is False for entry in table) else 0
 
