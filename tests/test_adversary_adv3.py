@@ -358,6 +358,30 @@ def test_asgi_websocket_the_client_leaving_mid_socket_rolls_back_an_unhandled_di
     assert keys(pg) == []
 
 
+def test_asgi_websocket_closed_inside_a_joined_session_unit_commits_when_the_app_returns(
+    pg: sa.Engine,
+) -> None:
+    """session() in a FastAPI websocket endpoint under the middleware joins the socket's
+    unit and is still open at the close: the close goes out at once and the unit commits at
+    the return, without a DisciplineError for the joined unit."""
+    aengine = create_async_engine(PG_ASYNC, poolclass=sa.NullPool)
+    registry = txguard.SessionRegistry(aengine)
+    app = FastAPI()
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket, db: AsyncSession = session(registry=registry)) -> None:
+        await websocket.accept()
+        await db.execute(sa.text("INSERT INTO adv3_uniq VALUES (1, 1)"))
+        await websocket.send_text("saved")
+        await websocket.close()
+
+    app.add_middleware(UnitOfWorkMiddleware, registry=registry, scope_types=("websocket",))
+    with TestClient(app) as client, client.websocket_connect("/ws") as socket:  # raises what the app raised
+        assert socket.receive_text() == "saved"
+        assert socket.receive()["type"] == "websocket.close"
+    assert keys(pg) == [1]
+
+
 # --- Yield dependencies around session() ---------------------------------------------------
 
 

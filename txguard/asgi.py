@@ -45,6 +45,10 @@ is silent):
   when the app sends ``websocket.close`` (the close goes out after the COMMIT, as an HTTP
   start does; a failed COMMIT closes with 1011 instead) or returns without one, and rolls
   back when the app raises first. The session is closed for good once the close went out.
+  A close sent from inside a unit nested in the socket's (a ``txguard.fastapi.session()``
+  dependency, which joins it, or a ``unit_of_work()`` block) goes out at once, and the
+  unit commits when the app returns: committing under a unit still open would end that
+  unit's transaction beneath it.
 - The registry must be an async one (an AsyncEngine or async_sessionmaker): an ASGI app's
   handlers run on the event loop, where a sync Session's IO would block every request.
   A sync registry is refused with ``ConfigurationError``. For sync ``def`` endpoints in
@@ -71,7 +75,7 @@ from txguard._options import UNIT_OPTION_NAMES, check_names
 from txguard._origin import DeferredOrigin, capture, definition_of
 from txguard._registry import Registry, resolve
 from txguard._responses import acommit, aend_by_status, aveto
-from txguard._unit import UnitOfWork, follow_context
+from txguard._unit import UnitOfWork, current_unit, follow_context
 
 __all__ = ["UnitOfWorkMiddleware"]
 
@@ -125,7 +129,7 @@ class UnitOfWorkMiddleware:
         unit.where = DeferredOrigin(partial(_endpoint_code, scope), capture())
         await unit.aenter(registry)
         follow_context(unit)
-        request = _Request(unit, send, scope["type"] == "http")
+        request = _Request(unit, registry, send, scope["type"] == "http")
         await request.run(self.app(scope, receive, request.send))
 
 
@@ -146,9 +150,10 @@ class _Request:
     """One request: its unit, the app's task, and the ``send`` that holds the response's
     start until the middleware's task has ended the unit."""
 
-    def __init__(self, unit: UnitOfWork, send: Send, http: bool) -> None:
+    def __init__(self, unit: UnitOfWork, registry: Registry, send: Send, http: bool) -> None:
         loop = asyncio.get_running_loop()
         self.unit = unit
+        self.registry = registry
         self.downstream = send
         self.http = http
         self.open = True  # the unit has not ended yet
@@ -214,7 +219,9 @@ class _Request:
     async def send(self, message: Message) -> None:
         if self.dropped:
             return
-        if self.start is None and message["type"] == _HELD[self.http]:
+        if self.start is None and message["type"] == _HELD[self.http] and (
+            self.http or current_unit(self.registry) is self.unit
+        ):  # a close sent from inside a unit nested in the socket's goes out at once
             self.start = message
             self._wake()
             await asyncio.shield(self.decided)
