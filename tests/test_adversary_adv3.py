@@ -382,6 +382,32 @@ def test_asgi_websocket_closed_inside_a_joined_session_unit_commits_when_the_app
     assert keys(pg) == [1]
 
 
+def test_asgi_websocket_closed_before_accept_rolls_back(pg: sa.Engine) -> None:
+    """A handshake the app refuses reaches the client as a 403: its work rolls back, as an
+    HTTP error status's does (an accepted socket's commits, the control). Under uvicorn, an
+    app returning before the accept: test_uvicorn_websocket_refused_..."""
+    aengine = create_async_engine(PG_ASYNC, poolclass=sa.NullPool)
+    registry = txguard.SessionRegistry(aengine)
+
+    async def ws(websocket: WebSocket) -> None:
+        k = int(websocket.query_params["k"])
+        await txguard.current_session(registry).execute(
+            sa.text("INSERT INTO adv3_uniq VALUES (:k, :k)"), {"k": k}
+        )
+        if websocket.query_params.get("accept"):
+            await websocket.accept()
+        await websocket.close()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", ws)])
+    app.add_middleware(UnitOfWorkMiddleware, registry=registry, scope_types=("websocket",))
+    with TestClient(app) as client:
+        with pytest.raises(WebSocketDisconnect), client.websocket_connect("/ws?k=1"):
+            pass
+        with client.websocket_connect("/ws?k=2&accept=1") as socket:
+            assert socket.receive()["type"] == "websocket.close"
+    assert keys(pg) == [2]
+
+
 # --- Yield dependencies around session() ---------------------------------------------------
 
 
@@ -464,7 +490,9 @@ def websocket_exchange(base: str, target: str) -> tuple[list[str], int | None]:
     """Open a websocket to ``target`` (wsproto over a plain socket); return the texts
     received and the close code (the status of a refused handshake)."""
     from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, Request, TextMessage
+    from wsproto.events import (
+        AcceptConnection, CloseConnection, RejectConnection, RejectData, Request, TextMessage,
+    )
 
     host, port = base.removeprefix("http://").split(":")
     texts: list[str] = []
@@ -486,7 +514,7 @@ def websocket_exchange(base: str, target: str) -> tuple[list[str], int | None]:
                 elif isinstance(event, RejectConnection):
                     code = event.status_code
                 else:
-                    assert isinstance(event, AcceptConnection), event
+                    assert isinstance(event, (AcceptConnection, RejectData)), event
     return texts, code
 
 
@@ -502,6 +530,15 @@ def test_uvicorn_websocket_in_the_middleware_closes_1000_after_its_commit_and_10
     assert len(reports) == 1 and "closed the websocket with 1011" in reports[0], reports
     labels = server.labels()
     assert "ws-mw" in labels and "ws-mw-bad" not in labels
+
+
+def test_uvicorn_websocket_refused_by_returning_before_accept_rolls_back(server: Server) -> None:
+    """The app returns without accepting: uvicorn refuses the handshake (a 500 on wsproto,
+    403 on websockets), and the work rolls back."""
+    texts, status = websocket_exchange(server.base, "/mw/refuse?label=ws-refused")
+    assert (texts, status in (403, 500)) == ([], True), status
+    assert server.settled()["checked_out"] == {"sync": 0, "async": 0}
+    assert "ws-refused" not in server.labels()
 
 
 @pytest.mark.xfail(

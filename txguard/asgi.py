@@ -44,7 +44,9 @@ is silent):
   scopes do when asked (``scope_types=("http", "websocket")``): a websocket's unit commits
   when the app sends ``websocket.close`` (the close goes out after the COMMIT, as an HTTP
   start does; a failed COMMIT closes with 1011 instead) or returns without one, and rolls
-  back when the app raises first. The session is closed for good once the close went out.
+  back when the app raises first. A websocket the app refused (closed or returned before
+  ``websocket.accept``: its client gets a 403) rolls back, as an error status does. The
+  session is closed for good once the close went out.
   A close sent from inside a unit nested in the socket's (a ``txguard.fastapi.session()``
   dependency, which joins it, or a ``unit_of_work()`` block) goes out at once, and the
   unit commits when the app returns: committing under a unit still open would end that
@@ -163,6 +165,7 @@ class _Request:
         self.decided: asyncio.Future[None] = loop.create_future()  # the unit ended: the start may go
         self.dropped = False  # the app's messages go nowhere (a failed COMMIT answered 500)
         self.failed = False  # the COMMIT failed: the start's sender answers 500 (or 1011) instead
+        self.accepted = False  # a websocket's handshake was accepted (else it was refused: 403)
 
     async def run(self, app: Awaitable[None]) -> None:
         """Run the app in a task of its own, and end the unit in this one.
@@ -193,22 +196,22 @@ class _Request:
             self.open = False
             if self.http:  # returned without a response
                 await aveto(self.unit, "the app sent no response")
-            else:  # a websocket that returned: its work commits, in either mode
-                await acommit(self.unit)
+            else:  # a websocket that returned
+                await self._end_socket()
 
     def _wake(self, _: object = None) -> None:
         if not self.woken.done():
             self.woken.set_result(None)
 
     async def _decide(self, start: Message) -> None:
-        """End the unit as the response's status says (a websocket's close commits), then
-        let the start (the close) go out."""
+        """End the unit as the response's status says (an accepted websocket's close
+        commits), then let the start (the close) go out."""
         self.open = False
         try:
             if self.http:
                 await aend_by_status(self.unit, start["status"])
             else:
-                await acommit(self.unit)
+                await self._end_socket()
         except Exception:
             self.dropped = self.failed = True
             answer = "answered 500" if self.http else "closed the websocket with 1011"
@@ -216,9 +219,19 @@ class _Request:
         finally:
             self.decided.set_result(None)
 
+    async def _end_socket(self) -> None:
+        """Commit an accepted websocket's work (in either mode); roll a refused one's back,
+        as the 403 its client gets is an error status."""
+        if self.accepted:
+            await acommit(self.unit)
+        else:
+            await aveto(self.unit, "the websocket was refused")
+
     async def send(self, message: Message) -> None:
         if self.dropped:
             return
+        if not self.http and message["type"] == "websocket.accept":
+            self.accepted = True
         if self.start is None and message["type"] == _HELD[self.http] and (
             self.http or current_unit(self.registry) is self.unit
         ):  # a close sent from inside a unit nested in the socket's goes out at once

@@ -183,8 +183,14 @@ async def _websocket_in_middleware(websocket: WebSocket) -> None:
     await _websocket(websocket, txguard.current_session(async_registry))
 
 
+async def _refuse(websocket: WebSocket) -> None:
+    """Save ?label=, then return without accepting: the server answers 403."""
+    db = txguard.current_session(async_registry)
+    await db.execute(items.insert().values(label=websocket.query_params["label"]))
+
+
 app.mount("/mw", UnitOfWorkMiddleware(
-    Starlette(routes=[WebSocketRoute("/ws", _websocket_in_middleware)]),
+    Starlette(routes=[WebSocketRoute("/ws", _websocket_in_middleware), WebSocketRoute("/refuse", _refuse)]),
     registry=async_registry, scope_types=("websocket",),
 ))
 
