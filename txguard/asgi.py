@@ -42,7 +42,15 @@ is silent):
   the framework's.
 - Only ``http`` scopes get a unit by default; ``lifespan`` never does, and ``websocket``
   scopes do when asked (``scope_types=("http", "websocket")``): a websocket's unit commits
-  when the app returns and rolls back when it raises.
+  when the app sends ``websocket.close`` (the close goes out after the COMMIT, as an HTTP
+  start does; a failed COMMIT closes with 1011 instead) or returns without one, and rolls
+  back when the app raises first. A websocket the app refused (closed or returned before
+  ``websocket.accept``: its client gets a 403) rolls back, as an error status does. The
+  session is closed for good once the close went out.
+  A close sent from inside a unit nested in the socket's (a ``txguard.fastapi.session()``
+  dependency, which joins it, or a ``unit_of_work()`` block) goes out at once, and the
+  unit commits when the app returns: committing under a unit still open would end that
+  unit's transaction beneath it.
 - The registry must be an async one (an AsyncEngine or async_sessionmaker): an ASGI app's
   handlers run on the event loop, where a sync Session's IO would block every request.
   A sync registry is refused with ``ConfigurationError``. For sync ``def`` endpoints in
@@ -69,7 +77,7 @@ from txguard._options import UNIT_OPTION_NAMES, check_names
 from txguard._origin import DeferredOrigin, capture, definition_of
 from txguard._registry import Registry, resolve
 from txguard._responses import acommit, aend_by_status, aveto
-from txguard._unit import UnitOfWork, follow_context
+from txguard._unit import UnitOfWork, current_unit, follow_context
 
 __all__ = ["UnitOfWorkMiddleware"]
 
@@ -83,6 +91,8 @@ logger = logging.getLogger("txguard")
 
 _SCOPE_TYPES: Final = frozenset({"http", "websocket"})
 _ERROR_BODY: Final = b"Internal Server Error"
+# What the unit ends before it goes out: an HTTP response's start, a websocket's close.
+_HELD: Final = {True: "http.response.start", False: "websocket.close"}
 
 
 class UnitOfWorkMiddleware:
@@ -91,6 +101,7 @@ class UnitOfWorkMiddleware:
     def __init__(
         self,
         app: ASGIApp,
+        /,  # as Starlette's _MiddlewareFactory, or mypy refuses app.add_middleware(this, ...)
         registry: SessionRegistry[Any] | None = None,
         *,
         scope_types: Collection[str] = ("http",),
@@ -120,7 +131,7 @@ class UnitOfWorkMiddleware:
         unit.where = DeferredOrigin(partial(_endpoint_code, scope), capture())
         await unit.aenter(registry)
         follow_context(unit)
-        request = _Request(unit, send, scope["type"] == "http")
+        request = _Request(unit, registry, send, scope["type"] == "http")
         await request.run(self.app(scope, receive, request.send))
 
 
@@ -141,17 +152,20 @@ class _Request:
     """One request: its unit, the app's task, and the ``send`` that holds the response's
     start until the middleware's task has ended the unit."""
 
-    def __init__(self, unit: UnitOfWork, send: Send, http: bool) -> None:
+    def __init__(self, unit: UnitOfWork, registry: Registry, send: Send, http: bool) -> None:
         loop = asyncio.get_running_loop()
         self.unit = unit
+        self.registry = registry
         self.downstream = send
         self.http = http
         self.open = True  # the unit has not ended yet
-        self.start: Message | None = None  # the response's start, once the app sent it
+        # The message the unit waits for: the response's start, or a websocket's close.
+        self.start: Message | None = None
         self.woken: asyncio.Future[None] = loop.create_future()  # the start came, or the app ended
         self.decided: asyncio.Future[None] = loop.create_future()  # the unit ended: the start may go
         self.dropped = False  # the app's messages go nowhere (a failed COMMIT answered 500)
-        self.failed = False  # the COMMIT failed: the start's sender answers 500 instead
+        self.failed = False  # the COMMIT failed: the start's sender answers 500 (or 1011) instead
+        self.accepted = False  # a websocket's handshake was accepted (else it was refused: 403)
 
     async def run(self, app: Awaitable[None]) -> None:
         """Run the app in a task of its own, and end the unit in this one.
@@ -164,7 +178,7 @@ class _Request:
         try:
             await self.woken
             if self.start is not None:
-                await self._decide(self.start["status"])
+                await self._decide(self.start)
             await task
         except BaseException as exc:
             if not task.done():  # this task was cancelled: so is the app's, to its end
@@ -182,39 +196,59 @@ class _Request:
             self.open = False
             if self.http:  # returned without a response
                 await aveto(self.unit, "the app sent no response")
-            else:  # a websocket that returned: its work commits, in either mode
-                await acommit(self.unit)
+            else:  # a websocket that returned
+                await self._end_socket()
 
     def _wake(self, _: object = None) -> None:
         if not self.woken.done():
             self.woken.set_result(None)
 
-    async def _decide(self, status: int) -> None:
-        """End the unit as the response's status says, then let the start go out."""
+    async def _decide(self, start: Message) -> None:
+        """End the unit as the response's status says (an accepted websocket's close
+        commits), then let the start (the close) go out."""
         self.open = False
         try:
-            await aend_by_status(self.unit, status)
+            if self.http:
+                await aend_by_status(self.unit, start["status"])
+            else:
+                await self._end_socket()
         except Exception:
             self.dropped = self.failed = True
-            logger.error("txguard: the request's COMMIT failed; answered 500", exc_info=True)
+            answer = "answered 500" if self.http else "closed the websocket with 1011"
+            logger.error("txguard: the request's COMMIT failed; %s", answer, exc_info=True)
         finally:
             self.decided.set_result(None)
+
+    async def _end_socket(self) -> None:
+        """Commit an accepted websocket's work (in either mode); roll a refused one's back,
+        as the 403 its client gets is an error status."""
+        if self.accepted:
+            await acommit(self.unit)
+        else:
+            await aveto(self.unit, "the websocket was refused")
 
     async def send(self, message: Message) -> None:
         if self.dropped:
             return
-        if self.http and self.start is None and message["type"] == "http.response.start":
+        if not self.http and message["type"] == "websocket.accept":
+            self.accepted = True
+        if self.start is None and message["type"] == _HELD[self.http] and (
+            self.http or current_unit(self.registry) is self.unit
+        ):  # a close sent from inside a unit nested in the socket's goes out at once
             self.start = message
             self._wake()
             await asyncio.shield(self.decided)
             if self.dropped:
                 if self.failed:
-                    await _send_error(self.downstream)
+                    await _send_error(self.downstream, self.http)
                 return
         await self.downstream(message)
 
 
-async def _send_error(send: Send) -> None:
+async def _send_error(send: Send, http: bool) -> None:
+    if not http:  # 1011: the server met an error that kept it from fulfilling the request
+        await send({"type": "websocket.close", "code": 1011})
+        return
     headers = [(b"content-type", b"text/plain; charset=utf-8"),
                (b"content-length", str(len(_ERROR_BODY)).encode())]
     await send({"type": "http.response.start", "status": 500, "headers": headers})
