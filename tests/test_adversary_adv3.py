@@ -528,20 +528,23 @@ def test_uvicorn_websocket_refused_by_returning_before_accept_rolls_back(server:
     assert "ws-refused" not in server.labels()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="txguard.fastapi.session() in a websocket endpoint ends its unit after the endpoint "
-    "returned, so the `websocket.close()` the endpoint sent (code 1000) is already on the wire "
-    "when the COMMIT is refused: the client sees a normal close over discarded work. The "
-    "dependency has no hold on the websocket's send (the ASGI middleware has).",
-)
 def test_uvicorn_fastapi_websocket_endpoint_whose_commit_fails_is_not_closed_with_1000(
     server: Server,
 ) -> None:
+    """The endpoint closes, then its unit's COMMIT is refused: the client gets 1011, not the
+    normal close the endpoint sent."""
     texts, code = websocket_exchange(server.base, "/ws?label=ws-fastapi-bad&close=1&fail=1")
     assert "ws-fastapi-bad" not in server.labels()
     assert server.settled()["checked_out"] == {"sync": 0, "async": 0}
     assert (texts, code) == (["saved"], 1011)
+
+
+def test_uvicorn_fastapi_websocket_endpoint_closes_after_its_commit(server: Server) -> None:
+    """The close the endpoint sends goes out once its unit committed."""
+    texts, code = websocket_exchange(server.base, "/ws?label=ws-fastapi-ok&close=1")
+    assert (texts, code) == (["saved"], 1000)
+    assert "ws-fastapi-ok" in server.labels()
+    assert server.settled()["checked_out"] == {"sync": 0, "async": 0}
 
 
 def test_uvicorn_a_stream_raising_after_its_start_keeps_the_commit(server: Server) -> None:

@@ -38,6 +38,11 @@ Decisions (Django's ``ATOMIC_REQUESTS`` where the SPEC is silent):
   registries (Engine): the unit opens on the event loop (no SQL unless ``read_only`` or
   ``isolation_level`` need a statement at BEGIN) and commits or rolls back in a worker
   thread, so COMMIT never blocks the loop; use ``def`` endpoints with a sync registry.
+- In a websocket endpoint the unit spans the socket and ends when the endpoint sends its
+  close: the close goes out after the COMMIT, or with code 1011 when it fails (the error
+  is raised from ``websocket.close()``), as under ``txguard.asgi.UnitOfWorkMiddleware``.
+  An endpoint that returns without closing commits then; a socket refused (closed or
+  returned before ``accept``, a 403 for its client) rolls back, as an error status does.
 - Background tasks run after the response is sent, so after the commit, outside the unit:
   one that needs the database opens its own ``txguard.unit_of_work()``. The same holds for
   a ``StreamingResponse`` body.
@@ -51,20 +56,23 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any, Final
 
 import anyio
 from fastapi import Depends
 from starlette.requests import HTTPConnection
+from starlette.types import Message
+from starlette.websockets import WebSocket
 
 import txguard
 from txguard import ConfigurationError, SessionRegistry
 from txguard._options import UNIT_OPTION_NAMES, check_names
 from txguard._origin import Origin, capture, definition_of
-from txguard._registry import resolve
-from txguard._responses import acommit, commit
-from txguard._unit import follow_context
+from txguard._registry import Registry, resolve
+from txguard._responses import acommit, aveto, commit, veto
+from txguard._transaction import Role
+from txguard._unit import UnitOfWork, current_unit, follow_context
 
 __all__ = ["session"]
 
@@ -125,14 +133,19 @@ def _dependency(
         if owner.is_async:
             active = unit.session if await unit.aenter(owner) else None
             follow_context(unit)
+            socket = _socket_unit(connection, unit, owner, _async_ends(unit))
             try:
                 yield active
             except BaseException as exc:
-                with anyio.CancelScope(shield=True):
-                    await unit.__aexit__(type(exc), exc, exc.__traceback__)
+                if socket is None or socket.open:
+                    with anyio.CancelScope(shield=True):
+                        await unit.__aexit__(type(exc), exc, exc.__traceback__)
                 raise
-            with anyio.CancelScope(shield=True):
-                await acommit(unit)
+            if socket is not None:
+                await socket.end()
+            else:
+                with anyio.CancelScope(shield=True):
+                    await acommit(unit)
             return
         # A sync unit opens here, on the loop, and ends in a worker thread (COMMIT is
         # blocking IO), with its own limiter as FastAPI's sync yield dependencies: an exit
@@ -142,18 +155,93 @@ def _dependency(
         sync_session = unit.session if unit.enter(owner) else None
         follow_context(unit)
         limiter = anyio.CapacityLimiter(1)
+        socket = _socket_unit(connection, unit, owner, _sync_ends(unit, limiter))
         try:
             yield sync_session
         except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(
-                    unit.__exit__, type(exc), exc, exc.__traceback__, limiter=limiter
-                )
+            if socket is None or socket.open:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(
+                        unit.__exit__, type(exc), exc, exc.__traceback__, limiter=limiter
+                    )
             raise
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(commit, unit, limiter=limiter)
+        if socket is not None:
+            await socket.end()
+        else:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(commit, unit, limiter=limiter)
 
     return txguard_unit_session
+
+
+_Ends = tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]
+
+
+def _async_ends(unit: UnitOfWork) -> _Ends:
+    """How an async unit commits, and how it rolls back as a refused request."""
+    return (lambda: acommit(unit)), (lambda: aveto(unit, "the websocket was refused"))
+
+
+def _sync_ends(unit: UnitOfWork, limiter: anyio.CapacityLimiter) -> _Ends:
+    """``_async_ends`` for a sync unit, which ends in a worker thread (COMMIT is blocking IO)."""
+
+    async def commits() -> None:
+        await anyio.to_thread.run_sync(commit, unit, limiter=limiter)
+
+    async def refused() -> None:
+        await anyio.to_thread.run_sync(veto, unit, "the websocket was refused", limiter=limiter)
+
+    return commits, refused
+
+
+def _socket_unit(
+    connection: HTTPConnection, unit: UnitOfWork, registry: Registry, ends: _Ends
+) -> _SocketUnit | None:
+    """Hold the close of a websocket endpoint whose unit began here (not one that joined the
+    unit of ``UnitOfWorkMiddleware``, which holds the close itself)."""
+    if not isinstance(connection, WebSocket) or unit.role is not Role.BEGINS:
+        return None
+    return _SocketUnit(connection, unit, registry, ends)
+
+
+class _SocketUnit:
+    """A websocket endpoint's unit, ended when the endpoint sends its close, before it goes
+    out: the close follows the COMMIT, or is 1011 when it fails."""
+
+    def __init__(
+        self, websocket: WebSocket, unit: UnitOfWork, registry: Registry, ends: _Ends
+    ) -> None:
+        self.unit = unit
+        self.registry = registry
+        self.commits, self.refused = ends
+        self.open = True
+        self.accepted = False
+        self.downstream = websocket.send
+        websocket.send = self.send  # type: ignore[method-assign]
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "websocket.accept":
+            self.accepted = True
+        elif (
+            message["type"] == "websocket.close"
+            and self.open
+            and current_unit(self.registry) is self.unit
+        ):  # a close sent inside a unit nested in the socket's goes out at once
+            try:
+                await self.end()
+            except BaseException:
+                await self.downstream({"type": "websocket.close", "code": 1011})
+                raise
+        await self.downstream(message)
+
+    async def end(self) -> None:
+        """Commit an accepted socket's work; roll a refused one's back (its client gets a
+        403, an error status)."""
+        if not self.open:
+            return
+        self.open = False
+        with anyio.CancelScope(shield=True):
+            await (self.commits() if self.accepted else self.refused())
 
 
 def _endpoint(connection: HTTPConnection) -> Origin:
