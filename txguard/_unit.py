@@ -578,8 +578,8 @@ def _settle_commit_as_you_go(
     try:
         if exc is None:
             warning = _uncommitted_work(tx)
-        elif _discards(sync, exc):
-            sync.invalidate()
+        elif (begun := sync.get_transaction()) is not None and _discards(begun, exc):
+            _rollback(begun, exc)
     finally:
         tx.move_to(_TX_ROLLED_BACK)  # closing the session rolls back what it had not committed
         try:
@@ -594,7 +594,7 @@ def _settle_commit_as_you_go(
 
 def _rollback(transaction: SessionTransaction, cause: BaseException | None) -> None:
     try:
-        if _discards(transaction.session, cause):
+        if _discards(transaction, cause):
             transaction.session.invalidate()
         else:
             transaction.rollback()
@@ -607,8 +607,9 @@ def _rollback(transaction: SessionTransaction, cause: BaseException | None) -> N
         )
 
 
-def _discards(session: Session, cause: BaseException | None) -> bool:
-    """Say whether a unit ending with ``cause`` rolls back by discarding its connections.
+def _discards(transaction: SessionTransaction, cause: BaseException | None) -> bool:
+    """Say whether a unit ending with ``cause`` rolls ``transaction`` (its session's root)
+    back by discarding its connections.
 
     It does when the cross_task guard found another task inside its session: that task may
     be mid-statement (stuck on a lock, say), and a ROLLBACK would wait for it behind
@@ -618,10 +619,7 @@ def _discards(session: Session, cause: BaseException | None) -> bool:
     SQLite: the file stays locked until the connection really closes, and an aiosqlite
     connection discarded mid-statement left it locked for the transactions that followed.
     """
-    if not isinstance(cause, CrossTaskWarning):
-        return False
-    transaction = session.get_transaction()
-    return transaction is not None and all(
+    return isinstance(cause, CrossTaskWarning) and all(
         conn.dialect.name != "sqlite" for conn, _ in held_connections(transaction)
     )
 
