@@ -170,3 +170,20 @@ async def test_a_task_started_in_a_unit_that_rolled_back_registers_nothing_later
     await asyncio.gather(*tasks)
     assert seen == ["after commit"]
     assert names(async_db.sync) == ["paid"]
+
+
+def test_a_block_ended_in_another_context_no_longer_keeps_callbacks(
+    registry: txguard.SessionRegistry[sa.orm.Session],
+) -> None:
+    """A block entered in one context and ended in another (a generator closed elsewhere)
+    stays in the first one, ended: on_commit() there runs at once, outside any transaction,
+    instead of joining a block whose callbacks have already been taken."""
+    import contextvars
+
+    seen: list[str] = []
+    began, ended = contextvars.copy_context(), contextvars.copy_context()
+    block = txguard.connect()
+    began.run(block.__enter__)
+    ended.run(block.__exit__, None, None, None)
+    began.run(txguard.on_commit, lambda: seen.append("at once"))
+    assert seen == ["at once"]

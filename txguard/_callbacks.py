@@ -62,11 +62,12 @@ class BlockCallbacks:
     ``on_commit()`` keeps its callbacks here; a unit opened inside the block keeps its own.
     """
 
-    __slots__ = ("callbacks", "outer")
+    __slots__ = ("callbacks", "outer", "open")
 
     def __init__(self, outer: object) -> None:
         self.callbacks: list[Callback] = []
         self.outer = outer
+        self.open = True  # False once the block has left its context
 
     def take(self, committed: bool) -> list[Callback]:
         """Remove and return the callbacks this outcome runs (the others are dropped)."""

@@ -229,14 +229,17 @@ class ConnectionUnit:
         registry = registry_or_default(self._registry)
         return None if registry is None else current_unit(registry)
 
-    def _leave_context(self) -> None:
-        """Stop being the context's block: its callbacks run outside it."""
+    def _leave_context(self, held: _Held) -> None:
+        """Stop being the context's block: its callbacks run outside it. Ended in another
+        context (a generator closed elsewhere), the block stays in the one it began in,
+        marked ended, so that on_commit() there no longer counts on it."""
+        held.open = False
         token, self._token = self._token, None
         if token is not None:
             try:
                 current_block.reset(token)
-            except ValueError:  # ended in another context (a generator closed elsewhere)
-                current_block.set(None)
+            except ValueError:
+                pass
 
     def __exit__(
         self,
@@ -247,7 +250,7 @@ class ConnectionUnit:
         held, self._held = self._held, None
         if held is None:
             return
-        self._leave_context()
+        self._leave_context(held)
         finish, error = _settle(held, exc)
         leave(finish, error, exc)
 
@@ -276,7 +279,7 @@ class ConnectionUnit:
         held, self._held = self._held, None
         if held is None:
             return
-        self._leave_context()
+        self._leave_context(held)
         task, cancelled = await completed(greenlet_spawn(_settle, held, exc))
         finish, error = task.result()
         await aleave(finish, error if cancelled is None else cancelled, exc)

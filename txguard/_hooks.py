@@ -5,13 +5,22 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-from ._callbacks import ON_COMMIT, ON_ROLLBACK, Callback, current_block, run_callbacks
+from ._callbacks import ON_COMMIT, ON_ROLLBACK, BlockCallbacks, Callback, current_block, run_callbacks
 from ._describe import describe, option_value
 from ._errors import ConfigurationError
 from ._registry import Registry, resolve
 from ._unit import current_unit, ended_uncommitted
 
 __all__ = ["on_commit", "on_rollback"]
+
+
+def _innermost_block(unit: object) -> BlockCallbacks | None:
+    """The ``connect()`` block the code runs in, unless ``unit`` (the current unit) was
+    opened inside it, or the block has ended (in another context than it began in)."""
+    block = current_block.get()
+    if block is None or not block.open or (unit is not None and unit is not block.outer):
+        return None
+    return block
 
 
 def _check(name: str, fn: object, registry: Registry) -> None:
@@ -55,8 +64,8 @@ def on_commit(
     if not isinstance(robust, bool):
         raise ConfigurationError(f"robust={option_value(robust)} is not valid; use True or False.")
     unit = current_unit(owner)
-    block = current_block.get()
-    if block is not None and (unit is None or unit is block.outer):
+    block = _innermost_block(unit)
+    if block is not None:
         block.callbacks.append(Callback(fn, ON_COMMIT, robust))
         return
     if unit is None and ended_uncommitted(owner):
@@ -80,8 +89,8 @@ def on_rollback(fn: Callable[[], object], *, registry: Registry | None = None) -
     owner = resolve(registry)
     _check("on_rollback", fn, owner)
     unit = current_unit(owner)
-    block = current_block.get()
-    if block is not None and (unit is None or unit is block.outer):
+    block = _innermost_block(unit)
+    if block is not None:
         block.callbacks.append(Callback(fn, ON_ROLLBACK, False))
         return
     if unit is None:
