@@ -14,7 +14,22 @@ from celery import Celery
 
 from tests.models import Item
 
-REDIS_URL = os.environ.get("TXGUARD_CELERY_REDIS_URL", "redis://127.0.0.1:6379/8")
+
+
+def _redis_url() -> str:
+    """The broker: TXGUARD_CELERY_REDIS_URL (db 8 by default), one db further for each
+    pytest-xdist worker (gw1: db 9), as each worker has its own databases (tests/backends.py):
+    the tests count and flush the queue, and a worker consumes from it. The Celery worker
+    a test starts inherits the variable, so it reads the same db."""
+    url = os.environ.get("TXGUARD_CELERY_REDIS_URL", "redis://127.0.0.1:6379/8")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return url
+    base, _, db = url.rpartition("/")
+    return f"{base}/{int(db) + int(worker[2:])}"
+
+
+REDIS_URL = _redis_url()
 
 app = Celery("txguard_tests", broker=REDIS_URL, backend=REDIS_URL)
 app.conf.update(broker_connection_retry_on_startup=True, task_acks_late=False)
