@@ -35,14 +35,21 @@ ALWAYS: Final = 2  # an on_rollback callback whose savepoint was rolled back: it
 
 
 class Callback:
-    """A function to run when the transaction it was registered in ends."""
+    """A function to run when the transaction it was registered in ends.
 
-    __slots__ = ("fn", "when", "robust")
+    ``savepoints`` are the session's savepoints it was registered in, innermost first: if
+    one of them rolls back, its work is gone, whatever the transaction's outcome.
+    """
 
-    def __init__(self, fn: Callable[[], object], when: int, robust: bool) -> None:
+    __slots__ = ("fn", "when", "robust", "savepoints")
+
+    def __init__(
+        self, fn: Callable[[], object], when: int, robust: bool, savepoints: tuple[object, ...] = ()
+    ) -> None:
         self.fn = fn
         self.when = when
         self.robust = robust
+        self.savepoints = savepoints
 
 
 NO_CALLBACKS: Final[tuple[Callback, ...]] = ()

@@ -64,6 +64,7 @@ __all__ = [
     "first_failure",
     "install_failure_tracking",
     "own_connection",
+    "rolled_back",
     "session_savepoints",
 ]
 
@@ -240,8 +241,18 @@ def session_savepoints(session: Session) -> tuple[SessionTransaction, ...]:
     return tuple(chain)
 
 
+# The savepoints that ``session_savepoints`` watched and that have been rolled back: kept
+# as long as a failure or a callback registered in one of them refers to it.
+_rolled_back_savepoints: weakref.WeakSet[SessionTransaction] = weakref.WeakSet()
+
+
+def rolled_back(savepoints: tuple[object, ...]) -> bool:
+    """Say whether one of ``savepoints`` (``session_savepoints``' answer) has rolled back."""
+    return any(savepoint in _rolled_back_savepoints for savepoint in savepoints)
+
+
 def _session_rolled_back(session: Session, previous: SessionTransaction) -> None:
-    """Drop the failures that the savepoint just rolled back contained.
+    """Drop the failures that the savepoint just rolled back contained, and remember it.
 
     ``previous`` is the transaction ``rollback()`` was called on; what the database rolled
     back is the nearest savepoint (or the root) at or above it, as SQLAlchemy's rollback of
@@ -250,8 +261,11 @@ def _session_rolled_back(session: Session, previous: SessionTransaction) -> None
     boundary: SessionTransaction | None = previous
     while boundary is not None and not boundary.nested:
         boundary = boundary.parent
+    if boundary is None:
+        return
+    _rolled_back_savepoints.add(boundary)
     unit = vars(session).get("_txguard_unit")
-    if boundary is not None and unit is not None:
+    if unit is not None:
         contain(unit.transaction, boundary)
 
 

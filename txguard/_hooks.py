@@ -8,6 +8,7 @@ from collections.abc import Callable
 from ._callbacks import ON_COMMIT, ON_ROLLBACK, BlockCallbacks, Callback, current_block, run_callbacks
 from ._describe import describe, option_value
 from ._errors import ConfigurationError
+from ._failures import session_savepoints
 from ._registry import Registry, resolve
 from ._unit import current_unit, ended_uncommitted
 
@@ -76,7 +77,8 @@ def on_commit(
     ):
         run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)
         return
-    transaction.add_callback(Callback(fn, ON_COMMIT, robust))
+    savepoints = session_savepoints(transaction.sync_session)
+    transaction.add_callback(Callback(fn, ON_COMMIT, robust, savepoints))
 
 
 def on_rollback(fn: Callable[[], object], *, registry: Registry | None = None) -> None:
@@ -95,6 +97,8 @@ def on_rollback(fn: Callable[[], object], *, registry: Registry | None = None) -
         return
     if unit is None:
         return
-    unit.transaction.add_callback(Callback(fn, ON_ROLLBACK, False))
+    transaction = unit.transaction
+    savepoints = session_savepoints(transaction.sync_session)
+    transaction.add_callback(Callback(fn, ON_ROLLBACK, False, savepoints))
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any, Final
 
-from ._callbacks import NO_CALLBACKS, Callback, selected
+from ._callbacks import ALWAYS, NO_CALLBACKS, ON_COMMIT, Callback, selected
 from ._errors import DisciplineError
-from ._failures import Failure, session_savepoints
+from ._failures import Failure, rolled_back, session_savepoints
 from ._options import Mode
 from ._origin import Origin, failure_site
 
@@ -186,8 +186,22 @@ class Transaction:
         if not callbacks:
             return []
         self.callbacks = NO_CALLBACKS
-        return selected(callbacks, committed)
+        return selected(_settle_savepoints(callbacks), committed)
 
     def savepoints(self, connection: Connection) -> tuple[object, ...]:
         """The savepoints of this transaction's session, innermost first (see _failures)."""
         return session_savepoints(self.sync_session)
+
+
+def _settle_savepoints(callbacks: list[Callback] | tuple[Callback, ...]) -> list[Callback]:
+    """The callbacks, those registered in a savepoint that has rolled back settled as a
+    savepoint unit settles its own: its on_commit ones dropped, its on_rollback ones run
+    whatever the outcome (the user's ``begin_nested()`` has no unit to do it)."""
+    kept = []
+    for cb in callbacks:
+        if cb.savepoints and cb.when != ALWAYS and rolled_back(cb.savepoints):
+            if cb.when == ON_COMMIT:
+                continue
+            cb.when = ALWAYS
+        kept.append(cb)
+    return kept
