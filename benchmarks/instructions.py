@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import ctypes
 import json
 import os
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +175,94 @@ def sync_rows() -> list[Comparison]:
     ]
 
 
+class _Where:
+    __slots__ = ("code", "offset")
+
+    def __init__(self, code: object, offset: int) -> None:
+        self.code = code
+        self.offset = offset
+
+
+class _Frame:
+    __slots__ = ("where", "previous", "thread", "state", "transaction", "token")
+
+
+class _Transaction:
+    __slots__ = ("where", "parent", "session", "begun", "state", "callbacks", "failures")
+
+    def __init__(self, where: _Where, session: Session) -> None:
+        self.where = where
+        self.parent = None
+        self.session = session
+        self.state = 1
+        self.callbacks = ()
+        self.failures = ()
+
+
+class _SealedSession(Session):
+    pass
+
+
+def floor_rows() -> list[Comparison]:
+    """What the pieces a unit is made of cost, written inline with no call and no check.
+
+    A minimal unit (a context variable set around a begin-once session) costs less than the
+    hand-written code, whose two ``with`` exits cost more than ``commit()`` and ``close()``;
+    the next variant adds the three objects a unit needs (its frame, where it was opened,
+    its transaction), the last the seal that makes a kept session refuse its next
+    transaction. What a real unit costs above the last is its calls and its checks.
+    """
+    engine = sa.create_engine("sqlite://")
+    registry = txguard.SessionRegistry(engine)
+    stack: contextvars.ContextVar[object] = contextvars.ContextVar("floor", default=None)
+
+    def minimal() -> None:
+        stack.get()
+        s = Session(engine)
+        begun = s.begin()
+        token = stack.set(s)
+        s.execute(SELECT_1)
+        stack.reset(token)
+        begun.commit()
+        s.close()
+
+    def with_objects(seal: bool) -> Callable[[], None]:
+        def unit() -> None:
+            caller = sys._getframe(0)
+            frame = _Frame()
+            frame.where = _Where(caller.f_code, caller.f_lasti)
+            del caller
+            frame.previous = stack.get()
+            frame.thread = threading.get_ident()
+            s = Session(engine)
+            tx = frame.transaction = _Transaction(frame.where, s)
+            tx.begun = s.begin()
+            frame.token = stack.set(frame)
+            frame.state = 1
+            s.execute(SELECT_1)
+            frame.state = 2
+            stack.reset(frame.token)
+            tx.begun.commit()
+            tx.state = 3
+            s.close()
+            if seal:
+                s.__class__ = _SealedSession
+                s._txguard_closed_by = frame.where  # type: ignore[attr-defined]
+
+        return unit
+
+    def uow_select() -> None:
+        with registry.unit_of_work() as s:
+            s.execute(SELECT_1)
+
+    return [Comparison("SELECT 1, the floor of a unit", [
+        Variant("hand-written", hand_written_select(engine)),
+        Variant("a context variable around a session", minimal),
+        Variant("+ the frame, its origin, its transaction", with_objects(seal=False)),
+        Variant("+ the seal", with_objects(seal=True)),
+        Variant("unit_of_work()", uow_select)])]
+
+
 def async_rows(loop: asyncio.AbstractEventLoop) -> list[Comparison]:
     """aiosqlite end to end: a plain engine, and hand-written code and a unit on a registry's.
 
@@ -252,7 +342,7 @@ def child(args: argparse.Namespace) -> None:
     def chosen(rows: list[Comparison]) -> list[Comparison]:
         return [row for row in rows if row.title.startswith(tuple(args.only.split("|")))]
 
-    rows = chosen(sync_rows()) + chosen(async_rows(loop))
+    rows = chosen(sync_rows()) + chosen(floor_rows()) + chosen(async_rows(loop))
     guards = chosen(guard_rows())
     shim.txg_start()
     measure(shim, rows, args.rounds, args.batch)
