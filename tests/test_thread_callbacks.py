@@ -11,7 +11,9 @@ run twice, never run before COMMIT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -213,8 +215,8 @@ def test_a_worker_callback_in_a_connect_block_follows_its_commit(
 def test_commit_as_you_go_unit_takes_worker_callbacks_at_its_next_commit(
     registry: txguard.SessionRegistry[Session], engine: sa.Engine
 ) -> None:
-    """In a transaction the callback waits for session.commit(); between transactions
-    (nothing has begun since the commit) it runs at once, as in the unit's own thread."""
+    """As the unit's own callbacks: each session.commit() runs those registered before it,
+    session.rollback() drops them."""
     seen: list[object] = []
     with txguard.unit_of_work(mode="commit_as_you_go") as session:
         session.add(Item(name="a"))
@@ -223,13 +225,16 @@ def test_commit_as_you_go_unit_takes_worker_callbacks_at_its_next_commit(
         assert seen == []
         session.commit()
         assert seen == [["a"]]
-        in_worker(txguard.on_commit, lambda: seen.append("at once"))
-        assert seen == [["a"], "at once"]
+        in_worker(txguard.on_commit, lambda: seen.append(names(engine)))
         session.add(Item(name="b"))
+        session.commit()
+        assert seen == [["a"], ["a", "b"]]
+        session.add(Item(name="c"))
         session.flush()
         in_worker(txguard.on_commit, lambda: seen.append("never committed"))
+        in_worker(txguard.on_rollback, lambda: seen.append("rolled back"))
         session.rollback()
-    assert seen == [["a"], "at once"]
+    assert seen == [["a"], ["a", "b"], "rolled back"]
 
 
 def test_a_unit_that_follows_its_context_takes_callbacks_registered_during_its_commit(
@@ -247,6 +252,35 @@ def test_a_unit_that_follows_its_context_takes_callbacks_registered_during_its_c
         event.listen(session, "after_commit", worker.register_now)
     worker.join()
     assert seen == [(["a"], "owner")]
+
+
+def test_a_failing_robust_worker_callback_is_logged_by_its_own_name(
+    registry: txguard.SessionRegistry[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    def send_receipt() -> None:
+        raise RuntimeError("mail server down")
+
+    with caplog.at_level(logging.ERROR, logger="txguard"):
+        with txguard.unit_of_work() as session:
+            session.add(Item(name="a"))
+            in_worker(lambda: txguard.on_commit(send_receipt, robust=True))
+    assert "on_commit callback" in caplog.text
+    assert "send_receipt" in caplog.text
+
+
+def test_capture_on_commit_collects_the_workers_callback_itself(
+    registry: txguard.SessionRegistry[Session],
+) -> None:
+    from txguard.testing import capture_on_commit
+
+    def notify() -> None:
+        raise AssertionError("captured, not run")
+
+    with capture_on_commit() as callbacks:
+        with txguard.unit_of_work() as session:
+            session.add(Item(name="a"))
+            in_worker(txguard.on_commit, notify)
+    assert callbacks == [notify]
 
 
 # After the unit ended: the rules for code that outlived its unit.
@@ -519,25 +553,35 @@ def test_many_threads_registering_as_units_end_run_each_callback_once_after_comm
             barrier.wait()
             txguard.on_commit(lambda: callback(i))
 
-        with pytest.raises(RuntimeError) if i % 2 else _nothing(), \
-                txguard.unit_of_work() as session:
-            session.add(Item(name=f"n{i}"))
-            session.flush()
-            worker = Worker(register)
-            worker.go.set()
-            barrier.wait()
-            if i % 2:
-                raise RuntimeError
+        fails = bool(i % 2)
+        with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+            with txguard.unit_of_work() as session:
+                session.add(Item(name=f"n{i}"))
+                session.flush()
+                worker = Worker(register)
+                worker.go.set()
+                barrier.wait()
+                if fails:
+                    raise RuntimeError
         worker.join()
     assert sorted(ran) == [(i, True) for i in range(0, rounds, 2)]
 
 
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def test_a_task_context_registering_before_the_units_commit_follows_it(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    """A copy of the unit's context (a task's) registers from code the end runs before
+    COMMIT (a before_commit listener), once the block has left the stack: the callback
+    follows that COMMIT instead of running before it."""
+    seen: list[object] = []
+    with txguard.unit_of_work() as session:
+        session.add(Item(name="a"))
+        task_context = contextvars.copy_context()
+        event.listen(
+            session, "before_commit",
+            lambda s: task_context.run(txguard.on_commit, lambda: seen.append(names(engine))),
+        )
+    assert seen == [["a"]]
 
 
 # Async units: asyncio.to_thread, async @transactional, Starlette's run_in_threadpool.
@@ -596,10 +640,11 @@ async def test_to_thread_in_an_async_transactional_function(async_db: AsyncDatab
     @txguard.transactional(registry=registry)
     async def place(fail: bool) -> None:
         registry.current_session().add(Item(name="failed" if fail else "order"))
+        before = len(seen)
         await asyncio.to_thread(
             txguard.on_commit, lambda: seen.append(names(async_db.sync)), registry=registry
         )
-        assert seen == []
+        assert len(seen) == before
         if fail:
             raise RuntimeError
 
