@@ -169,3 +169,21 @@ async def test_async_savepoints(async_db: AsyncDatabase) -> None:
         async with session.begin_nested():
             txguard.on_commit(lambda: seen.append("released"), registry=registry)
     assert seen == ["released"]
+
+
+def test_a_unit_that_follows_its_context(registry: txguard.SessionRegistry) -> None:
+    """A framework's request unit (FastAPI's, the ASGI middleware's) registers its callbacks
+    as any thread holding its context may: the savepoint still drops them."""
+    from txguard._unit import follow_context
+
+    seen: list[str] = []
+    with txguard.unit_of_work() as session:
+        unit = registry.current_unit()
+        assert unit is not None
+        follow_context(unit)
+        savepoint = session.begin_nested()
+        txguard.on_commit(lambda: seen.append("undone"))
+        txguard.on_rollback(lambda: seen.append("its work is gone"))
+        savepoint.rollback()
+        txguard.on_commit(lambda: seen.append("kept"))
+    assert seen == ["its work is gone", "kept"]

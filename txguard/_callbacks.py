@@ -3,6 +3,7 @@
 A callback is kept on the transaction it was registered in and run once the unit has
 left its registry's stack; ``capture_on_commit()`` (``txguard.testing``) may take the
 on_commit ones instead. Async callbacks are awaited through SQLAlchemy's greenlet bridge.
+A callback registered by another thread than the one ending its transaction is ``Shared``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -22,7 +24,7 @@ from ._describe import name_of
 from ._errors import ConfigurationError, mark_after_commit
 
 __all__ = [
-    "ALWAYS", "BlockCallbacks", "Callback", "NO_CALLBACKS", "ON_COMMIT", "ON_ROLLBACK",
+    "ALWAYS", "BlockCallbacks", "Callback", "NO_CALLBACKS", "ON_COMMIT", "ON_ROLLBACK", "Shared",
     "call_each", "capturing", "capturing_callbacks", "current_block", "intercept",
     "run_callbacks", "selected",
 ]
@@ -55,6 +57,28 @@ class Callback:
 NO_CALLBACKS: Final[tuple[Callback, ...]] = ()
 
 
+class Shared:
+    """The function of a callback that a thread added to a transaction another thread ends.
+
+    That thread cannot know whether the end, racing it, took the callback, so both may come
+    to run it: the end when it runs its callbacks, the thread when it finds the transaction
+    ended (``_hooks``). Whichever claims it first runs it (or drops it); the other skips it.
+    """
+
+    __slots__ = ("__wrapped__", "_claim")
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.__wrapped__ = fn
+        self._claim = threading.Lock()
+
+    def claim(self) -> bool:
+        """Say whether this caller is the first to claim the callback (then it is its own)."""
+        return self._claim.acquire(blocking=False)
+
+    def __call__(self) -> object:
+        return self.__wrapped__() if self.claim() else None
+
+
 def selected(callbacks: list[Callback] | tuple[Callback, ...], committed: bool) -> list[Callback]:
     """The callbacks an outcome runs, in registration order."""
     wanted = ON_COMMIT if committed else ON_ROLLBACK
@@ -80,6 +104,22 @@ class BlockCallbacks:
         """Remove and return the callbacks this outcome runs (the others are dropped)."""
         callbacks, self.callbacks = self.callbacks, []
         return selected(callbacks, committed)
+
+    def add_shared(self, callback: Callback) -> list[Callback]:
+        """Add a ``Shared`` callback from a thread that may race the block's end; return the
+        token ``takes`` needs."""
+        callbacks = self.callbacks
+        callbacks.append(callback)
+        return callbacks
+
+    def takes(self, token: list[Callback]) -> bool:
+        """Say whether the block's end is sure to take the callback ``add_shared`` added.
+
+        The end marks the block ended before it takes the callbacks, and each take replaces
+        the list: read after the append, an open block still holding that list has not taken
+        them yet. False means it may have: the callback's claim decides.
+        """
+        return self.open and self.callbacks is token
 
 
 # The txguard.connect() block the code runs in, if any (see BlockCallbacks).
@@ -127,9 +167,14 @@ def call_each(callbacks: list[Callback], kind: str, in_flight: bool) -> None:
                 if kind == "on_commit":
                     mark_after_commit(error)
                 raise
-            logger.error("txguard: %s callback %s failed", kind, name_of(cb.fn), exc_info=True)
+            logger.error("txguard: %s callback %s failed", kind, _name(cb), exc_info=True)
     if cancelled is not None:
         raise cancelled
+
+
+def _name(cb: Callback) -> str:
+    fn = cb.fn
+    return name_of(fn.__wrapped__ if isinstance(fn, Shared) else fn)
 
 
 def _await_callback(result: Any, cb: Callback, kind: str) -> BaseException | None:
@@ -138,7 +183,7 @@ def _await_callback(result: Any, cb: Callback, kind: str) -> BaseException | Non
         close = getattr(result, "close", None)
         if close is not None:
             close()
-        name = name_of(cb.fn)
+        name = _name(cb)
         raise ConfigurationError(
             f"The {kind} callback {name} returned a coroutine where nothing can await it (a "
             "sync unit, on_commit() outside any unit, or a plain `with capture_on_commit("
@@ -157,8 +202,17 @@ def intercept(callbacks: list[Callback]) -> list[Callback]:
     captured = capturing.get()
     if captured is None:
         return callbacks
-    captured.extend(cb.fn for cb in callbacks if cb.when == ON_COMMIT)
+    taken = [cb for cb in map(_own, callbacks) if cb is not None and cb.when == ON_COMMIT]
+    captured.extend(cb.fn for cb in taken)
     details = capturing_callbacks.get()
     if details is not None:
-        details.extend(cb for cb in callbacks if cb.when == ON_COMMIT)
+        details.extend(taken)
     return [cb for cb in callbacks if cb.when != ON_COMMIT]
+
+
+def _own(cb: Callback) -> Callback | None:
+    """``cb`` with the user's function, or None if it is ``Shared`` and claimed elsewhere."""
+    fn = cb.fn
+    if cb.when != ON_COMMIT or not isinstance(fn, Shared):
+        return cb
+    return Callback(fn.__wrapped__, ON_COMMIT, cb.robust) if fn.claim() else None

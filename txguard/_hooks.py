@@ -1,16 +1,26 @@
-"""Callbacks that run after the current transaction commits or rolls back."""
+"""Callbacks that run after the current transaction commits or rolls back.
+
+A thread running in a copy of a unit's context (``asyncio.to_thread`` inside the unit)
+may not use the unit's session, but its callbacks join the unit's transaction. The unit's
+own thread may be ending it at that moment, and its end takes no lock: the thread adds
+the callback, then looks whether the end is sure to take it, and if not, claims it back
+(``Shared``) and handles it as registered after the end.
+"""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
 
-from ._callbacks import ON_COMMIT, ON_ROLLBACK, BlockCallbacks, Callback, current_block, run_callbacks
+from ._callbacks import (
+    ON_COMMIT, ON_ROLLBACK, BlockCallbacks, Callback, Shared, current_block, run_callbacks,
+)
 from ._describe import describe, option_value
 from ._errors import ConfigurationError
 from ._failures import session_savepoints
 from ._registry import Registry, resolve
-from ._unit import current_unit, ended_uncommitted
+from ._transaction import Transaction
+from ._unit import FOLLOWS_CONTEXT, Unit, current_unit, ended_uncommitted, unit_in_progress
 
 __all__ = ["on_commit", "on_rollback"]
 
@@ -52,29 +62,31 @@ def on_commit(
     """Run ``fn`` after the outermost transaction of the current unit commits.
 
     Inside a ``txguard.connect()`` block (and no unit opened in it) ``fn`` runs after the
-    block's COMMIT. Outside any transaction ``fn`` runs at once, except in a task started
-    inside a begin-once unit that has since rolled back: there ``fn`` is dropped, as it
-    would have been had the task registered it in time. Inside a savepoint that rolls back,
-    ``fn`` is dropped. With ``robust=True`` an exception from ``fn`` is logged (logger
-    ``txguard``) and the other callbacks still run; otherwise it propagates to the caller
-    after the commit, whose data stays committed. In an async unit ``fn`` may be an
-    ``async def`` function (or return a coroutine): it is awaited after the commit, in order.
+    block's COMMIT. In a thread running in a copy of a unit's context (``asyncio.to_thread``,
+    ``copy_context().run`` in a thread pool), which may not use that unit's session, ``fn``
+    joins the unit's transaction all the same, and runs where the unit ends. Outside any
+    transaction ``fn`` runs at once, except in a task or thread started inside a begin-once
+    unit that has since rolled back: there ``fn`` is dropped, as it would have been had it
+    been registered in time. Inside a savepoint that rolls back, ``fn`` is dropped. With
+    ``robust=True`` an exception from ``fn`` is logged (logger ``txguard``) and the other
+    callbacks still run; otherwise it propagates to the caller after the commit, whose data
+    stays committed. In an async unit ``fn`` may be an ``async def`` function (or return a
+    coroutine): it is awaited after the commit, in order.
     """
     owner = resolve(registry)
     _check("on_commit", fn, owner)
     if not isinstance(robust, bool):
         raise ConfigurationError(f"robust={option_value(robust)} is not valid; use True or False.")
     unit = current_unit(owner)
+    if unit is None or unit.thread == FOLLOWS_CONTEXT:
+        _register_shared(owner, fn, ON_COMMIT, robust)
+        return
     block = _innermost_block(unit)
     if block is not None:
         block.callbacks.append(Callback(fn, ON_COMMIT, robust))
         return
-    if unit is None and ended_uncommitted(owner):
-        return
-    transaction = None if unit is None else unit.transaction
-    if transaction is None or not (
-        transaction.transactional or transaction.sync_session.in_transaction()
-    ):
+    transaction = unit.transaction
+    if not (transaction.transactional or transaction.sync_session.in_transaction()):
         run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)
         return
     savepoints = session_savepoints(transaction.sync_session)
@@ -85,20 +97,60 @@ def on_rollback(fn: Callable[[], object], *, registry: Registry | None = None) -
     """Run ``fn`` after the current transaction rolls back (or its savepoint's work is undone).
 
     A callback registered inside a savepoint that rolls back runs when the outermost
-    transaction ends, whatever its outcome: its work is gone either way. Outside any
-    transaction there is nothing to roll back and ``fn`` never runs.
+    transaction ends, whatever its outcome: its work is gone either way. A thread running in
+    a copy of a unit's context registers in the unit's transaction, as ``on_commit`` does.
+    Outside any transaction there is nothing to roll back and ``fn`` never runs.
     """
     owner = resolve(registry)
     _check("on_rollback", fn, owner)
     unit = current_unit(owner)
+    if unit is None or unit.thread == FOLLOWS_CONTEXT:
+        _register_shared(owner, fn, ON_ROLLBACK, False)
+        return
     block = _innermost_block(unit)
     if block is not None:
         block.callbacks.append(Callback(fn, ON_ROLLBACK, False))
-        return
-    if unit is None:
         return
     transaction = unit.transaction
     savepoints = session_savepoints(transaction.sync_session)
     transaction.add_callback(Callback(fn, ON_ROLLBACK, False, savepoints))
 
 
+def _register_shared(owner: Registry, fn: Callable[[], object], when: int, robust: bool) -> None:
+    """Register ``fn`` where the transaction it follows may be ended by another thread.
+
+    That is a unit (or a ``connect()`` block) of another thread that this thread's context
+    holds, a unit every thread with the context may use (``follow_context``), or none at
+    all. Each try adds the callback, then asks whether the end is sure to take it; if not,
+    and the end has not claimed it to run it, it is tried again against what has ended
+    meanwhile, as if registered after that end.
+    """
+    while True:
+        unit = unit_in_progress(owner)
+        block = _innermost_block(unit)
+        target: Transaction | BlockCallbacks
+        if block is not None:
+            target = block
+        elif unit is not None and (
+            when != ON_COMMIT
+            or unit.transaction.transactional
+            or unit.transaction.sync_session.in_transaction()
+        ):
+            target = unit.transaction
+        else:
+            if when == ON_COMMIT and not ended_uncommitted(owner):
+                run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)
+            return
+        shared = Shared(fn)
+        token = target.add_shared(Callback(shared, when, robust, _savepoints(unit, target)))
+        if target.takes(token) or not shared.claim():
+            return
+
+
+def _savepoints(unit: Unit | None, target: Transaction | BlockCallbacks) -> tuple[object, ...]:
+    """The session savepoints a callback for ``target`` is registered in, if this thread may
+    look at the session (a unit that follows its context); a thread that may not use the
+    session has none that it could have opened."""
+    if unit is None or unit.thread != FOLLOWS_CONTEXT or not isinstance(target, Transaction):
+        return ()
+    return session_savepoints(target.sync_session)

@@ -15,6 +15,7 @@ the transaction's origin, instead of leaving flags whose meaning depends on each
 from __future__ import annotations
 
 import enum
+import threading
 from typing import TYPE_CHECKING, Any, Final
 
 from ._callbacks import ALWAYS, NO_CALLBACKS, ON_COMMIT, Callback, selected
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
     from ._registry import Registry
 
-__all__ = ["TRANSITIONS", "Role", "Transaction", "TransactionState", "transition"]
+__all__ = ["TRANSITIONS", "Role", "Transaction", "TransactionState", "in_progress", "transition"]
 
 
 class Role(enum.Enum):
@@ -92,6 +93,22 @@ def _illegal_move(current: TransactionState, new: TransactionState, where: Origi
 
 _ACTIVE: Final = TransactionState.ACTIVE  # module constants on the hot path: see _unit
 _ROLLBACK_ONLY: Final = TransactionState.ROLLBACK_ONLY
+
+
+def in_progress(transaction: Transaction | None) -> bool:
+    """Say whether ``transaction`` and the transactions around it (a savepoint's) have not
+    been settled yet: the units that began them are still running."""
+    while transaction is not None:
+        state = transaction.state
+        if state is not _ACTIVE and state is not _ROLLBACK_ONLY:
+            return False
+        transaction = transaction.parent
+    return True
+
+
+# Held while a transaction's first callback replaces NO_CALLBACKS with a list: its own
+# thread and another one (add_shared) may make that move at once, and one list would be lost.
+_FIRST_CALLBACK: Final = threading.Lock()
 
 
 class Transaction:
@@ -177,8 +194,33 @@ class Transaction:
         callbacks = self.callbacks
         if isinstance(callbacks, list):
             callbacks.append(callback)
-        else:
-            self.callbacks = [callback]
+            return
+        with _FIRST_CALLBACK:
+            callbacks = self.callbacks
+            if isinstance(callbacks, list):
+                callbacks.append(callback)
+            else:
+                self.callbacks = [callback]
+
+    def add_shared(self, callback: Callback) -> list[Callback]:
+        """Add a ``Shared`` callback from a thread that may race the transaction's end;
+        return the token ``takes`` needs."""
+        with _FIRST_CALLBACK:
+            callbacks = self.callbacks
+            if not isinstance(callbacks, list):
+                callbacks = self.callbacks = []
+            callbacks.append(callback)
+        return callbacks
+
+    def takes(self, token: list[Callback]) -> bool:
+        """Say whether the transaction's end is sure to take the callback ``add_shared`` added.
+
+        Every end moves the state (a savepoint's, or a begin-once transaction's) before it
+        looks at the callbacks, and a take replaces the list (a commit-as-you-go session's
+        commit): read after the append, a state still in progress and the same list mean
+        the end has not looked yet. False means it may have: the callback's claim decides.
+        """
+        return self.callbacks is token and in_progress(self)
 
     def take_callbacks(self, committed: bool) -> list[Callback]:
         """Remove and return the callbacks this outcome runs, in registration order."""

@@ -50,6 +50,7 @@ from ._propagation import Plan, plan
 from ._registry import Registry, check_registry, resolve
 from ._retry import _sqlstate, is_retryable, retry_wanted
 from ._transaction import Role, Transaction, TransactionState
+from ._transaction import in_progress as _in_progress
 from ._sessions import first_change, seal
 from ._sqla import held_connections, transaction_state
 
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Finish", "Unit", "UnitOfWork", "UnitState", "adopt", "aend", "aleave", "current_unit", "end",
     "end_joined", "ended_uncommitted", "follow_context", "joinable", "leave", "live",
-    "open_unit", "settle", "unit_of_work",
+    "open_unit", "settle", "unit_in_progress", "unit_of_work",
 ]
 
 logger = logging.getLogger("txguard")
@@ -754,32 +755,38 @@ def live(unit: Unit) -> Unit | None:
     return None
 
 
+def unit_in_progress(registry: Registry) -> Unit | None:
+    """Return the innermost unit of this context's stack on ``registry`` whose transactions
+    are all in progress, whichever thread may use it, and even if its block has just ended
+    (its end is settling them).
+
+    For callbacks: a thread running in a copy of another thread's context (``asyncio.to_thread``
+    inside a unit) may not use that unit (``live``), but what it registers follows the
+    transaction the unit runs in.
+    """
+    current = registry._var.get()
+    while current is not None:
+        if _in_progress(current.transaction):
+            return current
+        current = current.previous
+    return None
+
+
 def ended_uncommitted(registry: Registry) -> bool:
     """Say whether this context's innermost unit on ``registry`` is a begin-once unit whose
     transaction has ended without committing, though the context still holds it.
 
-    Code that sees it runs after that unit, in a task the unit's block started and did not
-    await (a request's fire-and-forget task, after the request failed): whatever it does
-    was meant to follow that transaction's commit, which never came.
+    Code that sees it runs after that unit, in a task or a thread the unit's block started
+    and did not wait for (a request's fire-and-forget task, after the request failed):
+    whatever it does was meant to follow that transaction's commit, which never came.
     """
     unit = registry._var.get()
-    if unit is None or (unit.thread != threading.get_ident() and unit.thread != FOLLOWS_CONTEXT):
+    if unit is None:
         return False
     transaction = unit.transaction.root
     return transaction.mode is _MODE_BEGIN_ONCE and (
         transaction.state is _TX_ROLLED_BACK or transaction.state is _TX_IN_DOUBT
     )
-
-
-def _in_progress(transaction: Transaction | None) -> bool:
-    """Say whether ``transaction`` and the transactions around it (a savepoint's) have not
-    been settled yet: the units that began them are still running."""
-    while transaction is not None:
-        state = transaction.state
-        if state is not _TX_ACTIVE and state is not _TX_ROLLBACK_ONLY:
-            return False
-        transaction = transaction.parent
-    return True
 
 
 def adopt(unit: Unit) -> None:
