@@ -69,6 +69,10 @@ class BlockCallbacks:
         self.outer = outer
         self.open = True  # False once the block has left its context
 
+    def add(self, callback: Callback) -> None:
+        """Keep ``callback`` for the outcome of the block's transaction."""
+        self.callbacks.append(callback)
+
     def take(self, committed: bool) -> list[Callback]:
         """Remove and return the callbacks this outcome runs (the others are dropped)."""
         callbacks, self.callbacks = self.callbacks, []

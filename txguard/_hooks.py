@@ -66,7 +66,7 @@ def on_commit(
     unit = current_unit(owner)
     block = _innermost_block(unit)
     if block is not None:
-        block.callbacks.append(Callback(fn, ON_COMMIT, robust))
+        block.add(Callback(fn, ON_COMMIT, robust))
         return
     if unit is None and ended_uncommitted(owner):
         return
@@ -91,7 +91,7 @@ def on_rollback(fn: Callable[[], object], *, registry: Registry | None = None) -
     unit = current_unit(owner)
     block = _innermost_block(unit)
     if block is not None:
-        block.callbacks.append(Callback(fn, ON_ROLLBACK, False))
+        block.add(Callback(fn, ON_ROLLBACK, False))
         return
     if unit is None:
         return
