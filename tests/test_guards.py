@@ -310,6 +310,20 @@ def test_connection_begin_after_autobegin_warns_with_origin_and_sql(engine: sa.E
     assert "conn.commit()" in message and "with conn.begin():" in message
 
 
+def test_a_commit_as_you_go_blocks_autobegin_is_named_as_one(engine: sa.Engine) -> None:
+    """The block's connection begins through txguard (its transactions tell the block how
+    they end): the guard still sees the statement's autobegin behind it."""
+    txguard.install(mixed_begin="warn")
+    with txguard.connect(engine, mode="commit_as_you_go") as conn:
+        line = this_line() + 1
+        conn.execute(sa.insert(Item).values(name="x"))
+        with pytest.warns(txguard.MixedBeginWarning) as record, pytest.raises(InvalidRequestError):
+            conn.begin()
+        conn.rollback()
+    message = str(record[0].message)
+    assert f"autobegun at {where(line, 'test_a_commit_as_you_go_blocks_autobegin_is_named_as_one')} by 'INSERT INTO txg_items (name) VALUES (" in message
+
+
 def test_connection_begin_after_explicit_begin_says_so(engine: sa.Engine) -> None:
     """conn.begin() twice names the first begin()."""
     txguard.install(mixed_begin="error")

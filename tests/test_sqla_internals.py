@@ -11,11 +11,12 @@ import re
 import sqlite3
 import sys
 import threading
-from typing import NoReturn
+from typing import Any, NoReturn
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import NestedTransaction, RootTransaction
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 
@@ -103,6 +104,54 @@ def test_enclosing_savepoint_links_nested_savepoints(engine: sa.Engine) -> None:
         inner = connection.begin_nested()
         assert _sqla.enclosing_savepoint(inner) is outer
         assert _sqla.enclosing_savepoint(outer) is None
+
+
+def test_adopted_transactions_end_through_their_own_methods(engine: sa.Engine) -> None:
+    """A RootTransaction or NestedTransaction still takes a slot-less subclass, and every
+    way SQLAlchemy ends one calls that subclass's commit(), rollback(), close(), __exit__."""
+    calls: list[str] = []
+
+    class Root(RootTransaction):
+        __slots__ = ()
+
+        def commit(self) -> None:
+            calls.append("commit")
+            super().commit()
+
+        def rollback(self) -> None:
+            calls.append("rollback")
+            super().rollback()
+
+        def close(self) -> None:
+            calls.append("close")
+            super().close()
+
+        def __exit__(self, *exc: Any) -> None:
+            calls.append("exit")
+            super().__exit__(*exc)
+
+    class Savepoint(NestedTransaction):
+        __slots__ = ()
+
+        def rollback(self) -> None:
+            calls.append("savepoint rollback")
+            super().rollback()
+
+    connection = engine.connect()
+    _sqla.adopt_transaction(connection.begin(), Root)
+    assert isinstance(connection.get_transaction(), Root)
+    connection.commit()
+    _sqla.adopt_transaction(connection.begin(), Root)
+    connection.rollback()
+    transaction = connection.begin()
+    _sqla.adopt_transaction(transaction, Root)  # before `with` looks its __exit__ up
+    with transaction:
+        savepoint = connection.begin_nested()
+        _sqla.adopt_transaction(savepoint, Savepoint)
+        savepoint.rollback()
+    _sqla.adopt_transaction(connection.begin(), Root)
+    connection.close()
+    assert calls == ["commit", "rollback", "savepoint rollback", "exit", "commit", "close"]
 
 
 def test_session_connect_code_is_where_a_session_acquires_its_connection(

@@ -100,6 +100,10 @@ class BlockCallbacks:
         self.outer = outer
         self.open = True  # False once the block has left its context
 
+    def add(self, callback: Callback) -> None:
+        """Keep ``callback`` for the outcome of the block's transaction."""
+        self.callbacks.append(callback)
+
     def take(self, committed: bool) -> list[Callback]:
         """Remove and return the callbacks this outcome runs (the others are dropped)."""
         callbacks, self.callbacks = self.callbacks, []
@@ -108,9 +112,8 @@ class BlockCallbacks:
     def add_shared(self, callback: Callback) -> list[Callback]:
         """Add a ``Shared`` callback from a thread that may race the block's end; return the
         token ``takes`` needs."""
-        callbacks = self.callbacks
-        callbacks.append(callback)
-        return callbacks
+        self.add(callback)
+        return self.callbacks
 
     def takes(self, token: list[Callback]) -> bool:
         """Say whether the block's end is sure to take the callback ``add_shared`` added.

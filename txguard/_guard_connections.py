@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, Engine, RootTransaction
 from . import _guard_records as guard_records
 from ._errors import LeakedConnectionWarning
 from ._guard_records import OFF, Record, log_end, open_transactions, report_late, report_mixed_begin
-from ._origin import Origin, caller_origin, capture
+from ._origin import Origin, caller_origin, capture, past_txguard
 from ._sqla import (
     ENGINE_FILE,
     RECONNECT_CODE,
@@ -213,7 +213,7 @@ def begin(self: Connection) -> RootTransaction:
             _mixed_begin(self, current, cfg.mixed_begin)
         return original_begin(self)
     transaction = original_begin(self)
-    caller = sys._getframe().f_back  # None when begin() runs first in a greenlet
+    caller = past_txguard(sys._getframe().f_back)  # None when begin() runs first in a greenlet
     if caller is not None:
         code = caller.f_code
         if is_session_connect(code):

@@ -83,7 +83,7 @@ def on_commit(
         return
     block = _innermost_block(unit)
     if block is not None:
-        block.callbacks.append(Callback(fn, ON_COMMIT, robust))
+        block.add(Callback(fn, ON_COMMIT, robust))
         return
     transaction = unit.transaction
     if not (transaction.transactional or transaction.sync_session.in_transaction()):
@@ -109,7 +109,7 @@ def on_rollback(fn: Callable[[], object], *, registry: Registry | None = None) -
         return
     block = _innermost_block(unit)
     if block is not None:
-        block.callbacks.append(Callback(fn, ON_ROLLBACK, False))
+        block.add(Callback(fn, ON_ROLLBACK, False))
         return
     transaction = unit.transaction
     savepoints = session_savepoints(transaction.sync_session)

@@ -34,6 +34,7 @@ __all__ = [
     "first_user_frame",
     "is_user_frame",
     "parent_greenlet",
+    "past_txguard",
     "shorten_sql",
     "user_frame",
     "warn_at",
@@ -46,8 +47,9 @@ def _package_dir(module_file: str | None) -> str:
 
 
 _STDLIB = os.path.dirname(os.__file__)
+_TXGUARD_DIR: Final = _package_dir(__file__)
 _LIBRARY_PREFIXES: Final[tuple[str, ...]] = (
-    _package_dir(__file__),
+    _TXGUARD_DIR,
     _package_dir(sqlalchemy.__file__),
     os.path.join(_STDLIB, "asyncio") + os.sep,
     os.path.join(_STDLIB, "concurrent") + os.sep,
@@ -120,6 +122,15 @@ def is_user_frame(frame: FrameType) -> bool:
 
 
 _greenlet: Any = None  # the module, once found; False when it cannot be imported
+
+
+def past_txguard(frame: FrameType | None) -> FrameType | None:
+    """Return ``frame``, or the first frame above it that is not txguard's own code: who
+    called SQLAlchemy through txguard (a ``connect()`` block's ``conn.begin()``, which a
+    statement's autobegin calls too)."""
+    while frame is not None and frame.f_code.co_filename.startswith(_TXGUARD_DIR):
+        frame = frame.f_back
+    return frame
 
 
 def parent_greenlet(glet: Any = None) -> Any:

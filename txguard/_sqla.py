@@ -23,11 +23,11 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm import session as orm_session
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import NestedTransaction
+    from sqlalchemy.engine import NestedTransaction, Transaction
     from sqlalchemy.orm.session import SessionTransactionState
 
 __all__ = [
-    "DIALECT_EXECUTE_HOOKS", "ENGINE_FILE", "PQTRANS_INERROR", "PRIVATE_NAMES",
+    "DIALECT_EXECUTE_HOOKS", "adopt_transaction", "ENGINE_FILE", "PQTRANS_INERROR", "PRIVATE_NAMES",
     "RECONNECT_CODE", "SESSION_CONNECT_CODE", "SESSION_FILE", "async_session_of", "autobegin_statement",
     "beginning_refused",
     "enclosing_savepoint", "held_connections", "holds_connection", "is_session_connect",
@@ -128,6 +128,18 @@ def enclosing_savepoint(savepoint: NestedTransaction) -> NestedTransaction | Non
     """Return the savepoint enclosing ``savepoint`` (``_previous_nested``): Core keeps only
     the innermost public (``get_nested_transaction()``)."""
     return savepoint._previous_nested
+
+
+def adopt_transaction(transaction: Transaction, cls: type[Transaction]) -> None:
+    """Make ``transaction`` an instance of ``cls``, a subclass of its class that adds no
+    slots (``__class__`` assignment, which CPython allows between classes of one layout).
+
+    A Connection creates its transactions itself (``Connection.begin()``, an autobegin,
+    ``begin_nested()``), and only their own ``commit()``, ``rollback()``, ``close()`` and
+    ``__exit__`` run after they end: the ``commit`` and ``rollback`` events fire before
+    the DBAPI call, also for a COMMIT that then fails, and inside SQLAlchemy's dispatch.
+    """
+    transaction.__class__ = cls
 
 
 def is_session_connect(code: CodeType) -> bool:
