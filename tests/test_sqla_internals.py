@@ -18,7 +18,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import NestedTransaction, RootTransaction
 from sqlalchemy.orm import Session, SessionTransaction
-from sqlalchemy.orm.session import SessionTransactionState
 
 from tests.models import Item
 from txguard import _sqla
@@ -84,17 +83,19 @@ def test_beginning_refused_stops_every_way_a_session_begins(engine: sa.Engine) -
     session.close()
 
 
-def test_transaction_state_tells_a_commit_went_through(engine: sa.Engine) -> None:
-    """``SessionTransaction._state`` is still a SessionTransactionState, COMMITTED after COMMIT."""
+def test_commit_state_tells_a_commit_went_through(engine: sa.Engine) -> None:
+    """``SessionTransaction._state`` is still a SessionTransactionState: "open" before the
+    COMMIT, "committed" in an ``after_commit`` listener, "closed" once it has ended."""
     session = Session(engine)
     session.begin()
     transaction = session.get_transaction()
     assert transaction is not None
-    assert _sqla.transaction_state(transaction) is SessionTransactionState.ACTIVE
+    assert _sqla.commit_state(transaction) == "open"
+    seen: list[str] = []
+    sa.event.listen(session, "after_commit", lambda s: seen.append(_sqla.commit_state(transaction)))
     session.commit()
-    assert _sqla.transaction_state(transaction) is SessionTransactionState.CLOSED or (
-        _sqla.transaction_state(transaction) is SessionTransactionState.COMMITTED
-    )
+    assert seen == ["committed"]
+    assert _sqla.commit_state(transaction) == "closed"
 
 
 def test_enclosing_savepoint_links_nested_savepoints(engine: sa.Engine) -> None:

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Callable, Final, NoReturn
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm import session as orm_session
+from sqlalchemy.orm.session import SessionTransactionState
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import NestedTransaction, Transaction
-    from sqlalchemy.orm.session import SessionTransactionState
 
 __all__ = [
     "DIALECT_EXECUTE_HOOKS", "adopt_transaction", "ENGINE_FILE", "PQTRANS_INERROR", "PRIVATE_NAMES",
@@ -32,7 +32,7 @@ __all__ = [
     "beginning_refused",
     "enclosing_savepoint", "held_connections", "holds_connection", "is_session_connect",
     "live_sessions", "pool_connection", "pool_record", "queue_on_worker", "running_loop",
-    "transaction_state",
+    "commit_state",
 ]
 
 PRIVATE_NAMES: Final = (
@@ -118,10 +118,16 @@ def beginning_refused(refuse: Callable[[Session], NoReturn]) -> dict[str, Any]:
     return {"_autobegin_t": _autobegin_t}
 
 
-def transaction_state(transaction: SessionTransaction) -> SessionTransactionState:
-    """Return a SessionTransaction's state (``_state``): whether a COMMIT went through
-    has no public flag."""
-    return transaction._state
+def commit_state(transaction: SessionTransaction) -> str:
+    """Say how far a SessionTransaction got (``_state``, no public flag says): "committed"
+    (every connection committed; its ``after_commit`` listeners run next), "closed" (ended:
+    after those listeners, or after a two-phase PREPARE that failed) or "open"."""
+    state = transaction._state
+    if state is SessionTransactionState.COMMITTED:
+        return "committed"
+    if state is SessionTransactionState.CLOSED:
+        return "closed"
+    return "open"
 
 
 def enclosing_savepoint(savepoint: NestedTransaction) -> NestedTransaction | None:

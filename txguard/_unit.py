@@ -23,7 +23,6 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy.orm import Session, SessionTransaction
-from sqlalchemy.orm.session import SessionTransactionState
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.util import greenlet_spawn
 
@@ -52,7 +51,7 @@ from ._retry import _sqlstate, is_retryable, retry_wanted
 from ._transaction import Role, Transaction, TransactionState
 from ._transaction import in_progress as _in_progress
 from ._sessions import first_change, seal
-from ._sqla import held_connections, transaction_state
+from ._sqla import commit_state, held_connections
 
 if TYPE_CHECKING:
     from contextvars import ContextVar, Token
@@ -496,12 +495,8 @@ def _commit_went_through(tx: Transaction, transaction: SessionTransaction) -> bo
     DEACTIVE after a failed flush); only a two-phase PREPARE that failed closes it too.
     SessionTransaction has no public flag for this.
     """
-    state = transaction_state(transaction)
-    return state is _COMMITTED or (state is _CLOSED and not tx.sync_session.twophase)
-
-
-_COMMITTED: Final = SessionTransactionState.COMMITTED
-_CLOSED: Final = SessionTransactionState.CLOSED
+    state = commit_state(transaction)
+    return state == "committed" or (state == "closed" and not tx.sync_session.twophase)
 
 
 def _rolls_back(opts: UnitOptions, exc: BaseException) -> bool:
