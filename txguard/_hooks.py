@@ -148,9 +148,13 @@ def _register_shared(owner: Registry, fn: Callable[[], object], when: int, robus
 
 
 def _savepoints(unit: Unit | None, target: Transaction | BlockCallbacks) -> tuple[object, ...]:
-    """The session savepoints a callback for ``target`` is registered in, if this thread may
-    look at the session (a unit that follows its context); a thread that may not use the
-    session has none that it could have opened."""
-    if unit is None or unit.thread != FOLLOWS_CONTEXT or not isinstance(target, Transaction):
+    """The session savepoints a callback for ``target`` is registered in.
+
+    A thread that may not use the session opened none of them, but the unit's own thread
+    may have: ``with session.begin_nested(): await asyncio.to_thread(...)`` registers in
+    that savepoint, and its rollback must drop the callback (SPEC §4). A ``connect()``
+    block reads its connection's savepoints itself (``_connect._Held.add``).
+    """
+    if unit is None or not isinstance(target, Transaction):
         return ()
     return session_savepoints(target.sync_session)
