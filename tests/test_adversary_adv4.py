@@ -225,3 +225,63 @@ def test_keyboard_interrupt_from_callback(registry: txguard.SessionRegistry[Sess
             with session.begin_nested():
                 txguard.on_commit(boom)
     assert names(engine) == ["a"]
+
+
+def test_core_savepoint_left_open_on_session_connection_commits_with_the_unit(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    seen: list[object] = []
+    with txguard.unit_of_work() as session:
+        conn = session.connection()
+        conn.begin_nested()
+        conn.execute(sa.insert(Item.__table__).values(name="a"))
+        txguard.on_commit(lambda: seen.append(names(engine)))
+        session.begin_nested()
+        txguard.on_commit(lambda: seen.append("session sp left open"))
+    assert seen == [["a"], "session sp left open"]
+
+
+def test_core_savepoint_released_on_session_connection_keeps_on_commit(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    seen: list[object] = []
+    with txguard.unit_of_work() as session:
+        conn = session.connection()
+        with conn.begin_nested():
+            conn.execute(sa.insert(Item.__table__).values(name="a"))
+            txguard.on_commit(lambda: seen.append(names(engine)))
+            txguard.on_rollback(lambda: seen.append("rb"))
+    assert seen == [["a"]]
+
+
+def test_caught_failure_in_core_savepoint_on_session_connection_is_contained(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    """A duplicate key caught in a Core savepoint the code rolled back: the unit commits."""
+    seen: list[object] = []
+    with txguard.unit_of_work() as session:
+        session.add(Account(id=1, balance=0))
+        session.flush()
+        conn = session.connection()
+        with pytest.raises(IntegrityError), conn.begin_nested():
+            txguard.on_commit(lambda: seen.append("dup sent"))
+            txguard.on_rollback(lambda: seen.append("dup undone"))
+            conn.execute(sa.insert(Account.__table__).values(id=1, balance=0))
+        txguard.on_commit(lambda: seen.append("kept"))
+    assert seen == ["dup undone", "kept"]
+
+
+async def test_async_core_savepoint_on_session_connection(async_db: AsyncDatabase) -> None:
+    registry = txguard.SessionRegistry(async_db.engine)
+    seen: list[str] = []
+    async with registry.unit_of_work() as session:
+        session.add(Item(name="kept"))
+        conn = await session.connection()
+        with pytest.raises(RuntimeError):
+            async with conn.begin_nested():
+                await conn.execute(sa.insert(Item.__table__).values(name="undone"))
+                txguard.on_commit(lambda: seen.append("undone"), registry=registry)
+                raise RuntimeError
+        txguard.on_commit(lambda: seen.append("kept"), registry=registry)
+    assert seen == ["kept"]
+    assert names(async_db.sync) == ["kept"]
