@@ -285,3 +285,249 @@ async def test_async_core_savepoint_on_session_connection(async_db: AsyncDatabas
         txguard.on_commit(lambda: seen.append("kept"), registry=registry)
     assert seen == ["kept"]
     assert names(async_db.sync) == ["kept"]
+
+
+def test_commit_as_you_go_commit_with_savepoints_left_open_runs_their_callbacks(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    seen: list[object] = []
+    with txguard.unit_of_work(mode="commit_as_you_go") as session:
+        session.begin_nested()
+        txguard.on_commit(lambda: seen.append("session sp"))
+        conn = session.connection()
+        conn.begin_nested()
+        conn.execute(sa.insert(Item.__table__).values(name="a"))
+        txguard.on_commit(lambda: seen.append(names(engine)))
+        session.commit()
+        assert seen == ["session sp", ["a"]]
+        session.begin_nested()
+        txguard.on_commit(lambda: seen.append("second"))
+        session.commit()
+    assert seen == ["session sp", ["a"], "second"]
+
+
+async def test_async_failed_flush_in_async_begin_nested(async_db: AsyncDatabase) -> None:
+    registry = txguard.SessionRegistry(async_db.engine)
+    async with registry.unit_of_work() as session:
+        session.add(Account(id=1, balance=0))
+    seen: list[str] = []
+    async with registry.unit_of_work() as session:
+        session.add(Item(name="kept"))
+        with pytest.raises(IntegrityError):
+            async with session.begin_nested():
+                txguard.on_commit(lambda: seen.append("dup"), registry=registry)
+                txguard.on_rollback(lambda: seen.append("dup undone"), registry=registry)
+                session.add(Account(id=1, balance=0))
+        txguard.on_commit(lambda: seen.append("kept"), registry=registry)
+    assert seen == ["dup undone", "kept"]
+    assert names(async_db.sync) == ["kept"]
+
+
+def test_connect_callback_failure_in_with_begin_propagates_after_commit(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    seen: list[str] = []
+    with txguard.connect(engine, mode="commit_as_you_go") as conn:
+        with pytest.raises(ZeroDivisionError):
+            with conn.begin():
+                conn.execute(sa.insert(Item.__table__).values(name="a"))
+                sp = conn.begin_nested()
+                txguard.on_commit(lambda: 1 / 0)
+                sp.commit()
+                txguard.on_commit(lambda: seen.append("not run"))
+        assert names(engine) == ["a"]
+        with conn.begin():
+            conn.execute(sa.insert(Item.__table__).values(name="b"))
+            txguard.on_commit(lambda: seen.append("second"))
+    assert seen == ["second"]
+    assert names(engine) == ["a", "b"]
+
+
+def test_connect_keyboard_interrupt_from_callback(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    def boom() -> None:
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        with txguard.connect(engine, mode="commit_as_you_go") as conn:
+            with conn.begin():
+                conn.execute(sa.insert(Item.__table__).values(name="a"))
+                txguard.on_commit(boom)
+    assert names(engine) == ["a"]
+
+
+def test_keyboard_interrupt_at_commit_in_savepoint_unit(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    from sqlalchemy import event
+    seen: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        with txguard.unit_of_work() as session:
+            session.add(Item(name="a"))
+            with session.begin_nested():
+                txguard.on_commit(lambda: seen.append("c"))
+                txguard.on_rollback(lambda: seen.append("r"))
+            in_worker(txguard.on_commit, lambda: seen.append("worker c"))
+            in_worker(txguard.on_rollback, lambda: seen.append("worker r"))
+
+            def interrupt(conn: object) -> None:
+                raise KeyboardInterrupt
+            event.listen(session.connection(), "commit", interrupt)
+    assert names(engine) == []
+    assert "c" not in seen and "worker c" not in seen
+
+
+def test_capture_on_commit_with_worker_and_savepoint(registry: txguard.SessionRegistry[Session]) -> None:
+    from txguard.testing import capture_on_commit
+
+    def kept() -> None: ...
+    def undone() -> None: ...
+    with capture_on_commit() as captured:
+        with txguard.unit_of_work() as session:
+            with pytest.raises(RuntimeError), session.begin_nested():
+                in_worker(txguard.on_commit, undone)
+                raise RuntimeError
+            in_worker(txguard.on_commit, kept)
+    assert captured == [kept]
+
+
+# A real FastAPI app under uvicorn: asyncio.to_thread / a copied-context pool in endpoints.
+
+from pathlib import Path  # noqa: E402
+
+from tests.backends import require  # noqa: E402
+from tests.test_real_fastapi import urls, uvicorn  # noqa: E402
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgresql", "mariadb"])
+def test_uvicorn_endpoint_threads_register_in_the_request_unit(
+    backend_name: str, tmp_path: Path
+) -> None:
+    import httpx
+
+    require(backend_name)
+    sync_url, async_url = urls(backend_name, tmp_path)
+    env = {"TXGUARD_APP_SYNC_URL": sync_url, "TXGUARD_APP_ASYNC_URL": async_url}
+    shapes = [(kind, fail, sp) for kind in ("async", "sync") for fail in (False, True) for sp in (False, True)]
+
+    async def drive(base: str) -> None:
+        gate = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            async def one(n: int) -> None:
+                kind, fail, sp = shapes[n % len(shapes)]
+                async with gate:
+                    r = await client.post(f"/{kind}/{n}", params={"fail": fail, "sp": sp})
+                assert r.status_code == (409 if fail else 200), r.text
+            await asyncio.gather(*(one(n) for n in range(1, 161)))
+
+    with uvicorn("tests.apps.adv4_app:app", env, tmp_path / "server.log") as (base, _):
+        asyncio.run(drive(base))
+        stats = httpx.get(f"{base}/stats", timeout=30).json()
+    assert stats["reports"] == []
+    for n in range(1, 161):
+        kind, fail, sp = shapes[n % len(shapes)]
+        got = [tuple(e) for e in stats["events"][str(n)]]
+        if fail:
+            want = [("main", "rollback", False)] + ([("sp", "rollback", False)] if sp else [])
+        else:
+            want = [("main", "commit", True)] + ([("sp", "rollback", True)] if sp else [])
+        assert got == want, (n, kind, fail, sp)
+
+
+# A thread started inside a savepoint unit that rolled back, registering after its end.
+
+import threading  # noqa: E402
+
+
+class Late:
+    """A thread in a copy of the caller's context that registers when told to."""
+
+    def __init__(self, register: Callable[[], object]) -> None:
+        self.go, self.done = threading.Event(), threading.Event()
+        self.register = register
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self.run,))
+        self.thread.start()
+
+    def run(self) -> None:
+        try:
+            self.go.wait(20)
+            self.register()
+        finally:
+            self.done.set()
+
+    def now(self) -> None:
+        self.go.set()
+        self.done.wait(20)
+        self.thread.join(20)
+
+
+def test_thread_outliving_a_rolled_back_savepoint_unit_drops_on_commit_while_the_outer_runs(
+    registry: txguard.SessionRegistry[Session],
+) -> None:
+    seen: list[str] = []
+    with txguard.unit_of_work():
+        with pytest.raises(RuntimeError), txguard.unit_of_work(propagation="nested"):
+            late = Late(lambda: txguard.on_commit(lambda: seen.append("undone sent")))
+            raise RuntimeError
+        late.now()
+    assert seen == []
+
+
+def test_thread_outliving_a_rolled_back_savepoint_unit_drops_on_commit_after_the_outer_committed(
+    registry: txguard.SessionRegistry[Session],
+) -> None:
+    seen: list[str] = []
+    with txguard.unit_of_work():
+        with pytest.raises(RuntimeError), txguard.unit_of_work(propagation="nested"):
+            late = Late(lambda: txguard.on_commit(lambda: seen.append("undone sent")))
+            raise RuntimeError
+    late.now()
+    assert seen == []
+
+
+def test_thread_outliving_a_released_savepoint_unit_follows_the_outer(
+    registry: txguard.SessionRegistry[Session],
+) -> None:
+    seen: list[str] = []
+    with txguard.unit_of_work():
+        with txguard.unit_of_work(propagation="nested"):
+            late = Late(lambda: txguard.on_commit(lambda: seen.append("sent")))
+        late.now()
+        assert seen == []
+    assert seen == ["sent"]
+
+
+def test_thread_outliving_a_committed_requires_new_unit_inside_one_that_rolled_back_runs_at_once(
+    registry: txguard.SessionRegistry[Session],
+) -> None:
+    seen: list[str] = []
+    with pytest.raises(RuntimeError), txguard.unit_of_work():
+        with txguard.unit_of_work(propagation="requires_new"):
+            late = Late(lambda: txguard.on_commit(lambda: seen.append("sent")))
+        raise RuntimeError
+    late.now()
+    assert seen == ["sent"]
+
+
+async def test_task_outliving_a_rolled_back_savepoint_unit_drops_on_commit(
+    async_db: AsyncDatabase,
+) -> None:
+    registry = txguard.SessionRegistry(async_db.engine)
+    seen: list[str] = []
+    go = asyncio.Event()
+
+    async def later() -> None:
+        await go.wait()
+        txguard.on_commit(lambda: seen.append("undone sent"), registry=registry)
+        await asyncio.to_thread(
+            txguard.on_commit, lambda: seen.append("undone sent (thread)"), registry=registry
+        )
+
+    async with registry.unit_of_work():
+        with pytest.raises(RuntimeError):
+            async with registry.unit_of_work(propagation="nested"):
+                task = asyncio.get_running_loop().create_task(later())
+                raise RuntimeError
+        go.set()
+        await task
+    assert seen == []

@@ -85,6 +85,8 @@ def on_commit(
     if block is not None:
         block.add(Callback(fn, ON_COMMIT, robust))
         return
+    if ended_uncommitted(owner, unit):  # a task outliving a savepoint unit that rolled back
+        return
     transaction = unit.transaction
     if not (transaction.transactional or transaction.sync_session.in_transaction()):
         run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)
@@ -131,6 +133,8 @@ def _register_shared(owner: Registry, fn: Callable[[], object], when: int, robus
         target: Transaction | BlockCallbacks
         if block is not None:
             target = block
+        elif when == ON_COMMIT and ended_uncommitted(owner, unit):
+            return  # started inside a unit that rolled back, and registered after its end
         elif unit is not None and (
             when != ON_COMMIT
             or unit.transaction.transactional
@@ -138,7 +142,7 @@ def _register_shared(owner: Registry, fn: Callable[[], object], when: int, robus
         ):
             target = unit.transaction
         else:
-            if when == ON_COMMIT and not ended_uncommitted(owner):
+            if when == ON_COMMIT:
                 run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)
             return
         shared = Shared(fn)
