@@ -531,3 +531,78 @@ async def test_task_outliving_a_rolled_back_savepoint_unit_drops_on_commit(
         go.set()
         await task
     assert seen == []
+
+
+# A COMMIT that raises before the driver's commit ran (a `commit` listener, an interrupt).
+
+
+class Refused(Exception):
+    pass
+
+
+def fail_next_commit(conn: Any, exc: type[BaseException]) -> None:
+    """Raise ``exc`` from ``conn``'s next ``commit`` event, which fires before the driver's."""
+    from sqlalchemy import event
+
+    fired: list[None] = []
+
+    def interrupt(_: object) -> None:
+        if not fired:
+            fired.append(None)
+            raise exc
+
+    event.listen(conn, "commit", interrupt)
+
+
+@pytest.mark.parametrize("end", ["with conn.begin()", "conn.commit()", "trans.commit()"])
+@pytest.mark.parametrize("exc", [Refused, KeyboardInterrupt])
+def test_a_connect_commit_that_raised_before_the_driver_commit_leaves_nothing_for_the_next(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine, end: str,
+    exc: type[BaseException],
+) -> None:
+    """Its on_rollback ran, so its work must not ride along with the next COMMIT."""
+    seen: list[str] = []
+    with txguard.connect(engine, mode="commit_as_you_go") as conn:
+        fail_next_commit(conn, exc)
+        with pytest.raises(exc):
+            if end == "with conn.begin()":
+                with conn.begin():
+                    conn.execute(sa.insert(Item.__table__).values(name="a"))
+                    txguard.on_commit(lambda: seen.append("a"))
+                    txguard.on_rollback(lambda: seen.append("a rolled back"))
+            else:
+                trans = conn.begin()
+                conn.execute(sa.insert(Item.__table__).values(name="a"))
+                txguard.on_commit(lambda: seen.append("a"))
+                txguard.on_rollback(lambda: seen.append("a rolled back"))
+                if end == "conn.commit()":
+                    conn.commit()
+                else:
+                    trans.commit()
+        if end != "with conn.begin()":
+            conn.rollback()  # SQLAlchemy asks for it after a failed commit()
+        with conn.begin():
+            conn.execute(sa.insert(Item.__table__).values(name="b"))
+            txguard.on_commit(lambda: seen.append("b"))
+    assert seen == ["a rolled back", "b"]
+    assert names(engine) == ["b"]
+
+
+@pytest.mark.parametrize("exc", [Refused, KeyboardInterrupt])
+def test_a_commit_as_you_go_session_commit_that_raised_before_the_driver_commit(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine, exc: type[BaseException]
+) -> None:
+    seen: list[str] = []
+    with txguard.unit_of_work(mode="commit_as_you_go") as session:
+        session.add(Item(name="a"))
+        txguard.on_commit(lambda: seen.append("a"))
+        txguard.on_rollback(lambda: seen.append("a rolled back"))
+        fail_next_commit(session.connection(), exc)
+        with pytest.raises(exc):
+            session.commit()
+        session.rollback()
+        session.add(Item(name="b"))
+        txguard.on_commit(lambda: seen.append("b"))
+        session.commit()
+    assert names(engine) == ["b"]
+    assert seen == ["a rolled back", "b"]

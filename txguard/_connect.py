@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 __all__ = ["connect", "ConnectionUnit"]
+
+logger = logging.getLogger("txguard")
 
 # A Connection's class is the engine's, so a begin-once block refuses these calls with
 # attributes of the one connection it holds (removed at its end), where a Session's unit
@@ -183,8 +186,29 @@ class _Held(BlockCallbacks):
             if refusal is not None:
                 self.end_transaction(transaction, RootTransaction.rollback, in_flight=True)
                 raise refusal
-        RootTransaction.commit(transaction)  # SQLAlchemy raises for one that has ended
+        try:
+            RootTransaction.commit(transaction)  # SQLAlchemy raises for one that has ended
+        except BaseException:
+            self.discard_after_failed_commit(transaction)
+            raise
         self.ended(committed=True)
+
+    def discard_after_failed_commit(self, transaction: RootTransaction) -> None:
+        """Roll back the DBAPI transaction of a COMMIT that raised before it went through.
+
+        SQLAlchemy marks the transaction inactive whether or not its COMMIT was sent, and
+        its rollback then sends nothing: a failure before the driver's commit (a ``commit``
+        listener, an interrupt) left the work open on the connection, and the next
+        transaction's COMMIT committed it, after its on_rollback callbacks had run. Once the
+        driver's commit has run (or failed), a ROLLBACK changes nothing.
+        """
+        conn = self.conn
+        if conn.closed or conn.invalidated or conn.get_transaction() is not transaction:
+            return
+        try:
+            conn.dialect.do_rollback(conn.connection)
+        except Exception:
+            logger.warning("txguard: rolling back after a failed COMMIT failed", exc_info=True)
 
     def end_transaction(
         self,
