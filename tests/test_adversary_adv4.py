@@ -606,3 +606,66 @@ def test_a_commit_as_you_go_session_commit_that_raised_before_the_driver_commit(
         session.commit()
     assert names(engine) == ["b"]
     assert seen == ["a rolled back", "b"]
+
+
+def test_thread_outliving_a_begin_once_connect_block_that_rolled_back_drops_on_commit(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    seen: list[str] = []
+    with pytest.raises(RuntimeError), txguard.connect(engine) as conn:
+        conn.execute(sa.insert(Item.__table__).values(name="undone"))
+        late = Late(lambda: txguard.on_commit(lambda: seen.append("undone sent")))
+        raise RuntimeError
+    late.now()
+    assert seen == []
+
+
+def test_thread_outliving_a_begin_once_connect_block_that_committed_runs_at_once(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    seen: list[str] = []
+    with txguard.connect(engine) as conn:
+        conn.execute(sa.insert(Item.__table__).values(name="a"))
+        late = Late(lambda: txguard.on_commit(lambda: seen.append("sent")))
+    late.now()
+    assert seen == ["sent"]
+
+
+def test_thread_outliving_a_connect_savepoint_that_rolled_back(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    seen: list[str] = []
+    with txguard.connect(engine) as conn:
+        with pytest.raises(RuntimeError), conn.begin_nested():
+            in_worker(txguard.on_commit, lambda: seen.append("undone sent"))
+            raise RuntimeError
+        in_worker(txguard.on_commit, lambda: seen.append("kept"))
+    assert seen == ["kept"]
+
+
+def test_thread_registering_while_a_connect_block_commits_runs_after_the_commit(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    """The block has left its context (``open`` is False) but not yet sent COMMIT."""
+    from sqlalchemy import event
+
+    seen: list[object] = []
+    with txguard.connect(engine) as conn:
+        conn.execute(sa.insert(Item.__table__).values(name="a"))
+        late = Late(lambda: txguard.on_commit(lambda: seen.append(names(engine))))
+        event.listen(conn, "commit", lambda _: late.now())
+    assert seen == [["a"]]
+
+
+def test_thread_registering_while_a_connect_block_rolls_back_is_dropped(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    from sqlalchemy import event
+
+    seen: list[object] = []
+    with pytest.raises(RuntimeError), txguard.connect(engine) as conn:
+        conn.execute(sa.insert(Item.__table__).values(name="a"))
+        late = Late(lambda: txguard.on_commit(lambda: seen.append(names(engine))))
+        event.listen(conn, "rollback", lambda _: late.now())
+        raise RuntimeError
+    assert seen == []

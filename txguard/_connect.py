@@ -107,18 +107,18 @@ class _Held(BlockCallbacks):
         self.first_write = self.first_sql = None
         self.failures = ()
 
-    def add(self, callback: Callback) -> None:
-        """Keep ``callback`` for the transaction's outcome, and for the savepoints it is in."""
-        self.callbacks.append(callback)
+    def track(self, callback: Callback) -> None:
+        """Keep ``callback`` for the savepoints it is registered in, too."""
         savepoint = self.conn.get_nested_transaction()
         if savepoint is None:
             return
-        if self.in_savepoints is None:
-            self.in_savepoints = {}
+        in_savepoints = self.in_savepoints
+        if in_savepoints is None:
+            in_savepoints = self.in_savepoints = {}
         while savepoint is not None:
             if not isinstance(savepoint, _BlockSavepoint):
                 adopt_transaction(savepoint, _BlockSavepoint)
-            self.in_savepoints.setdefault(savepoint, []).append(callback)
+            in_savepoints.setdefault(savepoint, []).append(callback)
             savepoint = enclosing_savepoint(savepoint)
 
     def take(self, committed: bool) -> list[Callback]:
@@ -422,7 +422,7 @@ def _settle(held: _Held, exc: BaseException | None) -> tuple[Finish | None, Base
             error = rollback_error
     finally:
         conn.close()
-    callbacks = held.take(committed)
+    callbacks = held.close(committed, undone=not committed and held.mode is Mode.BEGIN_ONCE)
     if not callbacks and warning is None:
         return None, error
     return Finish(callbacks, committed, warning), error
@@ -478,9 +478,9 @@ class ConnectionUnit:
 
     def _leave_context(self, held: _Held) -> None:
         """Stop being the context's block: its callbacks run outside it. Ended in another
-        context (a generator closed elsewhere), the block stays in the one it began in,
-        marked ended, so that on_commit() there no longer counts on it."""
-        held.open = False
+        context (a generator closed elsewhere), the block stays in the one it began in;
+        its end closes it (``BlockCallbacks.close``), so that on_commit() there no longer
+        counts on it. A thread registering before that joins the end."""
         token, self._token = self._token, None
         if token is not None:
             try:
