@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import pytest
@@ -13,9 +15,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 import txguard
+from tests.backends import require
 from tests.conftest import AsyncDatabase
 from tests.helpers import names
 from tests.models import Account, Item
+from tests.test_real_fastapi import urls, uvicorn
 
 T = TypeVar("T")
 
@@ -135,7 +139,6 @@ def test_nested_unit_inside_raw_savepoint_rolled_back(registry: txguard.SessionR
 def test_retry_attempt_callbacks(registry: txguard.SessionRegistry[Session], engine: sa.Engine) -> None:
     seen: list[str] = []
     attempts: list[int] = []
-    from sqlalchemy.exc import OperationalError
 
     class Deadlock(Exception):
         pass
@@ -181,6 +184,7 @@ async def test_async_to_thread_in_raw_savepoint(async_db: AsyncDatabase) -> None
     assert names(async_db.sync) == ["kept"]
 
 
+@pytest.mark.filterwarnings("ignore:nested transaction already deassociated")
 def test_connect_begin_inside_commit_as_you_go_nested(
     registry: txguard.SessionRegistry[Session], engine: sa.Engine
 ) -> None:
@@ -393,10 +397,7 @@ def test_capture_on_commit_with_worker_and_savepoint(registry: txguard.SessionRe
 
 # A real FastAPI app under uvicorn: asyncio.to_thread / a copied-context pool in endpoints.
 
-from pathlib import Path  # noqa: E402
 
-from tests.backends import require  # noqa: E402
-from tests.test_real_fastapi import urls, uvicorn  # noqa: E402
 
 
 @pytest.mark.parametrize("backend_name", ["sqlite", "postgresql", "mariadb"])
@@ -436,7 +437,6 @@ def test_uvicorn_endpoint_threads_register_in_the_request_unit(
 
 # A thread started inside a savepoint unit that rolled back, registering after its end.
 
-import threading  # noqa: E402
 
 
 class Late:
