@@ -686,3 +686,22 @@ def test_thread_outliving_a_rolled_back_raw_savepoint_drops_on_commit(
             raise RuntimeError
         late.now()
     assert seen == []
+
+
+def test_worker_callbacks_in_a_commit_as_you_go_savepoint_then_rollback_and_commit(
+    registry: txguard.SessionRegistry[Session], engine: sa.Engine
+) -> None:
+    seen: list[object] = []
+    with txguard.unit_of_work(mode="commit_as_you_go") as session:
+        session.add(Item(name="a"))
+        savepoint = session.begin_nested()
+        in_worker(txguard.on_commit, lambda: seen.append("in sp"))
+        in_worker(txguard.on_rollback, lambda: seen.append("in sp, undone"))
+        savepoint.rollback()
+        in_worker(txguard.on_commit, lambda: seen.append(names(engine)))
+        session.commit()
+        assert seen == ["in sp, undone", ["a"]]
+        session.begin_nested()
+        in_worker(txguard.on_commit, lambda: seen.append("second"))
+        session.rollback()
+    assert seen == ["in sp, undone", ["a"]]
