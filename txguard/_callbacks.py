@@ -91,36 +91,53 @@ class BlockCallbacks:
     ``outer`` is the unit that was current on the block's registry when the block opened:
     while it is still the current one, the block is the innermost transaction and
     ``on_commit()`` keeps its callbacks here; a unit opened inside the block keeps its own.
+    The block stays ``open`` until its end has taken its last callbacks (``close``): a
+    thread registering while the block commits or rolls back joins that end.
     """
 
-    __slots__ = ("callbacks", "outer", "open")
+    __slots__ = ("callbacks", "outer", "open", "undone")
 
     def __init__(self, outer: object) -> None:
         self.callbacks: list[Callback] = []
         self.outer = outer
-        self.open = True  # False once the block has left its context
+        self.open = True  # False once its end has taken its last callbacks
+        self.undone = False  # it ended without committing what it began to commit
 
     def add(self, callback: Callback) -> None:
         """Keep ``callback`` for the outcome of the block's transaction."""
         self.callbacks.append(callback)
+        self.track(callback)
+
+    def track(self, callback: Callback) -> None:
+        """Note what ``callback`` was registered inside (``_connect``: its savepoints)."""
 
     def take(self, committed: bool) -> list[Callback]:
         """Remove and return the callbacks this outcome runs (the others are dropped)."""
         callbacks, self.callbacks = self.callbacks, []
         return selected(callbacks, committed)
 
+    def close(self, committed: bool, undone: bool) -> list[Callback]:
+        """Take the block's last callbacks at its end. What registers after it is handled
+        as registered after the block: on_commit() at once, or dropped if ``undone`` (a
+        begin-once block that rolled back), as after a unit."""
+        self.undone = undone
+        self.open = False
+        return self.take(committed)
+
     def add_shared(self, callback: Callback) -> list[Callback]:
         """Add a ``Shared`` callback from a thread that may race the block's end; return the
-        token ``takes`` needs."""
-        self.add(callback)
-        return self.callbacks
+        token ``takes`` needs: the list it was appended to, which a take may replace."""
+        token = self.callbacks
+        token.append(callback)
+        self.track(callback)
+        return token
 
     def takes(self, token: list[Callback]) -> bool:
         """Say whether the block's end is sure to take the callback ``add_shared`` added.
 
-        The end marks the block ended before it takes the callbacks, and each take replaces
-        the list: read after the append, an open block still holding that list has not taken
-        them yet. False means it may have: the callback's claim decides.
+        The end marks the block closed before it takes the last callbacks, and each take
+        replaces the list: read after the append, an open block still holding that list
+        has not taken them yet. False means it may have: the callback's claim decides.
         """
         return self.open and self.callbacks is token
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 __all__ = ["connect", "ConnectionUnit"]
+
+logger = logging.getLogger("txguard")
 
 # A Connection's class is the engine's, so a begin-once block refuses these calls with
 # attributes of the one connection it holds (removed at its end), where a Session's unit
@@ -104,18 +107,18 @@ class _Held(BlockCallbacks):
         self.first_write = self.first_sql = None
         self.failures = ()
 
-    def add(self, callback: Callback) -> None:
-        """Keep ``callback`` for the transaction's outcome, and for the savepoints it is in."""
-        self.callbacks.append(callback)
+    def track(self, callback: Callback) -> None:
+        """Keep ``callback`` for the savepoints it is registered in, too."""
         savepoint = self.conn.get_nested_transaction()
         if savepoint is None:
             return
-        if self.in_savepoints is None:
-            self.in_savepoints = {}
+        in_savepoints = self.in_savepoints
+        if in_savepoints is None:
+            in_savepoints = self.in_savepoints = {}
         while savepoint is not None:
             if not isinstance(savepoint, _BlockSavepoint):
                 adopt_transaction(savepoint, _BlockSavepoint)
-            self.in_savepoints.setdefault(savepoint, []).append(callback)
+            in_savepoints.setdefault(savepoint, []).append(callback)
             savepoint = enclosing_savepoint(savepoint)
 
     def take(self, committed: bool) -> list[Callback]:
@@ -183,8 +186,29 @@ class _Held(BlockCallbacks):
             if refusal is not None:
                 self.end_transaction(transaction, RootTransaction.rollback, in_flight=True)
                 raise refusal
-        RootTransaction.commit(transaction)  # SQLAlchemy raises for one that has ended
+        try:
+            RootTransaction.commit(transaction)  # SQLAlchemy raises for one that has ended
+        except BaseException:
+            self.discard_after_failed_commit(transaction)
+            raise
         self.ended(committed=True)
+
+    def discard_after_failed_commit(self, transaction: RootTransaction) -> None:
+        """Roll back the DBAPI transaction of a COMMIT that raised before it went through.
+
+        SQLAlchemy marks the transaction inactive whether or not its COMMIT was sent, and
+        its rollback then sends nothing: a failure before the driver's commit (a ``commit``
+        listener, an interrupt) left the work open on the connection, and the next
+        transaction's COMMIT committed it, after its on_rollback callbacks had run. Once the
+        driver's commit has run (or failed), a ROLLBACK changes nothing.
+        """
+        conn = self.conn
+        if conn.closed or conn.invalidated or conn.get_transaction() is not transaction:
+            return
+        try:
+            conn.dialect.do_rollback(conn.connection)
+        except Exception:
+            logger.warning("txguard: rolling back after a failed COMMIT failed", exc_info=True)
 
     def end_transaction(
         self,
@@ -398,7 +422,7 @@ def _settle(held: _Held, exc: BaseException | None) -> tuple[Finish | None, Base
             error = rollback_error
     finally:
         conn.close()
-    callbacks = held.take(committed)
+    callbacks = held.close(committed, undone=not committed and held.mode is Mode.BEGIN_ONCE)
     if not callbacks and warning is None:
         return None, error
     return Finish(callbacks, committed, warning), error
@@ -454,9 +478,9 @@ class ConnectionUnit:
 
     def _leave_context(self, held: _Held) -> None:
         """Stop being the context's block: its callbacks run outside it. Ended in another
-        context (a generator closed elsewhere), the block stays in the one it began in,
-        marked ended, so that on_commit() there no longer counts on it."""
-        held.open = False
+        context (a generator closed elsewhere), the block stays in the one it began in;
+        its end closes it (``BlockCallbacks.close``), so that on_commit() there no longer
+        counts on it. A thread registering before that joins the end."""
         token, self._token = self._token, None
         if token is not None:
             try:

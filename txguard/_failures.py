@@ -33,7 +33,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Final, Protocol
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, ExecutionContext
+from sqlalchemy.engine import Connection, ExecutionContext, NestedTransaction
 from sqlalchemy.exc import DBAPIError
 
 from ._errors import DisciplineError, UnexpectedRollbackError
@@ -43,6 +43,7 @@ from ._statements import ENDS_FIRST, ends_transaction
 from ._sqla import (
     DIALECT_EXECUTE_HOOKS,
     PQTRANS_INERROR,
+    adopt_transaction,
     enclosing_savepoint,
     held_connections,
     holds_connection,
@@ -228,9 +229,14 @@ def _unit_of(connection: Connection) -> Holder | None:
     return None
 
 
-def session_savepoints(session: Session) -> tuple[SessionTransaction, ...]:
-    """The session's savepoints, innermost first; watch them for rollbacks if there are any."""
-    chain = []
+def session_savepoints(session: Session) -> tuple[object, ...]:
+    """The session's savepoints, innermost first; watch them for rollbacks if there are any.
+
+    Those of the session's own (``session.begin_nested()``), then the Core savepoints open
+    on its connections (``session.connection().begin_nested()``, which the session does
+    not know about; each of its own savepoints has one there too).
+    """
+    chain: list[object] = []
     transaction = session.get_nested_transaction()
     while transaction is not None:
         if transaction.nested:
@@ -238,12 +244,53 @@ def session_savepoints(session: Session) -> tuple[SessionTransaction, ...]:
         transaction = transaction.parent
     if chain and not event.contains(session, "after_soft_rollback", _session_rolled_back):
         event.listen(session, "after_soft_rollback", _session_rolled_back)
+    root = session.get_transaction()
+    if root is not None:
+        for connection, _ in held_connections(root):
+            savepoint = connection.get_nested_transaction()
+            while savepoint is not None:
+                if type(savepoint) is NestedTransaction:
+                    adopt_transaction(savepoint, _WatchedSavepoint)
+                chain.append(savepoint)
+                savepoint = enclosing_savepoint(savepoint)
     return tuple(chain)
 
 
 # The savepoints that ``session_savepoints`` watched and that have been rolled back: kept
 # as long as a failure or a callback registered in one of them refers to it.
-_rolled_back_savepoints: weakref.WeakSet[SessionTransaction] = weakref.WeakSet()
+_rolled_back_savepoints: weakref.WeakSet[object] = weakref.WeakSet()
+
+
+class _WatchedSavepoint(NestedTransaction):
+    """A Core savepoint on a unit's session connection that a callback or a failure was
+    recorded in: its rollback is remembered (its ``rollback_savepoint`` event would cost
+    every statement of the connection an event dispatch, as in ``_connect``)."""
+
+    __slots__ = ()
+
+    def rollback(self) -> None:
+        undone = self.is_active
+        try:
+            super().rollback()
+        finally:
+            if undone:
+                _core_savepoint_rolled_back(self)
+
+    def close(self) -> None:
+        undone = self.is_active
+        try:
+            super().close()
+        finally:
+            if undone:
+                _core_savepoint_rolled_back(self)
+
+
+def _core_savepoint_rolled_back(savepoint: NestedTransaction) -> None:
+    """Remember ``savepoint`` as rolled back and drop the failures it contained."""
+    _rolled_back_savepoints.add(savepoint)
+    holder = _unit_of(savepoint.connection)
+    if holder is not None:
+        contain(holder, savepoint)
 
 
 def rolled_back(savepoints: tuple[object, ...]) -> bool:

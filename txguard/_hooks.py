@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Final
 
 from ._callbacks import (
     ON_COMMIT, ON_ROLLBACK, BlockCallbacks, Callback, Shared, current_block, run_callbacks,
@@ -25,12 +26,20 @@ from ._unit import FOLLOWS_CONTEXT, Unit, current_unit, ended_uncommitted, unit_
 __all__ = ["on_commit", "on_rollback"]
 
 
+# What _innermost_block answers for a begin-once block that rolled back, seen by code that
+# runs after it in a thread or task it started: on_commit() there is dropped.
+_UNDONE: Final = BlockCallbacks(None)
+
+
 def _innermost_block(unit: object) -> BlockCallbacks | None:
     """The ``connect()`` block the code runs in, unless ``unit`` (the current unit) was
-    opened inside it, or the block has ended (in another context than it began in)."""
+    opened inside it, or the block has ended (in another context than it began in):
+    ``_UNDONE`` if it rolled back."""
     block = current_block.get()
-    if block is None or not block.open or (unit is not None and unit is not block.outer):
+    if block is None or (unit is not None and unit is not block.outer):
         return None
+    if not block.open:
+        return _UNDONE if block.undone else None
     return block
 
 
@@ -83,7 +92,10 @@ def on_commit(
         return
     block = _innermost_block(unit)
     if block is not None:
-        block.add(Callback(fn, ON_COMMIT, robust))
+        if block is not _UNDONE:
+            block.add(Callback(fn, ON_COMMIT, robust))
+        return
+    if ended_uncommitted(owner, unit):  # a task outliving a savepoint unit that rolled back
         return
     transaction = unit.transaction
     if not (transaction.transactional or transaction.sync_session.in_transaction()):
@@ -108,7 +120,7 @@ def on_rollback(fn: Callable[[], object], *, registry: Registry | None = None) -
         _register_shared(owner, fn, ON_ROLLBACK, False)
         return
     block = _innermost_block(unit)
-    if block is not None:
+    if block is not None and block is not _UNDONE:
         block.add(Callback(fn, ON_ROLLBACK, False))
         return
     transaction = unit.transaction
@@ -129,8 +141,10 @@ def _register_shared(owner: Registry, fn: Callable[[], object], when: int, robus
         unit = unit_in_progress(owner)
         block = _innermost_block(unit)
         target: Transaction | BlockCallbacks
-        if block is not None:
+        if block is not None and block is not _UNDONE:
             target = block
+        elif when == ON_COMMIT and (block is _UNDONE or ended_uncommitted(owner, unit)):
+            return  # started inside a unit that rolled back, and registered after its end
         elif unit is not None and (
             when != ON_COMMIT
             or unit.transaction.transactional
@@ -138,7 +152,7 @@ def _register_shared(owner: Registry, fn: Callable[[], object], when: int, robus
         ):
             target = unit.transaction
         else:
-            if when == ON_COMMIT and not ended_uncommitted(owner):
+            if when == ON_COMMIT:
                 run_callbacks([Callback(fn, ON_COMMIT, robust)], committed=True, in_flight=False)
             return
         shared = Shared(fn)
@@ -148,9 +162,13 @@ def _register_shared(owner: Registry, fn: Callable[[], object], when: int, robus
 
 
 def _savepoints(unit: Unit | None, target: Transaction | BlockCallbacks) -> tuple[object, ...]:
-    """The session savepoints a callback for ``target`` is registered in, if this thread may
-    look at the session (a unit that follows its context); a thread that may not use the
-    session has none that it could have opened."""
-    if unit is None or unit.thread != FOLLOWS_CONTEXT or not isinstance(target, Transaction):
+    """The session savepoints a callback for ``target`` is registered in.
+
+    A thread that may not use the session opened none of them, but the unit's own thread
+    may have: ``with session.begin_nested(): await asyncio.to_thread(...)`` registers in
+    that savepoint, and its rollback must drop the callback (SPEC §4). A ``connect()``
+    block reads its connection's savepoints itself (``_connect._Held.add``).
+    """
+    if unit is None or not isinstance(target, Transaction):
         return ()
     return session_savepoints(target.sync_session)

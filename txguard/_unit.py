@@ -767,21 +767,29 @@ def unit_in_progress(registry: Registry) -> Unit | None:
     return None
 
 
-def ended_uncommitted(registry: Registry) -> bool:
-    """Say whether this context's innermost unit on ``registry`` is a begin-once unit whose
-    transaction has ended without committing, though the context still holds it.
+def ended_uncommitted(registry: Registry, upto: Unit | None = None) -> bool:
+    """Say whether this context's stack on ``registry`` holds, above ``upto`` (the unit the
+    code now runs in, or None), a unit whose transaction ended without committing: a
+    savepoint unit's that rolled back, or a begin-once unit's, though the context still
+    holds it.
 
     Code that sees it runs after that unit, in a task or a thread the unit's block started
     and did not wait for (a request's fire-and-forget task, after the request failed):
-    whatever it does was meant to follow that transaction's commit, which never came.
+    whatever it does was meant to follow that transaction's commit, which never came. A
+    savepoint unit that was released leaves it to the transaction around it; a unit that
+    began its transaction and committed it (or a commit-as-you-go unit) ends the search.
     """
     unit = registry._var.get()
-    if unit is None:
-        return False
-    transaction = unit.transaction.root
-    return transaction.mode is _MODE_BEGIN_ONCE and (
-        transaction.state is _TX_ROLLED_BACK or transaction.state is _TX_IN_DOUBT
-    )
+    while unit is not None and unit is not upto:
+        transaction = unit.transaction
+        state = transaction.state
+        undone = state is _TX_ROLLED_BACK or state is _TX_IN_DOUBT
+        if transaction.parent is None:
+            return undone and transaction.mode is _MODE_BEGIN_ONCE
+        if undone:
+            return True
+        unit = unit.previous
+    return False
 
 
 def adopt(unit: Unit) -> None:
