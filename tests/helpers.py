@@ -7,6 +7,12 @@ import sqlalchemy as sa
 from tests.models import Item
 
 
+# The id of a seed row that a test's duplicate insert collides with: far above any id a
+# sequence or AUTO_INCREMENT hands out in a run (their counters survive the DELETE between
+# tests, so a small one would be drawn by some test's own insert while the seed row exists).
+SEED_ID = 2_000_000_011
+
+
 def names(engine: sa.Engine) -> list[str]:
     """Return the item names committed in the database, sorted."""
     with engine.connect() as conn:

@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 import txguard
 from tests.conftest import AsyncDatabase
+from tests.helpers import SEED_ID
 from tests.models import Item
 
 SECRET = "hunter2-secret"
@@ -19,7 +20,7 @@ DUPLICATE = sa.text("INSERT INTO txg_items (id, name) VALUES (:id, :name)")
 @pytest.fixture
 def registry(engine: sa.Engine) -> txguard.SessionRegistry:
     with engine.begin() as conn:
-        conn.execute(sa.insert(Item).values(id=1000, name="seed"))
+        conn.execute(sa.insert(Item).values(id=SEED_ID, name="seed"))
     return txguard.configure(engine)
 
 
@@ -37,7 +38,7 @@ def test_error_in_begin_nested_caught_outside_the_block_is_contained(
         session.flush()
         try:
             with session.begin_nested():
-                session.execute(DUPLICATE, {"id": 1000, "name": SECRET})
+                session.execute(DUPLICATE, {"id": SEED_ID, "name": SECRET})
         except IntegrityError:
             pass
     assert count(engine) == 2
@@ -49,7 +50,7 @@ def test_rollback_after_caught_error_lets_commit_as_you_go_commit_later_work(
     """session.rollback() after a caught error clears the mark; later work commits."""
     with txguard.unit_of_work(mode="commit_as_you_go") as session:
         try:
-            session.execute(DUPLICATE, {"id": 1000, "name": SECRET})
+            session.execute(DUPLICATE, {"id": SEED_ID, "name": SECRET})
         except IntegrityError:
             session.rollback()
         session.add(Item(name="later"))
@@ -64,7 +65,7 @@ def test_caught_autoflush_error_inside_a_query_dooms_the_unit_without_the_value(
     with pytest.raises(txguard.UnexpectedRollbackError) as info:
         with txguard.unit_of_work() as session:
             session.add(Item(name="lost"))
-            session.add(Item(id=1000, name=SECRET))
+            session.add(Item(id=SEED_ID, name=SECRET))
             try:
                 session.execute(sa.select(Item)).all()
             except IntegrityError:
@@ -80,7 +81,7 @@ def test_caught_error_from_a_joined_transactional_dooms_the_owner(
 
     @txguard.transactional
     def insert_duplicate() -> None:
-        txguard.current_session().execute(DUPLICATE, {"id": 1000, "name": SECRET})
+        txguard.current_session().execute(DUPLICATE, {"id": SEED_ID, "name": SECRET})
 
     with pytest.raises(txguard.UnexpectedRollbackError) as info:
         with txguard.unit_of_work() as session:

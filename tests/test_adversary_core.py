@@ -13,9 +13,10 @@ from sqlalchemy.orm import Session
 
 import txguard
 from tests.conftest import AsyncDatabase
+from tests.helpers import SEED_ID
 from tests.models import Item
 
-TAKEN = 1000
+TAKEN = SEED_ID
 
 
 def names(engine: sa.Engine) -> list[str]:

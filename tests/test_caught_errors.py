@@ -13,11 +13,11 @@ from sqlalchemy.orm import Session
 
 import txguard
 from tests.conftest import AsyncDatabase
-from tests.helpers import names, this_line
+from tests.helpers import SEED_ID, names, this_line
 from tests.models import Item
 
 SECRET = "tok_live_7f3a9c2e41"  # a bound value that must never reach a txguard message
-TAKEN = 1000  # an id the seed row holds; far above the ids autoincrement hands out
+TAKEN = SEED_ID  # the id the seed row holds
 DUPLICATE = sa.text("INSERT INTO txg_items (id, name) VALUES (:id, :name)")
 DUPLICATE_SQL = "INSERT INTO txg_items (id, name) VALUES"
 
@@ -86,7 +86,7 @@ def test_the_error_quotes_no_parameter_values(registry: txguard.SessionRegistry)
         with txguard.unit_of_work() as session:
             fail(session)
     assert SECRET not in str(info.value)
-    assert "1000" not in str(info.value)
+    assert str(TAKEN) not in str(info.value)
 
 
 def test_a_caught_flush_error_names_its_statement(registry: txguard.SessionRegistry) -> None:
