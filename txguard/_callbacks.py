@@ -26,7 +26,7 @@ from ._errors import ConfigurationError, mark_after_commit
 __all__ = [
     "ALWAYS", "BlockCallbacks", "Callback", "NO_CALLBACKS", "ON_COMMIT", "ON_ROLLBACK", "Shared",
     "call_each", "capturing", "capturing_callbacks", "current_block", "intercept",
-    "run_callbacks", "selected",
+    "run_callbacks", "selected", "undone",
 ]
 
 logger = logging.getLogger("txguard")
@@ -77,6 +77,16 @@ class Shared:
 
     def __call__(self) -> object:
         return self.__wrapped__() if self.claim() else None
+
+
+def undone(callback: Callback) -> bool:
+    """Settle ``callback`` for the rollback of a savepoint it was registered in (SPEC §4):
+    True for an on_commit one, which is dropped; an on_rollback one will run whatever the
+    transaction's outcome, as its work is gone either way (False: keep it)."""
+    if callback.when == ON_COMMIT:
+        return True
+    callback.when = ALWAYS
+    return False
 
 
 def selected(callbacks: list[Callback] | tuple[Callback, ...], committed: bool) -> list[Callback]:

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection, NestedTransaction, RootTransaction, Tr
 from sqlalchemy.util import greenlet_spawn
 
 from ._callbacks import (
-    ALWAYS, ON_COMMIT, ON_ROLLBACK, BlockCallbacks, Callback, current_block, run_callbacks,
+    BlockCallbacks, Callback, current_block, run_callbacks, undone,
 )
 from ._describe import describe
 from ._errors import ConfigurationError, DisciplineError, UnexpectedRollbackError
@@ -128,13 +128,11 @@ class _Held(BlockCallbacks):
     def rolled_back_to(self, savepoint: NestedTransaction) -> None:
         """Drop the on_commit callbacks registered inside ``savepoint``, which has been rolled
         back; its on_rollback ones run whatever the outcome: their work is undone (SPEC §4)."""
-        undone = None if self.in_savepoints is None else self.in_savepoints.pop(savepoint, None)
-        if not undone:
+        inside = None if self.in_savepoints is None else self.in_savepoints.pop(savepoint, None)
+        if not inside:
             return
-        for cb in undone:
-            if cb.when == ON_ROLLBACK:
-                cb.when = ALWAYS
-        self.callbacks = [cb for cb in self.callbacks if cb.when != ON_COMMIT or cb not in undone]
+        dropped = [cb for cb in inside if undone(cb)]
+        self.callbacks = [cb for cb in self.callbacks if cb not in dropped]
 
     # The ends of a commit-as-you-go block's transactions.
 

@@ -18,7 +18,7 @@ import enum
 import threading
 from typing import TYPE_CHECKING, Any, Final
 
-from ._callbacks import ALWAYS, NO_CALLBACKS, ON_COMMIT, Callback, selected
+from ._callbacks import ALWAYS, NO_CALLBACKS, Callback, selected, undone
 from ._errors import DisciplineError
 from ._failures import Failure, rolled_back, session_savepoints
 from ._options import Mode
@@ -239,11 +239,7 @@ def _settle_savepoints(callbacks: list[Callback] | tuple[Callback, ...]) -> list
     """The callbacks, those registered in a savepoint that has rolled back settled as a
     savepoint unit settles its own: its on_commit ones dropped, its on_rollback ones run
     whatever the outcome (the user's ``begin_nested()`` has no unit to do it)."""
-    kept = []
-    for cb in callbacks:
-        if cb.savepoints and cb.when != ALWAYS and rolled_back(cb.savepoints):
-            if cb.when == ON_COMMIT:
-                continue
-            cb.when = ALWAYS
-        kept.append(cb)
-    return kept
+    return [
+        cb for cb in callbacks
+        if not (cb.savepoints and cb.when != ALWAYS and rolled_back(cb.savepoints) and undone(cb))
+    ]

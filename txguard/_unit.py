@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.util import greenlet_spawn
 
 from ._async import completed
-from ._callbacks import ALWAYS, NO_CALLBACKS, ON_COMMIT, Callback, run_callbacks
+from ._callbacks import NO_CALLBACKS, Callback, run_callbacks, undone
 from ._errors import (
     ConfigurationError,
     CrossTaskWarning,
@@ -556,10 +556,7 @@ def _settle_savepoint(
         tx.move_to(_TX_ROLLED_BACK)
     if parent is not None:
         for cb in tx.callbacks:
-            if released:
-                parent.add_callback(cb)
-            elif cb.when != ON_COMMIT:
-                cb.when = ALWAYS
+            if released or not undone(cb):
                 parent.add_callback(cb)
     return error
 
